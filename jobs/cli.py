@@ -1,0 +1,72 @@
+"""`adl`: run a job spec, run the demo, inspect results."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.plan import PlanError
+from jobs.spec import SpecError, load_spec, parse_spec
+from storage.store import StorageError
+from workers.models import ModelError
+
+# Errors about the user's inputs: one line and exit code 2, never a traceback.
+INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, FileNotFoundError)
+
+
+def demo_spec(root: str, num_documents: int | None = None) -> dict:
+    """The embedded default: the demo pair on the demo corpus, local storage, method
+    defaults everywhere else."""
+    from workers.demo_pair import PLANTED_DESCRIPTION, build_demo_pair
+    pair = build_demo_pair(progress=lambda m: print(f"[adl demo] {m}", file=sys.stderr, flush=True))
+    spec = {
+        "name": "demo",
+        "pairs": [{"name": "demo", "base": str(pair.base_dir), "finetuned": str(pair.finetuned_dir),
+                   "description": PLANTED_DESCRIPTION, "finetune_data": str(pair.finetune_texts)}],
+        "corpus": {"kind": "demo"},
+        "storage": {"root": root},
+        "compute": {"cpus_per_worker": 0.5},
+    }
+    if num_documents:
+        spec["corpus"]["num_documents"] = num_documents
+    return spec
+
+
+def _run(spec) -> int:
+    from jobs.driver import log, run_job
+    from jobs.summary import run_summary
+    from storage.store import Store
+    record = run_job(spec)
+    store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+    log(f"done: {store.uri(record)}")
+    print(run_summary(store, record))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adl", description="Activation Difference Lens batch jobs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a job spec on an embedded local Ray (or compute.ray_address)")
+    p_run.add_argument("spec", help="job spec (YAML)")
+    p_demo = sub.add_parser("demo", help="build the demo pair if needed and run the default job on it")
+    p_demo.add_argument("--root", default="./adl-output", help="storage root (default ./adl-output)")
+    p_demo.add_argument("--num-documents", type=int, default=None)
+    p_inspect = sub.add_parser("inspect", help="print what a run produced")
+    p_inspect.add_argument("path", help="storage root, runs/<job>/run.json, pairs/<pair>, or a .parquet table")
+    p_inspect.add_argument("--endpoint-url", default=None)
+    p_inspect.add_argument("--region", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(load_spec(args.spec))
+        if args.command == "demo":
+            return _run(parse_spec(demo_spec(args.root, args.num_documents)))
+        from jobs.summary import inspect
+        print(inspect(args.path, args.endpoint_url, args.region))
+        return 0
+    except INPUT_ERRORS as e:
+        print(f"adl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

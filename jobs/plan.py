@@ -1,0 +1,142 @@
+"""From a validated spec to a plan: the activation sets to extract (one per distinct
+model, tokenizer, corpus, layers and dtype, shared by every pair that needs it), the
+tokenized documents they read, and the pairs to reduce. Everything that can be wrong
+with the inputs is found here, before anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jobs.corpus import corpus_identity, read_documents
+from jobs.spec import JobSpec, ModelSource, Pair, SpecError
+from storage import layout
+from workers.models import ModelError, location_identity, load_tokenizer, num_layers, read_config
+from workers.tokenization import TOKENIZATION_VERSION, prepare_text, tokenize_documents
+
+
+class PlanError(RuntimeError):
+    """An input problem found while planning, as one line."""
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The corpus as one tokenizer sees it, cut into shards of kept documents."""
+    doc_ids: np.ndarray       # (kept,) indices into the corpus
+    token_ids: np.ndarray     # (kept, n)
+    read: int                 # documents read from the corpus
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.doc_ids) // self.shard_size)
+
+    def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        s = slice(index * self.shard_size, (index + 1) * self.shard_size)
+        return self.doc_ids[s], self.token_ids[s]
+
+
+@dataclass(frozen=True)
+class ActivationSet:
+    prefix: str               # storage key prefix, content-addressed
+    source: ModelSource
+    layers: tuple[int, ...]
+    identity: dict
+    documents: Documents = field(repr=False)
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    pair: Pair
+    layers: tuple[int, ...]
+    base: ActivationSet
+    finetuned: ActivationSet
+    out_dir: str              # storage key prefix of the pair's results
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: JobSpec
+    sets: tuple[ActivationSet, ...]
+    pairs: tuple[PairPlan, ...]
+
+
+def s3_options(spec: JobSpec) -> dict:
+    """S3 model locations use the storage section's endpoint and region."""
+    return {"endpoint_url": spec.storage.endpoint_url, "region": spec.storage.region}
+
+
+def _resolve_layers(spec: JobSpec, blocks: int, where: str) -> tuple[int, ...]:
+    out = set()
+    for i, layer in enumerate(spec.method.layers):
+        index = int(layer * (blocks - 1)) if isinstance(layer, float) else layer
+        if index >= blocks:
+            raise PlanError(f"method.layers[{i}]: block {index} is out of range for {where} "
+                            f"({blocks} blocks: 0..{blocks - 1})")
+        out.add(index)
+    return tuple(sorted(out))
+
+
+def _source_identity(source: ModelSource, s3: dict) -> dict:
+    ident = {"model": location_identity(source.model, source.revision, s3)}
+    if source.adapter:
+        ident["adapter"] = location_identity(source.adapter, None, s3)
+    return ident
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    s3 = s3_options(spec)
+    n = spec.method.tokens_per_document
+    corpus_ident = corpus_identity(spec.corpus)
+    texts: list | None = None
+    documents: dict[str, Documents] = {}     # by tokenizer identity
+    sets: dict[str, ActivationSet] = {}
+    pairs = []
+    for i, pair in enumerate(spec.pairs):
+        where = f"pairs[{i}]"
+        try:
+            idents = {role: _source_identity(getattr(pair, role), s3) for role in ("base", "finetuned")}
+            blocks = {role: num_layers(read_config(getattr(pair, role), s3, spec.trust_remote_code))
+                      for role in ("base", "finetuned")}
+        except ModelError as e:
+            raise PlanError(f"{where}: {e}") from None
+        if blocks["base"] != blocks["finetuned"]:
+            raise PlanError(f"{where}: base has {blocks['base']} blocks, finetuned {blocks['finetuned']}")
+        layers = _resolve_layers(spec, blocks["base"], f"{where}.base")
+
+        # The base model's tokenizer serves both models of the pair.
+        tok_key = layout.content_key(idents["base"]["model"])
+        if tok_key not in documents:
+            if texts is None:
+                texts = [prepare_text(t, n) for t in read_documents(spec.corpus)]
+            try:
+                tokenizer = load_tokenizer(pair.base, s3, spec.trust_remote_code)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise PlanError(f"{where}.base: cannot load its tokenizer: {first}") from None
+            doc_ids, token_ids = tokenize_documents(tokenizer, texts, n)
+            if len(doc_ids) == 0:
+                raise SpecError(f"corpus: none of the {len(texts)} documents read has at least "
+                                f"tokens_per_document={n} tokens")
+            documents[tok_key] = Documents(doc_ids, token_ids, len(texts), spec.shard_size)
+        docs = documents[tok_key]
+
+        def activation_set(role: str) -> ActivationSet:
+            identity = {"model": idents[role], "tokenizer": idents["base"]["model"],
+                        "corpus": corpus_ident, "tokenization": TOKENIZATION_VERSION,
+                        "tokens_per_document": n, "layers": list(layers), "dtype": spec.dtype,
+                        "shard_size": spec.shard_size}
+            source = getattr(pair, role)
+            name = f"{pair.name}.{role}" if role == "finetuned" else "/".join(
+                source.model.rstrip("/").split("/")[-2:])
+            prefix = layout.activation_set(name, identity)
+            return sets.setdefault(prefix, ActivationSet(prefix, source, layers, identity, docs, name))
+
+        base, finetuned = activation_set("base"), activation_set("finetuned")
+        pair_identity = {"base": base.prefix, "finetuned": finetuned.prefix,
+                         "norm_skip_positions": spec.method.norm_skip_positions,
+                         "lens_top_k": spec.method.lens_top_k}
+        pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
+    return Plan(spec, tuple(sets.values()), tuple(pairs))

@@ -1,0 +1,316 @@
+"""The job spec: a YAML file, validated on load into frozen dataclasses.
+
+Every default of the method (../README, "Job spec") lives here and nowhere else. A bad
+value raises SpecError naming the field, e.g. `pairs[1].finetuned.revision: expected a
+string, got 3`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A spec problem, as one line that names the field."""
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+CORPUS_KINDS = ("demo", "text", "jsonl", "parquet", "hf")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model: str                    # hub id, local folder, or s3://bucket/prefix
+    revision: str | None = None   # hub revision (branch, tag or commit)
+    adapter: str | None = None    # a LoRA adapter (same kinds of location) applied to `model`
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    base: ModelSource
+    finetuned: ModelSource        # for a LoRA finetune: model == base.model, adapter set
+    description: str | None = None       # the finetuning domain, for analysts and graders
+    finetune_data: str | None = None     # finetuning texts (file), for analyses
+
+
+@dataclass(frozen=True)
+class Corpus:
+    kind: str = "demo"
+    path: str | None = None       # text (one document per line), jsonl, parquet
+    column: str = "text"          # jsonl / parquet / hf
+    dataset: str | None = None    # hf dataset name
+    split: str = "train"
+    revision: str | None = None
+    seed: int = 1234              # demo corpus
+    num_documents: int = 10_000   # the first N documents of the corpus are read
+
+
+@dataclass(frozen=True)
+class Method:
+    tokens_per_document: int = 10              # n: documents shorter are dropped, longer cut
+    positions: tuple[int, ...] = (0, 1, 2, 3, 4)   # positions analysed (k = 5)
+    layers: tuple[float | int, ...] = (0.5,)   # float: relative depth; int: absolute block index
+    norm_skip_positions: int = 5               # norm statistic over positions >= this
+    lens_top_k: int = 100
+
+
+@dataclass(frozen=True)
+class Storage:
+    root: str = "./adl-output"    # local folder or s3://bucket/prefix
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Compute:
+    num_workers: int = 1          # extraction actors per model
+    gpus_per_worker: float = 0    # 0 where there are no GPUs
+    cpus_per_worker: float = 1
+    ray_address: str | None = None    # None: an embedded local Ray
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    pairs: tuple[Pair, ...]
+    corpus: Corpus = Corpus()
+    method: Method = Method()
+    dtype: str = "bfloat16"
+    batch_size: int = 64          # documents per forward
+    shard_size: int = 1000        # documents per activation shard
+    storage: Storage = Storage()
+    compute: Compute = Compute()
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+def _to_dict(obj):
+    if is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_dict(x) for x in obj]
+    return obj
+
+
+# -- validation -----------------------------------------------------------------------
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check(value: Any, kind: str, where: str):
+    ok = {
+        "str": isinstance(value, str) and value.strip() != "",
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[kind]
+    if not ok:
+        expected = {"str": "a non-empty string", "int": "an integer", "number": "a number",
+                    "bool": "true or false"}[kind]
+        raise SpecError(f"{where}: expected {expected}, got {value!r}")
+    return value
+
+
+def _mapping(raw: Any, where: str, allowed: set[str]) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a mapping, got {_type_name(raw)}")
+    unknown = sorted(set(map(str, raw)) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise SpecError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    return raw
+
+
+def _build(cls, raw: Any, where: str, kinds: dict[str, str], checks=None):
+    """A dataclass from a mapping: every key type-checked, defaults from the dataclass."""
+    data = _mapping(raw, where, {f.name for f in fields(cls)})
+    values = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        kind = kinds.get(name)
+        if value is None and name in _OPTIONAL.get(cls, ()):
+            values[name] = None
+        elif kind:
+            values[name] = _check(value, kind, path)
+    obj = cls(**values)
+    for name, predicate, message in checks or ():
+        if not predicate(getattr(obj, name)):
+            path = f"{where}.{name}" if where else name
+            raise SpecError(f"{path}: {message}, got {getattr(obj, name)!r}")
+    return obj
+
+
+_OPTIONAL = {
+    ModelSource: ("revision", "adapter"),
+    Pair: ("description", "finetune_data"),
+    Corpus: ("path", "dataset", "revision"),
+    Storage: ("endpoint_url", "region"),
+    Compute: ("ray_address",),
+}
+
+
+def _model_source(raw: Any, where: str, base: ModelSource | None) -> ModelSource:
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    src = _build(ModelSource, raw, where, {"model": "str", "revision": "str", "adapter": "str"}) \
+        if isinstance(raw, dict) and ("model" in raw or "adapter" in raw) else None
+    if src is None:
+        _mapping(raw, where, {"model", "revision", "adapter"})
+        raise SpecError(f"{where}.model: required (a hub id, a local folder or an s3:// prefix)")
+    if src.adapter is not None:
+        if base is None:
+            raise SpecError(f"{where}.adapter: only the finetuned model can be an adapter")
+        if "model" in raw and raw["model"] != base.model:
+            raise SpecError(f"{where}.model: an adapter applies to the pair's base; leave model out")
+        return ModelSource(model=base.model, revision=base.revision, adapter=src.adapter)
+    return src
+
+
+def _pair(raw: Any, where: str) -> Pair:
+    data = _mapping(raw, where, {f.name for f in fields(Pair)})
+    for key in ("name", "base", "finetuned"):
+        if key not in data:
+            raise SpecError(f"{where}.{key}: required")
+    name = _check(data["name"], "str", f"{where}.name")
+    base = _model_source(data["base"], f"{where}.base", None)
+    finetuned = _model_source(data["finetuned"], f"{where}.finetuned", base)
+    optional = {k: _check(data[k], "str", f"{where}.{k}") for k in ("description", "finetune_data")
+                if data.get(k) is not None}
+    return Pair(name=name, base=base, finetuned=finetuned, **optional)
+
+
+def _layers(raw: Any, where: str) -> tuple[float | int, ...]:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise SpecError(f"{where}: at least one layer is required")
+    out = []
+    for i, v in enumerate(items):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SpecError(f"{where}[{i}]: expected a relative depth (0.0-1.0) or a block index, got {v!r}")
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise SpecError(f"{where}[{i}]: a relative depth must lie in [0.0, 1.0], got {v!r}")
+        if isinstance(v, int) and v < 0:
+            raise SpecError(f"{where}[{i}]: a block index must be >= 0, got {v!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def _method(raw: Any) -> Method:
+    data = _mapping(raw, "method", {f.name for f in fields(Method)})
+    m = _build(Method, {k: v for k, v in data.items() if k not in ("positions", "layers")}, "method",
+               {"tokens_per_document": "int", "norm_skip_positions": "int", "lens_top_k": "int"},
+               [("tokens_per_document", lambda v: v >= 1, "must be >= 1"),
+                ("norm_skip_positions", lambda v: v >= 0, "must be >= 0"),
+                ("lens_top_k", lambda v: v >= 1, "must be >= 1")])
+    layers = _layers(data["layers"], "method.layers") if "layers" in data else m.layers
+    positions = m.positions
+    if "positions" in data:
+        raw_pos = data["positions"]
+        if not isinstance(raw_pos, list) or not raw_pos:
+            raise SpecError(f"method.positions: expected a non-empty list of positions, got {raw_pos!r}")
+        positions = tuple(_check(p, "int", f"method.positions[{i}]") for i, p in enumerate(raw_pos))
+    n = m.tokens_per_document
+    for i, p in enumerate(positions):
+        if not 0 <= p < n:
+            raise SpecError(f"method.positions[{i}]: must lie in [0, tokens_per_document={n}), got {p}")
+    if m.norm_skip_positions >= n:
+        raise SpecError(f"method.norm_skip_positions: must be < tokens_per_document={n}, "
+                        f"got {m.norm_skip_positions}")
+    return Method(tokens_per_document=n, positions=positions, layers=layers,
+                  norm_skip_positions=m.norm_skip_positions, lens_top_k=m.lens_top_k)
+
+
+def _corpus(raw: Any) -> Corpus:
+    c = _build(Corpus, raw, "corpus",
+               {"kind": "str", "path": "str", "column": "str", "dataset": "str", "split": "str",
+                "revision": "str", "seed": "int", "num_documents": "int"},
+               [("kind", lambda v: v in CORPUS_KINDS, f"must be one of {', '.join(CORPUS_KINDS)}"),
+                ("num_documents", lambda v: v >= 1, "must be >= 1")])
+    if c.kind in ("text", "jsonl", "parquet") and c.path is None:
+        raise SpecError(f"corpus.path: required for a {c.kind} corpus")
+    if c.kind == "hf" and c.dataset is None:
+        raise SpecError("corpus.dataset: required for an hf corpus")
+    return c
+
+
+def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
+    data = _mapping(raw, "", {f.name for f in fields(JobSpec)})
+    if not data.get("pairs"):
+        raise SpecError("pairs: at least one model pair is required")
+    if not isinstance(data["pairs"], list):
+        raise SpecError(f"pairs: expected a list, got {_type_name(data['pairs'])}")
+    pairs = tuple(_pair(p, f"pairs[{i}]") for i, p in enumerate(data["pairs"]))
+    names = [p.name for p in pairs]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise SpecError(f"pairs[{i}].name: duplicate pair name {name!r}")
+    if "name" not in data:
+        raise SpecError("name: required (names the job's run record)")
+
+    @dataclass(frozen=True)
+    class _Top:  # the scalar top-level fields, validated like any section
+        name: str = ""
+        dtype: str = JobSpec.dtype
+        batch_size: int = JobSpec.batch_size
+        shard_size: int = JobSpec.shard_size
+        trust_remote_code: bool = JobSpec.trust_remote_code
+
+    top = _build(_Top, {k: v for k, v in data.items() if k in {f.name for f in fields(_Top)}}, "",
+                 {"name": "str", "dtype": "str", "batch_size": "int", "shard_size": "int",
+                  "trust_remote_code": "bool"},
+                 [("dtype", lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+                  ("batch_size", lambda v: v >= 1, "must be >= 1"),
+                  ("shard_size", lambda v: v >= 1, "must be >= 1")])
+    storage = _build(Storage, data.get("storage"), "storage",
+                     {"root": "str", "endpoint_url": "str", "region": "str"})
+    compute = _build(Compute, data.get("compute"), "compute",
+                     {"num_workers": "int", "gpus_per_worker": "number", "cpus_per_worker": "number",
+                      "ray_address": "str"},
+                     [("num_workers", lambda v: v >= 1, "must be >= 1"),
+                      ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
+                      ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
+    spec = JobSpec(name=top.name, pairs=pairs, corpus=_corpus(data.get("corpus")),
+                   method=_method(data.get("method")), dtype=top.dtype, batch_size=top.batch_size,
+                   shard_size=top.shard_size, storage=storage, compute=compute,
+                   trust_remote_code=top.trust_remote_code)
+    return _resolve_paths(spec, base_dir) if base_dir else spec
+
+
+def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """Relative local paths in a spec file are relative to that file's folder."""
+    from dataclasses import replace
+
+    def local(p: str | None) -> str | None:
+        if p is None or p.startswith("s3://") or Path(p).expanduser().is_absolute():
+            return p
+        candidate = base_dir / p
+        return str(candidate) if p.startswith(".") or candidate.exists() else p
+
+    def source(s: ModelSource) -> ModelSource:
+        return replace(s, model=local(s.model), adapter=local(s.adapter))
+
+    pairs = tuple(replace(p, base=source(p.base), finetuned=source(p.finetuned),
+                          finetune_data=local(p.finetune_data)) for p in spec.pairs)
+    return replace(spec, pairs=pairs, corpus=replace(spec.corpus, path=local(spec.corpus.path)),
+                   storage=replace(spec.storage, root=local(spec.storage.root)))
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such job spec file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
+    return parse_spec(raw, base_dir=path.parent.resolve())

@@ -1,0 +1,68 @@
+"""Readable summaries of what a run produced, for the end of `adl run` and `adl inspect`."""
+from __future__ import annotations
+
+from storage import layout
+from storage.store import Store
+from storage.tables import table_kind
+
+TOP = 10
+
+
+def _token(t: str) -> str:
+    return repr(t)[1:-1] if t.strip() == t and t else repr(t)
+
+
+def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP) -> list[str]:
+    lines = [f"pair {pair['name']}  ({store.uri(pair['dir'])})"]
+    if not store.exists(layout.manifest(pair["dir"])):
+        return lines + ["  incomplete: no results yet"]
+    diff = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}",
+                            columns=["layer", "position", "num_documents", "delta_norm", "finetuned_norm"])
+    lens = store.read_table(f"{pair['dir']}/{layout.LOGIT_LENS}").to_pandas()
+    d = diff.to_pandas()
+    for layer in sorted(d.layer.unique()):
+        at_layer = d[d.layer == layer]
+        lines.append(f"  layer {layer}: {int(at_layer.num_documents.iloc[0])} documents, "
+                     f"finetuned norm {at_layer.finetuned_norm.iloc[0]:.2f}")
+        for pos in positions:
+            row = at_layer[at_layer.position == pos]
+            if row.empty:
+                continue
+            toks = lens[(lens.layer == layer) & (lens.position == pos) & (lens.variant == "delta")
+                        & (lens["rank"] < top)].sort_values("rank")
+            words = " ".join(_token(t) for t in toks.token)
+            lines.append(f"    pos {pos} |delta| {row.delta_norm.iloc[0]:8.3f}  lens: {words}")
+    return lines
+
+
+def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
+    record = store.read_json(record_key)
+    positions = record["spec"]["method"]["positions"]
+    lines = [f"job {record['job']}  ({store.uri(record_key)})",
+             f"logit lens of delta (finetuned - base), top {top} tokens per position:"]
+    for pair in record["pairs"]:
+        lines += pair_summary(store, pair, positions, top)
+    return "\n".join(lines)
+
+
+def inspect(path: str, endpoint_url: str | None = None, region: str | None = None) -> str:
+    """What lives at path: a storage root (its runs), a run.json, a pair folder, or one table."""
+    store = Store(path, endpoint_url, region)
+    if path.endswith(".parquet"):
+        parent, _, name = path.rstrip("/").rpartition("/")
+        table = Store(parent or ".", endpoint_url, region).read_table(name)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        head = table.slice(0, 5).to_pandas().to_string(max_colwidth=40)
+        return f"{path}: {table_kind(table)} table, {table.num_rows} rows\n{table.schema.to_string(show_schema_metadata=False)}\nmetadata: {meta}\n{head}"
+    if path.endswith("/run.json"):   # <root>/runs/<job>/run.json
+        root, _, rel = path.rpartition("/runs/")
+        return run_summary(Store(root, endpoint_url, region), f"runs/{rel}")
+    if store.exists("manifest.json") and store.exists(layout.DIFFERENCE):
+        root, _, rel = path.rstrip("/").rpartition("/pairs/")
+        manifest = store.read_json("manifest.json")
+        return "\n".join(pair_summary(Store(root, endpoint_url, region),
+                                      {"name": manifest["pair"], "dir": f"pairs/{rel}"}, [0, 1, 2, 3, 4]))
+    records = [k for k in store.list("runs") if k.endswith("/run.json")]
+    if not records:
+        raise FileNotFoundError(f"{path}: no adl runs, pair results or tables here")
+    return "\n\n".join(run_summary(store, k) for k in records)

@@ -1,0 +1,61 @@
+"""Where things live under a storage root, and the manifests that mark them complete.
+
+    activations/<set>/shard-00000.parquet      activations of one model on one corpus
+    activations/<set>/shard-00000.done.json    that shard's completion marker (written last)
+    activations/<set>/manifest.json            the whole set is complete (written last)
+    pairs/<pair>/difference.parquet            per (layer, position) means and delta
+    pairs/<pair>/difference.safetensors        the same vectors for other tools
+    pairs/<pair>/logit_lens.parquet            top tokens of delta, -delta and the means
+    pairs/<pair>/manifest.json                 the pair's results are complete
+    runs/<job>/run.json                        what a job ran and where its results are
+
+<set> and <pair> are readable names followed by a content key, a hash of everything
+that determines the result: the same work under another job finds its results already
+there. A marker or manifest is written only after the data it describes, so whatever
+a crash leaves behind is either complete or invisible to a rerun.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+LAYOUT_VERSION = 1
+
+
+def content_key(identity: dict) -> str:
+    canonical = json.dumps({"layout": LAYOUT_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[-48:] or "x"
+
+
+def activation_set(name: str, identity: dict) -> str:
+    return f"activations/{slug(name)}-{content_key(identity)}"
+
+
+def shard(set_prefix: str, index: int) -> str:
+    return f"{set_prefix}/shard-{index:05d}.parquet"
+
+
+def shard_marker(set_prefix: str, index: int) -> str:
+    return f"{set_prefix}/shard-{index:05d}.done.json"
+
+
+def pair_dir(name: str, identity: dict) -> str:
+    return f"pairs/{slug(name)}-{content_key(identity)}"
+
+
+def manifest(prefix: str) -> str:
+    return f"{prefix}/manifest.json"
+
+
+def run_record(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/run.json"
+
+
+DIFFERENCE = "difference.parquet"
+DIFFERENCE_SAFETENSORS = "difference.safetensors"
+LOGIT_LENS = "logit_lens.parquet"

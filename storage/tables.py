@@ -1,0 +1,110 @@
+"""Parquet schemas of every table adl writes, with their encoders and decoders.
+
+Each table carries `adl.table` and `adl.schema_version` in its schema metadata; the README
+documents the columns so that pandas, DuckDB or polars read them without this code.
+Vectors are fixed-size lists (their width is part of the schema).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# Arrow has no bfloat16: bf16 activations are stored as their raw bits in uint16, which
+# keeps them bit-exact (float16 would overflow above 65504 and round).
+_STORED_TYPE = {"bfloat16": pa.uint16(), "float16": pa.float16(), "float32": pa.float32()}
+_NUMPY_TYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+
+# zstd + BYTE_STREAM_SPLIT on the vector leaf, dictionary off: measured 0.71 of raw size
+# on bf16 activations, bit-exact; dictionary encoding only costs on floats.
+ACTIVATION_PARQUET_OPTIONS = dict(
+    compression="zstd", use_dictionary=False,
+    column_encoding={"act.list.element": "BYTE_STREAM_SPLIT"},
+)
+TABLE_PARQUET_OPTIONS = dict(compression="zstd")
+
+
+def _metadata(table: str, **extra) -> dict[bytes, bytes]:
+    meta = {"adl.table": table, "adl.schema_version": SCHEMA_VERSION, **extra}
+    return {k.encode(): str(v).encode() for k, v in meta.items()}
+
+
+def _vectors(flat: np.ndarray, width: int, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    values = pa.array(np.ascontiguousarray(flat).reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(values, width)
+
+
+def table_kind(table: pa.Table) -> str | None:
+    meta = table.schema.metadata or {}
+    kind = meta.get(b"adl.table")
+    return kind.decode() if kind else None
+
+
+# -- activations ----------------------------------------------------------------------
+def activation_table(doc_ids: np.ndarray, layers: list[int], acts: np.ndarray, dtype: str) -> pa.Table:
+    """Rows (doc_id, layer, position) in doc, layer, position order.
+
+    acts has shape (docs, layers, positions, hidden) and holds the stored type of dtype
+    (uint16 bits for bfloat16).
+    """
+    docs, n_layers, n_pos, width = acts.shape
+    if acts.dtype != _NUMPY_TYPE[dtype]:
+        raise TypeError(f"{dtype} activations must arrive as {_NUMPY_TYPE[dtype].__name__}, got {acts.dtype}")
+    per_doc = n_layers * n_pos
+    columns = {
+        "doc_id": pa.array(np.repeat(np.asarray(doc_ids, dtype=np.int64), per_doc)),
+        "layer": pa.array(np.tile(np.repeat(np.asarray(layers, dtype=np.int16), n_pos), docs)),
+        "position": pa.array(np.tile(np.arange(n_pos, dtype=np.int16), docs * n_layers)),
+        "act": _vectors(acts, width, _STORED_TYPE[dtype]),
+    }
+    return pa.table(columns).replace_schema_metadata(
+        _metadata("activations", **{"adl.dtype": dtype, "adl.hidden_size": width}))
+
+
+def activation_dtype(table: pa.Table) -> str:
+    return table.schema.metadata[b"adl.dtype"].decode()
+
+
+def decode_vectors(column: pa.ChunkedArray | pa.Array, dtype: str) -> np.ndarray:
+    """A vector column as a float32 (rows, width) array (bf16 bits widened exactly)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.list_size
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    if dtype == "bfloat16":
+        flat = (flat.astype(np.uint32) << 16).view(np.float32)
+    return flat.astype(np.float32, copy=False).reshape(-1, width)
+
+
+# -- differences ----------------------------------------------------------------------
+def difference_table(layers: list[int], num_documents: np.ndarray, delta: np.ndarray,
+                     base_mean: np.ndarray, finetuned_mean: np.ndarray,
+                     finetuned_norm: np.ndarray, **metadata) -> pa.Table:
+    """One row per (layer, position). Arrays are (layers, positions, hidden) float64,
+    num_documents is (layers, positions), finetuned_norm is (layers,)."""
+    n_layers, n_pos, width = delta.shape
+    rows = n_layers * n_pos
+    columns = {
+        "layer": pa.array(np.repeat(np.asarray(layers, dtype=np.int16), n_pos)),
+        "position": pa.array(np.tile(np.arange(n_pos, dtype=np.int16), n_layers)),
+        "num_documents": pa.array(num_documents.reshape(rows).astype(np.int64)),
+        "delta": _vectors(delta, width, pa.float64()),
+        "base_mean": _vectors(base_mean, width, pa.float64()),
+        "finetuned_mean": _vectors(finetuned_mean, width, pa.float64()),
+        "delta_norm": pa.array(np.linalg.norm(delta, axis=-1).reshape(rows)),
+        "finetuned_norm": pa.array(np.repeat(finetuned_norm, n_pos).astype(np.float64)),
+    }
+    return pa.table(columns).replace_schema_metadata(_metadata("difference", **metadata))
+
+
+# -- logit lens -----------------------------------------------------------------------
+LOGIT_LENS_SCHEMA = pa.schema([
+    ("layer", pa.int16()), ("position", pa.int16()), ("variant", pa.string()),
+    ("rank", pa.int16()), ("token_id", pa.int32()), ("token", pa.string()),
+    ("probability", pa.float32()),
+])
+
+
+def logit_lens_table(rows: dict[str, list]) -> pa.Table:
+    return pa.Table.from_pydict(rows, schema=LOGIT_LENS_SCHEMA).replace_schema_metadata(
+        _metadata("logit_lens"))
