@@ -129,8 +129,9 @@ def make_plan(spec: JobSpec) -> Plan:
                         "tokens_per_document": n, "layers": list(layers), "dtype": spec.dtype,
                         "shard_size": spec.shard_size}
             source = getattr(pair, role)
-            name = f"{pair.name}.{role}" if role == "finetuned" else "/".join(
-                source.model.rstrip("/").split("/")[-2:])
+            # The readable part of the prefix comes from the location alone, so that
+            # every pair naming the same model shares the set.
+            name = "/".join((source.adapter or source.model).rstrip("/").split("/")[-2:])
             prefix = layout.activation_set(name, identity)
             return sets.setdefault(prefix, ActivationSet(prefix, source, layers, identity, docs, name))
 
