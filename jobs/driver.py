@@ -36,12 +36,14 @@ def log(message: str) -> None:
 
 
 def ensure_ray(spec: JobSpec) -> None:
+    """Joins compute.ray_address (or $RAY_ADDRESS); otherwise starts a private local Ray."""
     import ray
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a private embedded cluster
-    ray.init(address=spec.compute.ray_address, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    address = spec.compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # nobody else can reach it
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:

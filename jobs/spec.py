@@ -121,7 +121,7 @@ def _mapping(raw: Any, where: str, allowed: set[str]) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise SpecError(f"{where}: expected a mapping, got {_type_name(raw)}")
+        raise SpecError(f"{where or 'the spec'}: expected a mapping, got {_type_name(raw)}")
     unknown = sorted(set(map(str, raw)) - allowed)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -158,20 +158,17 @@ _OPTIONAL = {
 
 
 def _model_source(raw: Any, where: str, base: ModelSource | None) -> ModelSource:
-    if isinstance(raw, str):
-        raw = {"model": raw}
-    src = _build(ModelSource, raw, where, {"model": "str", "revision": "str", "adapter": "str"}) \
-        if isinstance(raw, dict) and ("model" in raw or "adapter" in raw) else None
-    if src is None:
-        _mapping(raw, where, {"model", "revision", "adapter"})
-        raise SpecError(f"{where}.model: required (a hub id, a local folder or an s3:// prefix)")
-    if src.adapter is not None:
+    data = _mapping({"model": raw} if isinstance(raw, str) else raw, where, {"model", "revision", "adapter"})
+    values = {k: _check(v, "str", f"{where}.{k}") for k, v in data.items() if v is not None}
+    if "adapter" in values:
         if base is None:
             raise SpecError(f"{where}.adapter: only the finetuned model can be an adapter")
-        if "model" in raw and raw["model"] != base.model:
+        if values.get("model", base.model) != base.model:
             raise SpecError(f"{where}.model: an adapter applies to the pair's base; leave model out")
-        return ModelSource(model=base.model, revision=base.revision, adapter=src.adapter)
-    return src
+        return ModelSource(model=base.model, revision=base.revision, adapter=values["adapter"])
+    if "model" not in values:
+        raise SpecError(f"{where}.model: required (a hub id, a local folder or an s3:// prefix)")
+    return ModelSource(**values)
 
 
 def _pair(raw: Any, where: str) -> Pair:
