@@ -24,6 +24,9 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
                    "description": PLANTED_DESCRIPTION, "finetune_data": str(pair.finetune_texts)}],
         "corpus": {"kind": "demo"},
         "storage": {"root": root},
+        # The demo runs on CPUs, where bf16 matmuls are ~50x slower than float32 (measured
+        # by benchmarks/bench_extraction.py); the demo pair is trained in float32 anyway.
+        "dtype": "float32",
         "compute": {"cpus_per_worker": 0.5},
     }
     if num_documents:

@@ -20,7 +20,7 @@ from storage import layout
 from storage.store import Store
 from storage.tables import TABLE_PARQUET_OPTIONS, difference_table, logit_lens_table
 
-SHARDS_IN_FLIGHT_PER_WORKER = 2   # keeps a worker busy while its last result travels
+SHARDS_IN_FLIGHT_PER_WORKER = 2   # one in its forward, one encoding and writing
 
 
 @dataclass
@@ -67,11 +67,11 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     return write_run_record(plan, store)
 
 
-def _actor(cls, spec: JobSpec):
+def _actor(cls, spec: JobSpec, **options):
     import ray
     return ray.remote(cls).options(num_gpus=spec.compute.gpus_per_worker,
                                    num_cpus=spec.compute.cpus_per_worker,
-                                   max_restarts=3, max_task_retries=3)
+                                   max_restarts=3, max_task_retries=3, **options)
 
 
 def extract(aset: ActivationSet, spec: JobSpec, store: Store, stats: RunStats) -> None:
@@ -87,7 +87,7 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, stats: RunStats) -
         log(f"{aset.name}: extracting layers {list(aset.layers)} from {len(docs.doc_ids)} documents "
             f"({len(todo)} of {docs.num_shards} shards to do)")
         ensure_ray(spec)
-        worker = _actor(ExtractionWorker, spec)
+        worker = _actor(ExtractionWorker, spec, max_concurrency=SHARDS_IN_FLIGHT_PER_WORKER)
         actors = [worker.remote(aset.source, dtype=spec.dtype, layers=list(aset.layers),
                                 batch_size=spec.batch_size, store=store, set_prefix=aset.prefix,
                                 s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)

@@ -80,7 +80,7 @@ class JobSpec:
     corpus: Corpus = Corpus()
     method: Method = Method()
     dtype: str = "bfloat16"
-    batch_size: int = 64          # documents per forward
+    batch_size: int = 256         # documents per forward (256 x n=10 tokens)
     shard_size: int = 1000        # documents per activation shard
     storage: Storage = Storage()
     compute: Compute = Compute()

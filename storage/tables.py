@@ -66,14 +66,38 @@ def activation_dtype(table: pa.Table) -> str:
     return table.schema.metadata[b"adl.dtype"].decode()
 
 
-def decode_vectors(column: pa.ChunkedArray | pa.Array, dtype: str) -> np.ndarray:
-    """A vector column as a float32 (rows, width) array (bf16 bits widened exactly)."""
+def _stored_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = arr.type.list_size
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return arr.flatten().to_numpy(zero_copy_only=False), arr.type.list_size
+
+
+def _widen(stored: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as float32 (into out's memory when given); bf16 bits become the
+    top half of a float32, exactly."""
     if dtype == "bfloat16":
-        flat = (flat.astype(np.uint32) << 16).view(np.float32)
-    return flat.astype(np.float32, copy=False).reshape(-1, width)
+        return np.left_shift(stored, 16, out=out, dtype=np.uint32).view(np.float32)
+    if out is None:
+        return stored.astype(np.float32, copy=False)
+    target = out.view(np.float32)
+    np.copyto(target, stored)
+    return target
+
+
+def decode_vectors(column: pa.ChunkedArray | pa.Array, dtype: str) -> np.ndarray:
+    """A vector column as a float32 (rows, width) array."""
+    stored, width = _stored_values(column)
+    return _widen(stored, dtype).reshape(-1, width)
+
+
+def decoded_chunks(column: pa.ChunkedArray | pa.Array, dtype: str, rows: int):
+    """The same, as successive float32 (<= rows, width) views into one reused buffer: a
+    reducer over large shards then never holds a full-size float32 copy."""
+    stored, width = _stored_values(column)
+    stored = stored.reshape(-1, width)
+    buffer = np.empty((rows, width), np.uint32)
+    for start in range(0, len(stored), rows):
+        part = stored[start:start + rows]
+        yield _widen(part, dtype, out=buffer[:len(part)])
 
 
 # -- differences ----------------------------------------------------------------------

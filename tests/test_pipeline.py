@@ -142,8 +142,9 @@ def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, ma
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(make_spec(root, **many_shards)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "killed.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_file)], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     store = Store(str(root))
     markers = lambda: [k for k in store.list("activations") if k.endswith(".done.json")]
     try:
@@ -151,7 +152,8 @@ def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, ma
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    log.seek(0)
+    assert proc.returncode == -signal.SIGKILL, f"the job ended before it could be killed:\n{log.read()[-3000:]}"
     assert not store.list("pairs")
     partial = len(markers())
     assert 0 < partial < 2 * 30

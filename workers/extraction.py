@@ -6,6 +6,7 @@ and block L only on blocks <= L, so nothing later can change them.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -61,7 +62,9 @@ class ExtractionWorker:
     """Loads one model and writes activation shards for one activation set.
 
     Run as a Ray actor pinned to its GPUs; Ray restarts it and retries a shard if it dies,
-    and a shard's rewrite is harmless because every write is atomic.
+    and a shard's rewrite is harmless because every write is atomic. With two calls in
+    flight (max_concurrency=2) one shard's encode and write overlap the next one's forward;
+    the lock keeps forwards one at a time.
     """
 
     def __init__(self, source: ModelSource, *, dtype: str, layers: list[int], batch_size: int,
@@ -72,6 +75,7 @@ class ExtractionWorker:
                                 device=self.device)
         self.dtype, self.layers, self.batch_size = dtype, list(layers), batch_size
         self.store, self.set_prefix = store, set_prefix
+        self.forward_lock = threading.Lock()
 
     def gpu_ids(self) -> list:
         import ray
@@ -81,9 +85,10 @@ class ExtractionWorker:
         import torch
         start = time.perf_counter()
         ids = torch.as_tensor(token_ids, dtype=torch.long)
-        parts = [stored_bits(block_outputs(self.model, ids[i:i + self.batch_size].to(self.device),
-                                           self.layers), self.dtype)
-                 for i in range(0, len(ids), self.batch_size)]
+        with self.forward_lock:
+            parts = [stored_bits(block_outputs(self.model, ids[i:i + self.batch_size].to(self.device),
+                                               self.layers), self.dtype)
+                     for i in range(0, len(ids), self.batch_size)]
         acts = np.concatenate(parts)
         table = activation_table(doc_ids, self.layers, acts, self.dtype)
         self.store.write_table(layout.shard(self.set_prefix, index), table, **ACTIVATION_PARQUET_OPTIONS)

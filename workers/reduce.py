@@ -13,7 +13,7 @@ import numpy as np
 
 from storage import layout
 from storage.store import Store
-from storage.tables import activation_dtype, decode_vectors
+from storage.tables import activation_dtype, decoded_chunks
 
 
 @dataclass
@@ -31,34 +31,44 @@ class Sums:
         return (self.count, self.base, self.finetuned, self.ft_norm_sum, self.ft_norm_count)
 
 
-def _read(store: Store, set_prefix: str, index: int, n_layers: int, n_pos: int):
-    """(doc_ids, activations as (docs, layers, positions, hidden) float32) of one shard."""
-    table = store.read_table(layout.shard(set_prefix, index))
-    acts = decode_vectors(table.column("act"), activation_dtype(table))
-    docs = table.num_rows // (n_layers * n_pos)
-    doc_ids = table.column("doc_id").to_numpy()[:: n_layers * n_pos]
-    return table, doc_ids, acts.reshape(docs, n_layers, n_pos, -1)
+# Documents widened to float32 at a time: large enough for fast numpy, small enough to
+# stay in cache instead of materialising a whole shard in float32.
+CHUNK_DOCUMENTS = 32
+
+
+def _shard_sums(table, n_layers: int, n_pos: int, norm_skip: int | None):
+    """Float64 sums over the documents of one shard, (layers, positions, hidden), and
+    with norm_skip the sum of activation norms at positions >= norm_skip, (layers,)."""
+    sums, norm_sum = 0.0, np.zeros(n_layers)
+    per_doc = n_layers * n_pos
+    for chunk in decoded_chunks(table.column("act"), activation_dtype(table), CHUNK_DOCUMENTS * per_doc):
+        x = chunk.reshape(-1, n_layers, n_pos, chunk.shape[-1])
+        sums = sums + x.sum(axis=0, dtype=np.float64)
+        if norm_skip is not None:
+            tail = x[:, :, norm_skip:]
+            norm_sum += np.sqrt(np.einsum("dlph,dlph->dlp", tail, tail)).sum(axis=(0, 2), dtype=np.float64)
+    return sums, norm_sum
 
 
 def shard_sums(store: Store, base_set: str, finetuned_set: str, index: int, layers: list[int],
                n_pos: int, norm_skip: int) -> Sums:
-    base_table, base_docs, base = _read(store, base_set, index, len(layers), n_pos)
-    ft_table, ft_docs, ft = _read(store, finetuned_set, index, len(layers), n_pos)
+    base = store.read_table(layout.shard(base_set, index))
+    ft = store.read_table(layout.shard(finetuned_set, index))
     # Both sets come from the same tokenized documents, so rows must line up one to one.
     for name in ("doc_id", "layer", "position"):
-        if not base_table.column(name).equals(ft_table.column(name)):
+        if not base.column(name).equals(ft.column(name)):
             raise ValueError(f"shard {index}: base and finetuned rows differ in {name!r} "
                              f"({base_set} vs {finetuned_set})")
-    expected_layers = np.tile(np.repeat(np.asarray(layers, np.int16), n_pos), len(base_docs))
-    if not np.array_equal(base_table.column("layer").to_numpy(), expected_layers):
+    docs = base.num_rows // (len(layers) * n_pos)
+    expected = np.tile(np.repeat(np.asarray(layers, np.int16), n_pos), docs)
+    if not np.array_equal(base.column("layer").to_numpy(), expected):
         raise ValueError(f"shard {index} of {base_set}: rows are not in (doc, layer, position) order")
-    norms = np.linalg.norm(ft[:, :, norm_skip:, :], axis=-1)  # (docs, layers, positions >= skip)
+    base_sum, _ = _shard_sums(base, len(layers), n_pos, None)
+    ft_sum, norm_sum = _shard_sums(ft, len(layers), n_pos, norm_skip)
     return Sums(
-        count=np.full((len(layers), n_pos), len(base_docs), dtype=np.int64),
-        base=base.sum(axis=0, dtype=np.float64),
-        finetuned=ft.sum(axis=0, dtype=np.float64),
-        ft_norm_sum=norms.sum(axis=(0, 2), dtype=np.float64),
-        ft_norm_count=np.full(len(layers), norms.shape[0] * norms.shape[2], dtype=np.int64),
+        count=np.full((len(layers), n_pos), docs, dtype=np.int64),
+        base=base_sum, finetuned=ft_sum, ft_norm_sum=norm_sum,
+        ft_norm_count=np.full(len(layers), docs * (n_pos - norm_skip), dtype=np.int64),
     )
 
 
