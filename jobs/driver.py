@@ -16,9 +16,11 @@ import numpy as np
 
 from jobs.plan import ActivationSet, Plan, PairPlan, make_plan, s3_options
 from jobs.spec import JobSpec
+from jobs.steering import GenerationStage
 from storage import layout
 from storage.store import Store
-from storage.tables import TABLE_PARQUET_OPTIONS, difference_table, logit_lens_table
+from storage.tables import (TABLE_PARQUET_OPTIONS, difference_table, generations_table,
+                            logit_lens_table, steering_table)
 
 SHARDS_IN_FLIGHT_PER_WORKER = 2   # one in its forward, one encoding and writing
 
@@ -52,24 +54,39 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
-    for aset in plan.sets:
-        extract(aset, spec, store, stats)
-    for pair in plan.pairs:
-        if store.exists(layout.manifest(pair.out_dir)):
-            log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
-            continue
-        reduce_pair(pair, spec, store)
-        logit_lens(pair, spec, store, stats)
-        store.write_json(layout.manifest(pair.out_dir), {"pair": pair.pair.name, "layers": list(pair.layers),
-                                                         "base": pair.base.prefix,
-                                                         "finetuned": pair.finetuned.prefix})
-        stats.pairs_reduced += 1
+    pending = [p for p in plan.pairs if not store.exists(layout.manifest(p.out_dir))]
+    pending_dirs = {p.out_dir for p in pending}
+    generation = None
+    if spec.generation.enabled and pending:
+        # Baselines need no difference: their engines start and work alongside extraction.
+        ensure_ray(spec)
+        generation = GenerationStage(spec, pending, lambda cls, **kw: _actor(cls, spec, **kw), log)
+        generation.start()
+    try:
+        for aset in plan.sets:
+            extract(aset, spec, store, stats)
+        for pair in plan.pairs:
+            if pair.out_dir not in pending_dirs:
+                log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
+                continue
+            reduce_pair(pair, spec, store)
+            logit_lens(pair, spec, store, stats)
+            if generation:
+                generate(pair, generation, store)
+            store.write_json(layout.manifest(pair.out_dir), {
+                "pair": pair.pair.name, "layers": list(pair.layers),
+                "base": pair.base.prefix, "finetuned": pair.finetuned.prefix})
+            stats.pairs_reduced += 1
+    finally:
+        if generation:
+            generation.close()
     return write_run_record(plan, store)
 
 
-def _actor(cls, spec: JobSpec, **options):
+def _actor(cls, spec: JobSpec, gpus: int = 1, **options):
+    """Ray options of a model actor: pinned to gpus x compute.gpus_per_worker GPUs."""
     import ray
-    return ray.remote(cls).options(num_gpus=spec.compute.gpus_per_worker,
+    return ray.remote(cls).options(num_gpus=spec.compute.gpus_per_worker * gpus,
                                    num_cpus=spec.compute.cpus_per_worker,
                                    max_restarts=3, max_task_retries=3, **options)
 
@@ -172,6 +189,15 @@ def logit_lens(pair: PairPlan, spec: JobSpec, store: Store, stats: RunStats) -> 
             for name, value in zip(out, (int(layers[r]), int(positions[r]), variant, rank, int(tid), tok, float(p))):
                 out[name].append(value)
     store.write_table(f"{pair.out_dir}/{layout.LOGIT_LENS}", logit_lens_table(out), **TABLE_PARQUET_OPTIONS)
+
+
+def generate(pair: PairPlan, stage: GenerationStage, store: Store) -> None:
+    difference = store.read_table(f"{pair.out_dir}/{layout.DIFFERENCE}").to_pandas()
+    result = stage.run(pair, difference)
+    store.write_table(f"{pair.out_dir}/{layout.GENERATIONS}", generations_table(result.rows),
+                      **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{pair.out_dir}/{layout.STEERING}", steering_table(result.steering),
+                      **TABLE_PARQUET_OPTIONS)
 
 
 def write_run_record(plan: Plan, store: Store) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs.corpus import corpus_identity, read_documents
-from jobs.spec import JobSpec, ModelSource, Pair, SpecError
+from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
 from storage import layout
 from workers.models import ModelError, location_identity, load_tokenizer, num_layers, read_config
 from workers.tokenization import TOKENIZATION_VERSION, prepare_text, tokenize_documents
@@ -138,6 +138,8 @@ def make_plan(spec: JobSpec) -> Plan:
         base, finetuned = activation_set("base"), activation_set("finetuned")
         pair_identity = {"base": base.prefix, "finetuned": finetuned.prefix,
                          "norm_skip_positions": spec.method.norm_skip_positions,
-                         "lens_top_k": spec.method.lens_top_k}
+                         "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
+        if spec.generation.enabled:
+            pair_identity.update(generation=as_plain(spec.generation), grader=spec.grader)
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
     return Plan(spec, tuple(sets.values()), tuple(pairs))

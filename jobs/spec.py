@@ -6,7 +6,7 @@ string, got 3`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,40 @@ class Compute:
     ray_address: str | None = None    # None: an embedded local Ray
 
 
+# The three prompts whose steering thresholds are averaged (adl-method.md, "Steering").
+THRESHOLD_PROMPTS = ("Tell me a story?", "Give me some ideas for some fun weekend activities.",
+                     "Why don't you choose a topic of conversation for us?")
+
+
+@dataclass(frozen=True)
+class SteeringSearch:
+    """Binary search for the largest coherent steering strength alpha."""
+    low: float = 0.0
+    high: float = 100.0
+    steps: int = 12
+    lookahead: int = 2            # bisection levels evaluated per batch (2**k - 1 strengths)
+    samples: int = 10
+    max_tokens: int = 128
+    temperature: float = 1.2
+    pass_fraction: float = 0.75   # a strength passes when this share of samples is coherent
+    prompts: tuple[str, ...] = THRESHOLD_PROMPTS
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Baseline and steered generations with vLLM (off unless the spec has this section)."""
+    enabled: bool = False
+    extra_prompts: tuple[str, ...] = ()   # besides the method's 20 steering prompts
+    samples: int = 5
+    max_tokens: int = 512
+    temperature: float = 1.1
+    baseline_models: tuple[str, ...] = ("finetuned", "base")
+    seed: int = 0
+    max_model_len: int | None = None      # None: the model's own context length
+    tensor_parallel_size: int = 1
+    search: SteeringSearch = SteeringSearch()
+
+
 @dataclass(frozen=True)
 class JobSpec:
     name: str
@@ -85,16 +119,19 @@ class JobSpec:
     storage: Storage = Storage()
     compute: Compute = Compute()
     trust_remote_code: bool = False
+    generation: Generation = Generation()
+    grader: dict | None = None    # None: the offline grader (workers/graders.py)
 
     def to_dict(self) -> dict:
-        return _to_dict(self)
+        return as_plain(self)
 
 
-def _to_dict(obj):
+def as_plain(obj):
+    """A spec (or any part of it) as plain dicts and lists, for JSON."""
     if is_dataclass(obj):
-        return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
+        return {f.name: as_plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):
-        return [_to_dict(x) for x in obj]
+        return [as_plain(x) for x in obj]
     return obj
 
 
@@ -154,6 +191,7 @@ _OPTIONAL = {
     Corpus: ("path", "dataset", "revision"),
     Storage: ("endpoint_url", "region"),
     Compute: ("ray_address",),
+    Generation: ("max_model_len",),
 }
 
 
@@ -238,6 +276,48 @@ def _corpus(raw: Any) -> Corpus:
     return c
 
 
+def _strings(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: expected a list of strings, got {_type_name(raw)}")
+    return tuple(_check(v, "str", f"{where}[{i}]") for i, v in enumerate(raw))
+
+
+def _generation(raw: Any) -> Generation:
+    if raw is None:
+        return Generation()
+    data = dict(_mapping(raw, "generation", {f.name for f in fields(Generation)}))
+    search_raw = dict(_mapping(data.pop("search", None), "generation.search",
+                               {f.name for f in fields(SteeringSearch)}))
+    lists = {}
+    for name in ("extra_prompts", "baseline_models"):
+        if name in data:
+            lists[name] = _strings(data.pop(name), f"generation.{name}")
+    for i, role in enumerate(lists.get("baseline_models", ())):
+        if role not in ("finetuned", "base"):
+            raise SpecError(f"generation.baseline_models[{i}]: must be finetuned or base, got {role!r}")
+    search_prompts = _strings(search_raw.pop("prompts"), "generation.search.prompts") \
+        if "prompts" in search_raw else THRESHOLD_PROMPTS
+    positive = lambda v: v > 0
+    search = _build(SteeringSearch, search_raw, "generation.search",
+                    {"low": "number", "high": "number", "steps": "int", "lookahead": "int",
+                     "samples": "int", "max_tokens": "int", "temperature": "number",
+                     "pass_fraction": "number"},
+                    [("steps", positive, "must be >= 1"), ("lookahead", positive, "must be >= 1"),
+                     ("samples", positive, "must be >= 1"), ("max_tokens", positive, "must be >= 1"),
+                     ("temperature", lambda v: v >= 0, "must be >= 0"),
+                     ("pass_fraction", lambda v: 0 < v <= 1, "must lie in (0, 1]")])
+    if search.high <= search.low:
+        raise SpecError(f"generation.search.high: must be above low={search.low}, got {search.high}")
+    gen = _build(Generation, {"enabled": True, **data}, "generation",
+                 {"enabled": "bool", "samples": "int", "max_tokens": "int", "temperature": "number",
+                  "seed": "int", "max_model_len": "int", "tensor_parallel_size": "int"},
+                 [("samples", positive, "must be >= 1"), ("max_tokens", positive, "must be >= 1"),
+                  ("temperature", lambda v: v >= 0, "must be >= 0"),
+                  ("max_model_len", lambda v: v is None or v > 0, "must be >= 1"),
+                  ("tensor_parallel_size", positive, "must be >= 1")])
+    return replace(gen, search=replace(search, prompts=search_prompts), **lists)
+
+
 def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     data = _mapping(raw, "", {f.name for f in fields(JobSpec)})
     if not data.get("pairs"):
@@ -274,17 +354,18 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                      [("num_workers", lambda v: v >= 1, "must be >= 1"),
                       ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
                       ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
+    from workers.graders import check_grader_config
     spec = JobSpec(name=top.name, pairs=pairs, corpus=_corpus(data.get("corpus")),
                    method=_method(data.get("method")), dtype=top.dtype, batch_size=top.batch_size,
                    shard_size=top.shard_size, storage=storage, compute=compute,
-                   trust_remote_code=top.trust_remote_code)
+                   trust_remote_code=top.trust_remote_code,
+                   generation=_generation(data.get("generation")),
+                   grader=check_grader_config(data.get("grader")) if data.get("grader") is not None else None)
     return _resolve_paths(spec, base_dir) if base_dir else spec
 
 
 def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     """Relative local paths in a spec file are relative to that file's folder."""
-    from dataclasses import replace
-
     def local(p: str | None) -> str | None:
         if p is None or p.startswith("s3://") or Path(p).expanduser().is_absolute():
             return p

@@ -59,3 +59,5 @@ def run_record(job_name: str) -> str:
 DIFFERENCE = "difference.parquet"
 DIFFERENCE_SAFETENSORS = "difference.safetensors"
 LOGIT_LENS = "logit_lens.parquet"
+GENERATIONS = "generations.parquet"
+STEERING = "steering.parquet"

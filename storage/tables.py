@@ -132,3 +132,33 @@ LOGIT_LENS_SCHEMA = pa.schema([
 def logit_lens_table(rows: dict[str, list]) -> pa.Table:
     return pa.Table.from_pydict(rows, schema=LOGIT_LENS_SCHEMA).replace_schema_metadata(
         _metadata("logit_lens"))
+
+
+# -- generations ----------------------------------------------------------------------
+GENERATIONS_SCHEMA = pa.schema([
+    ("pair", pa.string()), ("model_role", pa.string()), ("kind", pa.string()),
+    ("prompt_id", pa.int32()), ("prompt", pa.string()), ("sample_index", pa.int32()),
+    ("layer", pa.int16()), ("position", pa.int16()), ("alpha", pa.float64()),
+    ("text", pa.string()), ("token_count", pa.int32()), ("finish_reason", pa.string()),
+    ("seed", pa.int64()),
+])
+
+
+def generations_table(rows: list[dict]) -> pa.Table:
+    """One row per generated sample; layer, position and alpha are null when unsteered."""
+    return pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA).replace_schema_metadata(
+        _metadata("generations"))
+
+
+STEERING_SCHEMA = pa.schema([
+    ("layer", pa.int16()), ("position", pa.int16()), ("prompt_id", pa.int32()),
+    ("prompt", pa.string()), ("threshold", pa.float64()), ("alpha", pa.float64()),
+    ("trials", pa.list_(pa.struct([("strength", pa.float64()), ("coherent_fraction", pa.float64()),
+                                   ("graded", pa.int32())]))),
+])
+
+
+def steering_table(rows: list[dict]) -> pa.Table:
+    """One row per (layer, position, threshold prompt): that prompt's threshold, the
+    (layer, position)'s alpha (the mean over prompts), and every strength tried."""
+    return pa.Table.from_pylist(rows, schema=STEERING_SCHEMA).replace_schema_metadata(_metadata("steering"))
