@@ -32,6 +32,29 @@ def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP)
                         & (lens["rank"] < top)].sort_values("rank")
             words = " ".join(_token(t) for t in toks.token)
             lines.append(f"    pos {pos} |delta| {row.delta_norm.iloc[0]:8.3f}  lens: {words}")
+    if store.exists(f"{pair['dir']}/{layout.GENERATIONS}"):
+        lines += _generation_lines(store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas())
+    return lines
+
+
+def _clip(text: str, width: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _generation_lines(gens) -> list[str]:
+    """Per steered (layer, position): alpha, and the first prompt's first steered sample
+    beside the finetuned model's unsteered sample of the same prompt."""
+    lines = ["  steered vs unsteered (finetuned model, first prompt, first sample):"]
+    unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
+    steered = gens[gens.kind == "steered"]
+    first = steered.prompt_id.min()
+    plain = unsteered[(unsteered.prompt_id == first) & (unsteered.sample_index == 0)].text
+    lines.append(f"    prompt: {_clip(steered[steered.prompt_id == first].prompt.iloc[0])}")
+    lines.append(f"    unsteered:           {_clip(plain.iloc[0]) if len(plain) else '-'}")
+    for (layer, pos), group in steered[steered.prompt_id == first].groupby(["layer", "position"]):
+        sample = group.sort_values("sample_index").iloc[0]
+        lines.append(f"    layer {int(layer)} pos {int(pos)} a={sample.alpha:5.2f}: {_clip(sample.text)}")
     return lines
 
 
