@@ -36,12 +36,32 @@ def demo_pair():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    """moto's S3 server on loopback, in its own process: its Flask app must not live in the
+    test process, where vLLM's kernel registry walks every loaded module and trips over
+    Flask's context-bound globals."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the moto S3 server did not start")
+            time.sleep(0.2)
+    yield url
+    server.terminate()
+    server.wait()
 
 
 @pytest.fixture

@@ -164,3 +164,25 @@ def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, ma
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key].equals(expected[key]), key
+
+
+def test_models_load_from_an_s3_prefix(demo_pair, s3_endpoint, s3_bucket, tmp_path, monkeypatch):
+    """An s3:// model location is downloaded once into the cache and loads like the folder."""
+    import boto3
+    from jobs.spec import ModelSource
+    from workers.models import load_model, location_identity, materialize, num_layers, read_config
+    monkeypatch.setenv("ADL_CACHE", str(tmp_path / "cache"))
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for f in Path(demo_pair.finetuned_dir).iterdir():
+        client.upload_file(str(f), s3_bucket, f"models/ft/{f.name}")
+    s3 = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
+    source = ModelSource(f"s3://{s3_bucket}/models/ft")
+    assert num_layers(read_config(source, s3, False)) == 4
+    local = Path(materialize(source.model, s3))
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in Path(demo_pair.finetuned_dir).iterdir())
+    assert materialize(source.model, s3) == str(local)            # cached, not downloaded again
+    assert location_identity(source.model, None, s3) == location_identity(source.model, None, s3)
+    ids = torch.tensor([[0, 5, 6, 7]])
+    from_s3 = load_model(source, dtype="float32", s3=s3)(input_ids=ids).logits
+    from_folder = load_model(ModelSource(str(demo_pair.finetuned_dir)), dtype="float32", s3={})(input_ids=ids).logits
+    assert torch.equal(from_s3, from_folder)
