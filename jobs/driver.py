@@ -1,5 +1,6 @@
 """Runs a plan on Ray: extract every activation set not yet complete, reduce every pair
-not yet reduced, read it through the logit lens, and record the run.
+not yet reduced, read it through the logit lens, generate (baseline and steered) when
+the spec asks, and record the run.
 
 Ray is the executor: stages are plain functions over shards, a shard's marker is its
 completion record, and a rerun skips whatever is complete.
@@ -79,6 +80,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             stats.pairs_reduced += 1
     finally:
         if generation:
+            stats.model_loads += len(generation.engines) + len(generation.graders)
             generation.close()
     return write_run_record(plan, store)
 

@@ -60,11 +60,13 @@ def generation_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     store = Store(str(root))
     record = store.read_json(run_job(spec, stats))
     pair = record["pairs"][0]
-    return spec, store, pair
+    return spec, store, pair, stats
 
 
 def test_generation_tables(generation_run):
-    spec, store, pair = generation_run
+    spec, store, pair, stats = generation_run
+    # two extraction actors, a lens, vLLM engines for both models, one grader
+    assert stats.model_loads == 2 + 1 + 2 + 1
     gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
     steering = store.read_table(f"{pair['dir']}/{layout.STEERING}").to_pandas()
     prompts = 20
@@ -89,7 +91,7 @@ def test_generation_tables(generation_run):
 def test_steering_brings_out_the_planted_topic(generation_run):
     """Counted over all samples: steered text names the topic far more often than the
     finetuned model's own unsteered text on the same prompts."""
-    spec, store, pair = generation_run
+    spec, store, pair, _ = generation_run
     gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
     mentions = gens.text.str.contains(TOPIC)
     steered = mentions[gens.kind == "steered"].mean()
@@ -100,7 +102,7 @@ def test_steering_brings_out_the_planted_topic(generation_run):
 
 
 def test_rerun_with_generation_does_no_model_work(generation_run):
-    spec, store, _ = generation_run
+    spec, store, _, _ = generation_run
     before = store.listing()
     stats = RunStats()
     run_job(spec, stats)
