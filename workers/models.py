@@ -34,6 +34,11 @@ def location_kind(location: str) -> str:
     return "hub"
 
 
+def _folder(location: str, s3: dict) -> Store:
+    """A local or S3 model folder as a Store (its files by relative key)."""
+    return Store(location if location.startswith("s3://") else str(Path(location).expanduser().resolve()), **s3)
+
+
 def location_identity(location: str, revision: str | None, s3: dict) -> dict:
     """What determines the bytes behind a location: folder listings for local and S3
     (name, size, mtime), id and revision for the hub (pin a commit for reproducibility)."""
@@ -42,7 +47,7 @@ def location_identity(location: str, revision: str | None, s3: dict) -> dict:
         return {"hub": location, "revision": revision or "main"}
     if kind == "missing":
         raise ModelError(f"{location}: no such model folder")
-    store = Store(location if kind == "s3" else str(Path(location).expanduser().resolve()), **s3)
+    store = _folder(location, s3)
     listing = store.listing()
     if not listing:
         raise ModelError(f"{location}: no files there")
@@ -58,7 +63,7 @@ def materialize(location: str, s3: dict) -> str:
     ident = location_identity(location, None, s3)
     dest = cache_dir() / "models" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
     if not dest.is_dir():
-        Store(location, **s3).download_prefix("", dest)
+        _folder(location, s3).download_prefix("", dest)
     return str(dest)
 
 
@@ -69,7 +74,7 @@ def read_config(source: ModelSource, s3: dict, trust_remote_code: bool) -> dict:
         if kind == "missing":
             raise ModelError(f"{source.model}: no such model folder")
         if kind in ("local", "s3"):
-            store = Store(source.model if kind == "s3" else str(Path(source.model).expanduser()), **s3)
+            store = _folder(source.model, s3)
             if not store.exists("config.json"):
                 raise ModelError(f"{source.model}: no config.json (not a transformers model folder)")
             config = store.read_json("config.json")
@@ -87,7 +92,7 @@ def read_config(source: ModelSource, s3: dict, trust_remote_code: bool) -> dict:
         if location_kind(adapter) == "missing":
             raise ModelError(f"{adapter}: no such adapter folder")
         if location_kind(adapter) in ("local", "s3"):
-            store = Store(adapter if adapter.startswith("s3://") else str(Path(adapter).expanduser()), **s3)
+            store = _folder(adapter, s3)
             if not store.exists("adapter_config.json"):
                 raise ModelError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
     return config.get("text_config", config) if "num_hidden_layers" not in config else config
