@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
@@ -27,7 +26,7 @@ import torch
 from common import fmt_times, header, interleaved, median, verdict
 from storage import layout
 from storage.store import Store
-from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_dtype, activation_table, decode_vectors
+from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
 from workers import reduce
 
 TARGET = 0.7
@@ -102,43 +101,6 @@ def main() -> None:
         print(f"check: finetuned_norm {result['finetuned_norm'][0]:.3f}, |delta| at position 0 "
               f"{np.linalg.norm(result['delta'][0, 0]):.3f} (synthetic bias {0.5 * np.sqrt(args.hidden):.1f} expected)")
 
-        # -- profile: the steps of shard_sums on one shard pair, in CPU time -------------
-        # (decode_vectors is split into its two halves: Arrow -> numpy bits, and widening)
-        steps: dict[str, list[float]] = {}
-
-        def step(name, fn):
-            start = time.process_time()
-            value = fn()
-            steps.setdefault(name, []).append(time.process_time() - start)
-            return value
-
-        def to_bits(t):
-            arr = t.column("act").combine_chunks()
-            return arr.flatten().to_numpy(zero_copy_only=False)
-        for _ in range(3):
-            tb = step("read_table x2", lambda: (store.read_table(layout.shard(base, 0)),
-                                                store.read_table(layout.shard(ft, 0))))
-            bits = step("arrow -> numpy bits x2", lambda: [to_bits(t) for t in tb])
-            dec = step("widen bf16 -> f32 x2 (astype uint32, <<16)",
-                       lambda: [(b.astype(np.uint32) << 16).view(np.float32).reshape(-1, 1, N, args.hidden)
-                                for b in bits])
-            step("row checks", lambda: [tb[0].column(c).equals(tb[1].column(c))
-                                        for c in ("doc_id", "layer", "position")]
-                 + [np.array_equal(tb[0].column("layer").to_numpy(),
-                                   np.tile(np.repeat(np.asarray([LAYER], np.int16), N), tb[0].num_rows // N))])
-            step("sum(axis=0, float64) x2", lambda: [a.sum(axis=0, dtype=np.float64) for a in dec])
-            step("norms (linalg.norm, positions >= 5)",
-                 lambda: np.linalg.norm(dec[1][:, :, NORM_SKIP:, :], axis=-1).sum(axis=(0, 2), dtype=np.float64))
-            del tb, bits, dec
-        prof = {k: median(v) for k, v in steps.items()}
-
-        def whole_cpu():
-            start = time.process_time()
-            reduce.shard_sums(store, base, ft, 0, [LAYER], N, NORM_SKIP)
-            return time.process_time() - start
-        whole = median([whole_cpu() for _ in range(3)])
-        print(f"profile of shard_sums on one shard pair, CPU time ({whole * 1e3:.0f} ms whole): "
-              + ", ".join(f"{k} {v * 1e3:.0f} ms ({v / whole:.0%})" for k, v in prof.items()))
 
 if __name__ == "__main__":
     main()
