@@ -70,19 +70,26 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             if pair.out_dir not in pending_dirs:
                 log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
                 continue
-            reduce_pair(pair, spec, store)
-            logit_lens(pair, spec, store, stats)
-            if generation:
-                generate(pair, generation, store)
-            store.write_json(layout.manifest(pair.out_dir), {
-                "pair": pair.pair.name, "layers": list(pair.layers),
-                "base": pair.base.prefix, "finetuned": pair.finetuned.prefix})
-            stats.pairs_reduced += 1
+            run_pair(pair, spec, store, stats, generation)
     finally:
         if generation:
             stats.model_loads += len(generation.engines) + len(generation.graders)
             generation.close()
     return write_run_record(plan, store)
+
+
+def run_pair(pair: PairPlan, spec: JobSpec, store: Store, stats: RunStats,
+             generation: GenerationStage | None) -> None:
+    """A pair's stages, in order, once both activation sets are complete; the manifest,
+    written last, marks the pair's results complete."""
+    reduce_pair(pair, spec, store)
+    logit_lens(pair, spec, store, stats)
+    if generation:
+        generate(pair, generation, store)
+    store.write_json(layout.manifest(pair.out_dir), {
+        "pair": pair.pair.name, "layers": list(pair.layers),
+        "base": pair.base.prefix, "finetuned": pair.finetuned.prefix})
+    stats.pairs_reduced += 1
 
 
 def _actor(cls, spec: JobSpec, gpus: int = 1, **options):
