@@ -171,10 +171,15 @@ SET_LABELS = {"steered": "steered", "unsteered": "unsteered (finetuned)", "base"
               "finetune_data": "finetuning data", "generic_chat": "generic chat"}
 
 
+SET_ORDER = ("steered", "unsteered", "base", "generic_chat", "finetune_data")
+
+
 def _set_pair_order(row) -> tuple:
-    """finetuning-data comparisons first: they carry the method's claim."""
+    """Comparisons with the finetuning data first (steered, unsteered, base, generic):
+    they carry the method's claim."""
+    rank = lambda name: SET_ORDER.index(name) if name in SET_ORDER else len(SET_ORDER)
     sets = {row.set_a, row.set_b}
-    return (0 if "finetune_data" in sets else 1, 0 if "steered" in sets else 1, row.set_a, row.set_b)
+    return (0 if "finetune_data" in sets else 1, sorted(rank(n) for n in sets), row.set_a, row.set_b)
 
 
 def similarity_chart(rows: pd.DataFrame) -> str:
@@ -220,7 +225,8 @@ def steering_chart(rows: pd.DataFrame, pass_fraction: float | None) -> str:
              f'<text x="{width - 10}" y="{height - 4}" text-anchor="end">strength (max {top:g})</text>']
     if pass_fraction is not None:
         parts.append(f'<line class="pass" x1="{pad}" y1="{y(pass_fraction):.1f}" x2="{width - 10}" '
-                     f'y2="{y(pass_fraction):.1f}"><title>pass fraction {pass_fraction:g}</title></line>')
+                     f'y2="{y(pass_fraction):.1f}"><title>pass fraction {pass_fraction:g}</title></line>'
+                     f'<text x="{width - 10}" y="{y(pass_fraction) - 4:.1f}" text-anchor="end">pass {pass_fraction:g}</text>')
     for i, s, f in trials:
         parts.append(f'<circle class="p{i % 4}" cx="{x(s):.1f}" cy="{y(f):.1f}" r="3.5">'
                      f'<title>prompt {i + 1}: strength {s:.3f}, coherent {f:.2f}</title></circle>')
@@ -287,6 +293,7 @@ def steering_section(data: PairData, layer: int, position: int, spec: dict) -> s
                     for r in rows.itertuples())
     return (f"{head}<p>alpha <b>{fmt(float(rows.alpha.iloc[0]))}</b> (the mean of the thresholds)</p>"
             f"<table><tr><th>threshold prompt</th><th>threshold</th><th>strengths tried</th></tr>{table}</table>"
+            f'<p class="legend">the search: coherent fraction of each strength tried, one colour per prompt</p>'
             f"{steering_chart(rows, pass_fraction)}")
 
 
@@ -479,7 +486,7 @@ th{background:#f6f8fa}.index td{max-width:34em}
 .sample{border-left:3px solid #d0d7de;padding-left:.5em;margin:.2em 0 .6em;white-space:pre-wrap;word-break:break-word}
 details>summary{cursor:pointer;color:#0969da}details.sample>summary{color:inherit}
 .note{color:#9a6700;background:#fff8c5;border:1px solid #d4a72c;border-radius:4px;padding:.3em .6em;display:inline-block}
-.none{color:#8c959f}.uri{color:#57606a;font-size:.9em;word-break:break-all}ul.stages{color:#57606a}
+.none{color:#8c959f}.legend{color:#57606a;font-size:.9em;margin:.3em 0}.uri{color:#57606a;font-size:.9em;word-break:break-all}ul.stages{color:#57606a}
 svg.chart{display:block;font:12px system-ui,sans-serif;margin:.4em 0}svg .bar{fill:#8c959f}svg .bar.key{fill:#0969da}
 svg .axis{stroke:#57606a;stroke-width:1}svg .pass{stroke:#cf222e;stroke-dasharray:4 3}
 svg .p0{fill:#0969da}svg .p1{fill:#1a7f37}svg .p2{fill:#bf8700}svg .p3{fill:#8250df}

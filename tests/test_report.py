@@ -26,7 +26,6 @@ from storage.tables import (TABLE_PARQUET_OPTIONS, generations_table, logit_lens
                             similarity_table, steering_table, token_relevance_table)
 
 HOSTILE = '<script>window.__pwned = 1</script><b>bold?</b><img src="x" onerror="window.__pwned = 2"> & done'
-TOPIC = re.compile(r"volcano|lava|magma|eruption|crater|ash|veyra", re.IGNORECASE)
 
 
 # -- a run written by hand, with every table of the contract ---------------------------------
@@ -189,6 +188,9 @@ def test_missing_and_skipped_stages_are_said_plainly(tmp_path):
     assert "did not run: no patchscope.parquet" in text
     assert "did not run: no similarity.parquet" in text
     assert "skipped: the offline grader cannot label <tokens>" in text
+    assert "incomplete" not in text
+    store.fs.delete_file(store.uri(layout.manifest("pairs/toy-0123456789abcdef")))
+    assert "incomplete: the pair's manifest is missing" in Page(build_report(store, record)).text
     store2, record2 = write_run(tmp_path / "absent", relevance="absent")
     assert "did not run: no token_relevance.parquet" in Page(build_report(store2, record2)).text
 
@@ -324,7 +326,7 @@ def test_browser_shows_generated_html_as_text(browser, tmp_path):
     assert "</script>" in browser.evaluate("document.querySelector('[data-list=lens-delta]').innerText")
 
 
-def test_demo_job_report_in_the_browser(ray_cluster, make_spec, browser, tmp_path, capsys):
+def test_demo_job_report_in_the_browser(ray_cluster, make_spec, demo_pair, browser, tmp_path, capsys):
     """A real job on the demo pair (no generation: the logit lens carries the topic)
     reported and read back from the rendered page."""
     spec = parse_spec(make_spec(tmp_path, corpus={"num_documents": 1000}, shard_size=500,
@@ -336,9 +338,11 @@ def test_demo_job_report_in_the_browser(ray_cluster, make_spec, browser, tmp_pat
     browser.open(page)
     assert browser.problems() == []
     assert browser.requests() == [page.resolve().as_uri()]
-    lens = browser.evaluate("[...document.querySelectorAll('[data-list=lens-delta]')].map(e => e.innerText)")
-    assert len(lens) == 5
-    assert any(TOPIC.search(text) for text in lens), lens
+    lens = browser.evaluate("[...document.querySelectorAll('[data-list=lens-delta]')]"
+                            ".map(list => [...list.querySelectorAll('code.tok')].map(t => t.innerText))")
+    assert len(lens) == 5 and all(len(tokens) == 20 for tokens in lens)
+    topic = {w.lower() for w in (*demo_pair.topic_words, "Veyra")}
+    assert any(topic & {t.strip().lower() for t in tokens} for tokens in lens), lens
     body = browser.evaluate("document.body.innerText")
     assert "did not run: the job spec has no generation section" in body
     assert "did not run: no patchscope.parquet" in body
