@@ -298,7 +298,7 @@ def steering_section(data: PairData, layer: int, position: int, spec: dict) -> s
 
 
 def sample(text: str) -> str:
-    text = str(text)
+    text = str(text).strip()   # leading newlines of a chat answer only push it down
     if len(text) <= CLIP:
         return f'<div class="sample">{esc(text)}</div>'
     return (f'<details class="sample"><summary>{esc(text[:CLIP])}…</summary>'

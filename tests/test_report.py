@@ -168,7 +168,7 @@ def test_every_section_from_its_table(tmp_path):
     # samples: two per prompt and side; the long one is clipped and expands
     assert page.text.count("unsteered finetuned 0.") == 2 * 2 and "unsteered finetuned 0.2" not in page.text
     assert "unsteered base" not in page.text
-    assert ("steered cake 1.1.1 " + "long " * 100) in page.text
+    assert ("steered cake 1.1.1 " + "long " * 100).strip() in page.text
     # similarity: one bar per pair of sets, the two claims highlighted
     bars = [a for t, a in page.tags if t == "rect"]
     assert len(bars) == 2 * 10 and sum(a["class"] == "bar key" for a in bars) == 2 * 2
@@ -309,6 +309,16 @@ def browser():
     b = Browser(binary)
     yield b
     b.close()
+
+
+def test_browser_harness_sees_errors_and_fetches(browser, tmp_path):
+    """The checks below can fail: a page that logs, throws and fetches is caught."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><img src="missing.png"><script>console.error("boom"); no_such_fn();</script></body></html>')
+    browser.open(bad)
+    kinds = {e["method"] for e in browser.problems()}
+    assert {"Runtime.consoleAPICalled", "Runtime.exceptionThrown"} <= kinds
+    assert any(url.endswith("/missing.png") for url in browser.requests())
 
 
 def test_browser_shows_generated_html_as_text(browser, tmp_path):
