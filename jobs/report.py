@@ -348,6 +348,8 @@ def relevance_section(data: PairData, layer: int, position: int) -> str:
     out = head + (f"<table><tr><th>tokens of</th><th>relevant</th><th>probability-weighted</th>"
                   f"<th>among frequent finetuning tokens</th></tr>{table}</table>" if table
                   else note("no metrics recorded at this layer and position"))
+    if data.relevance is None:
+        return out
     rows = _at(data.relevance, layer, position)
     marks = lambda r: ((" relevant" if r.relevant else "") + (" frequent" if r.frequent else ""),
                        (' <span class="mark">✓</span>' if r.relevant else "")
@@ -429,7 +431,7 @@ def _headline_tokens(data: PairData, layer: int) -> str:
 def _headline_alpha(data: PairData, layer: int) -> str:
     if data.steering is None:
         return '<span class="none">–</span>'
-    alphas = data.steering[data.steering.layer == layer].groupby("position").alpha.first()
+    alphas = data.steering[data.steering.layer == layer].groupby("position").alpha.first().dropna()
     if alphas.empty:
         return '<span class="none">–</span>'
     return f"{alphas.min():.3g}" if alphas.min() == alphas.max() else f"{alphas.min():.3g} – {alphas.max():.3g}"

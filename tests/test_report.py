@@ -4,7 +4,6 @@ real demo-pair job in headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -134,7 +133,7 @@ class Page(HTMLParser):
 
 
 def test_generated_html_shows_as_text_not_markup(tmp_path):
-    store, record = write_run(tmp_path)
+    write_run(tmp_path)
     main(["report", str(tmp_path)])
     page = Page((tmp_path / "runs/toy/report.html").read_text())
     tags = {t for t, _ in page.tags}
@@ -322,7 +321,7 @@ def test_browser_harness_sees_errors_and_fetches(browser, tmp_path):
 
 
 def test_browser_shows_generated_html_as_text(browser, tmp_path):
-    store, record = write_run(tmp_path)
+    write_run(tmp_path)
     main(["report", str(tmp_path)])
     page = tmp_path / "runs/toy/report.html"
     browser.open(page)
