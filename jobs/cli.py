@@ -1,16 +1,17 @@
-"""`adl`: run a job spec, run the demo, inspect results."""
+"""`adl`: run a job spec, run the demo, inspect results, write the report page."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from jobs.plan import PlanError
+from jobs.report import ReportError
 from jobs.spec import SpecError, load_spec, parse_spec
 from storage.store import StorageError
 from workers.models import ModelError
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
-INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, FileNotFoundError)
+INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError)
 
 
 def demo_spec(root: str, num_documents: int | None = None) -> dict:
@@ -42,7 +43,7 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
     return spec
 
 
-def _run(spec) -> int:
+def _run(spec, report: bool = False) -> int:
     from jobs.driver import log, run_job
     from jobs.summary import run_summary
     from storage.store import Store
@@ -50,6 +51,9 @@ def _run(spec) -> int:
     store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
     log(f"done: {store.uri(record)}")
     print(run_summary(store, record))
+    if report:
+        from jobs.report import write_report
+        print(f"report: {write_report(store, record)}")
     return 0
 
 
@@ -65,12 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("path", help="storage root, runs/<job>/run.json, pairs/<pair>, or a .parquet table")
     p_inspect.add_argument("--endpoint-url", default=None)
     p_inspect.add_argument("--region", default=None)
+    p_report = sub.add_parser("report", help="write a run's HTML report (one self-contained page per job)")
+    p_report.add_argument("run", help="runs/<job>/run.json, or a storage root holding one job")
+    p_report.add_argument("--out", default=None, help="where to write the page (default: runs/<job>/report.html)")
+    p_report.add_argument("--endpoint-url", default=None)
+    p_report.add_argument("--region", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(load_spec(args.spec))
         if args.command == "demo":
-            return _run(parse_spec(demo_spec(args.root, args.num_documents)))
+            return _run(parse_spec(demo_spec(args.root, args.num_documents)), report=True)
+        if args.command == "report":
+            from jobs.report import locate_run, write_report
+            store, record = locate_run(args.run, args.endpoint_url, args.region)
+            print(write_report(store, record, args.out))
+            return 0
         from jobs.summary import inspect
         print(inspect(args.path, args.endpoint_url, args.region))
         return 0

@@ -6,8 +6,12 @@
     pairs/<pair>/difference.parquet            per (layer, position) means and delta
     pairs/<pair>/difference.safetensors        the same vectors for other tools
     pairs/<pair>/logit_lens.parquet            top tokens of delta, -delta and the means
+    pairs/<pair>/patchscope.parquet            patchscope tokens per scale (issue 4 analyses)
+    pairs/<pair>/token_relevance.parquet       graded tokens, and .json: status and metrics
+    pairs/<pair>/similarity.parquet            embedding similarity of generation sets
     pairs/<pair>/manifest.json                 the pair's results are complete
     runs/<job>/run.json                        what a job ran and where its results are
+    runs/<job>/report.html                     the analysts' page (`adl report`)
 
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
@@ -56,8 +60,17 @@ def run_record(job_name: str) -> str:
     return f"runs/{slug(job_name)}/run.json"
 
 
+def report(record_key: str) -> str:
+    """The job's report page, beside its run record."""
+    return f"{record_key.rpartition('/')[0]}/report.html"
+
+
 DIFFERENCE = "difference.parquet"
 DIFFERENCE_SAFETENSORS = "difference.safetensors"
 LOGIT_LENS = "logit_lens.parquet"
 GENERATIONS = "generations.parquet"
 STEERING = "steering.parquet"
+PATCHSCOPE = "patchscope.parquet"
+TOKEN_RELEVANCE = "token_relevance.parquet"
+TOKEN_RELEVANCE_STATUS = "token_relevance.json"
+SIMILARITY = "similarity.parquet"
