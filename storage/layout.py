@@ -6,6 +6,12 @@
     pairs/<pair>/difference.parquet            per (layer, position) means and delta
     pairs/<pair>/difference.safetensors        the same vectors for other tools
     pairs/<pair>/logit_lens.parquet            top tokens of delta, -delta and the means
+    pairs/<pair>/generations.parquet           baseline and steered samples
+    pairs/<pair>/steering.parquet              the steering strength search
+    pairs/<pair>/patchscope.parquet            top tokens per (layer, position, variant, scale)
+    pairs/<pair>/token_relevance.parquet       graded logit-lens and patchscope tokens
+    pairs/<pair>/token_relevance.json          the relevance stage's status and metrics (last)
+    pairs/<pair>/similarity.parquet            embedding similarity of text sets
     pairs/<pair>/manifest.json                 the pair's results are complete
     runs/<job>/run.json                        what a job ran and where its results are
 
@@ -61,3 +67,7 @@ DIFFERENCE_SAFETENSORS = "difference.safetensors"
 LOGIT_LENS = "logit_lens.parquet"
 GENERATIONS = "generations.parquet"
 STEERING = "steering.parquet"
+PATCHSCOPE = "patchscope.parquet"
+TOKEN_RELEVANCE = "token_relevance.parquet"
+TOKEN_RELEVANCE_JSON = "token_relevance.json"
+SIMILARITY = "similarity.parquet"

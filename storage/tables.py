@@ -162,3 +162,44 @@ def steering_table(rows: list[dict]) -> pa.Table:
     """One row per (layer, position, threshold prompt): that prompt's threshold, the
     (layer, position)'s alpha (the mean over prompts), and every strength tried."""
     return pa.Table.from_pylist(rows, schema=STEERING_SCHEMA).replace_schema_metadata(_metadata("steering"))
+
+
+# -- analyses -------------------------------------------------------------------------
+PATCHSCOPE_SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("position", pa.int32()), ("variant", pa.string()),
+    ("scale", pa.float64()), ("rank", pa.int32()), ("token_id", pa.int64()),
+    ("token", pa.string()), ("probability", pa.float64()), ("chosen", pa.bool_()),
+    ("coherent", pa.bool_()),
+])
+
+
+def patchscope_table(rows: list[dict]) -> pa.Table:
+    """One row per (layer, position, variant, scale, rank). chosen: the grader's best scale
+    of that (layer, position, variant); coherent: in the grader's coherent subset there."""
+    return pa.Table.from_pylist(rows, schema=PATCHSCOPE_SCHEMA).replace_schema_metadata(
+        _metadata("patchscope"))
+
+
+TOKEN_RELEVANCE_SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("position", pa.int32()), ("source", pa.string()),
+    ("rank", pa.int32()), ("token", pa.string()), ("probability", pa.float64()),
+    ("relevant", pa.bool_()), ("frequent", pa.bool_()), ("labels", pa.list_(pa.string())),
+])
+
+
+def token_relevance_table(rows: list[dict]) -> pa.Table:
+    """One row per graded token: relevant when every rotation said RELEVANT."""
+    return pa.Table.from_pylist(rows, schema=TOKEN_RELEVANCE_SCHEMA).replace_schema_metadata(
+        _metadata("token_relevance"))
+
+
+SIMILARITY_SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("position", pa.int32()), ("set_a", pa.string()),
+    ("set_b", pa.string()), ("similarity", pa.float64()),
+])
+
+
+def similarity_table(rows: list[dict], **metadata) -> pa.Table:
+    """One row per unordered pair of text sets per (layer, position)."""
+    return pa.Table.from_pylist(rows, schema=SIMILARITY_SCHEMA).replace_schema_metadata(
+        _metadata("similarity", **metadata))
