@@ -54,17 +54,17 @@ def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor
     vectors = {v: decode_vectors(table.column(v), "float64") for v in PATCHSCOPE_VARIANTS}
     log(f"{pair.pair.name}: patchscope, {len(rows) * len(PATCHSCOPE_VARIANTS)} vectors x "
         f"{len(a.patchscope_scales)} scales x {len(a.patchscope_prompts)} prompts")
-    futures, workers = {}, []
+    results = {}
+    # One model at a time: on a small cluster the engines and the grader may leave room
+    # for one more actor only.
     for role, items in targets.items():
         worker = actor(PatchscopeWorker).remote(getattr(pair.pair, role), pair.pair.base, dtype=spec.dtype,
                                                 s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)
-        workers.append(worker)
+        stats.model_loads += 1
         batch = np.stack([unit_scaled(vectors[v][r].astype(np.float64), float(norms[r])) for r, v in items])
-        futures[role] = worker.run.remote(batch, [int(layers[r]) for r, _ in items], list(a.patchscope_scales),
-                                          list(a.patchscope_prompts), a.patchscope_vocab_top, a.patchscope_top_k)
-    stats.model_loads += len(workers)
-    results = {role: ray.get(f) for role, f in futures.items()}
-    for worker in workers:
+        results[role] = ray.get(worker.run.remote(
+            batch, [int(layers[r]) for r, _ in items], list(a.patchscope_scales), list(a.patchscope_prompts),
+            a.patchscope_vocab_top, a.patchscope_top_k))
         ray.kill(worker)
 
     groups = []   # (layer, position, variant, ids[scale], tokens[scale], probs[scale])
@@ -134,8 +134,9 @@ def token_relevance(pair: PairPlan, spec: JobSpec, store: Store, grader, log) ->
     try:
         judged = ray.get(grader.token_relevances.remote([list(g.token) for *_, g in lists], pair.pair.description,
                                                         [t for _, t in frequent]))
-    except GraderError as e:
-        return _skip_relevance(store, pair, str(e).strip().splitlines()[-1], log)
+    except GraderError as e:   # raised in the actor: Ray's message carries the remote traceback
+        reason = str(e).strip().splitlines()[-1].split("GraderError: ", 1)[-1]
+        return _skip_relevance(store, pair, reason, log)
 
     rows, metrics = [], []
     for (layer, pos, source, group), judgements in zip(lists, judged):

@@ -214,6 +214,9 @@ def logit_lens(pair: PairPlan, spec: JobSpec, store: Store, stats: RunStats) -> 
 
 
 def generate(pair: PairPlan, stage: GenerationStage, store: Store) -> None:
+    if all(store.exists(f"{pair.out_dir}/{name}") for name in (layout.GENERATIONS, layout.STEERING)):
+        log(f"{pair.pair.name}: generations complete, skipped")   # a later stage failed before
+        return
     difference = store.read_table(f"{pair.out_dir}/{layout.DIFFERENCE}").to_pandas()
     result = stage.run(pair, difference)
     store.write_table(f"{pair.out_dir}/{layout.GENERATIONS}", generations_table(result.rows),
