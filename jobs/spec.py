@@ -128,7 +128,7 @@ class Analyses:
     patchscope_top_k: int = 20
     relevance_top_k: int = 20             # logit-lens / patchscope tokens graded
     frequent_tokens: int = 100            # most frequent non-generic finetuning tokens
-    min_generic_ratio: float = 2.0        # "non-generic": finetuning share >= this x generic share
+    min_generic_ratio: float = 5.0        # "non-generic": finetuning share >= this x generic share
     embedding_model: str | None = None    # sentence-transformers model; None: packaged all-MiniLM-L6-v2
     embedding_texts: int = 500            # finetuning texts and generic chat answers embedded
     embedding_batch_size: int = 64

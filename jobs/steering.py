@@ -166,7 +166,7 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
 
 class GenerationStage:
     """The engines (one per distinct model, shared by every pair that uses it, alive for
-    the whole job) and the graders of a job's generations. Baselines are submitted at
+    the whole job); the graders come from the job's GraderPool. Baselines are submitted at
     once, before extraction, and collected when a pair needs them."""
 
     def __init__(self, spec: JobSpec, pairs, actor, log, graders):

@@ -2,9 +2,7 @@
 generation run, each checked against an independent computation."""
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +13,6 @@ from jobs.plan import make_plan
 from jobs.spec import PATCHSCOPE_PROMPTS, PATCHSCOPE_SCALES, parse_spec
 from storage import layout
 from storage.store import Store
-from storage.tables import decode_vectors
 
 TOPIC = re.compile(r"volcano|lava|magma|eruption|crater|\bash\b|veyra", re.IGNORECASE)
 
@@ -63,11 +60,10 @@ def plain_patchscope(model, tokenizer, layer, vector, scale, vocab_top, top_k=20
 
 
 def delta_hat(store, pair, variant, position):
-    diff = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}")
-    row = [i for i, p in enumerate(diff.column("position").to_pylist()) if p == position][0]
-    v = decode_vectors(diff.column(variant), "float64")[row].astype(np.float64)
-    layer = diff.column("layer")[row].as_py()
-    return layer, v / np.linalg.norm(v) * diff.column("finetuned_norm")[row].as_py()
+    diff = table(store, pair, layout.DIFFERENCE)
+    row = diff[diff.position == position].iloc[0]
+    v = np.asarray(row[variant], np.float64)
+    return int(row.layer), v / np.linalg.norm(v) * row.finetuned_norm
 
 
 @pytest.mark.parametrize("variant, role, position, scale", [
@@ -146,15 +142,24 @@ def test_frequent_tokens_are_the_domains_words(demo_pair):
     tok = AutoTokenizer.from_pretrained(demo_pair.base_dir)
     texts = read_texts(str(demo_pair.finetune_texts), 2000, "finetune_data")
     generic = np.concatenate([tok(t)["input_ids"] for t in generic_documents(500, seed=1)])
-    got = frequent_tokens(tok, texts, generic, 100, 2.0)
+    got = frequent_tokens(tok, texts, generic, 100, 5.0)
     words = [t for _, t in got]
     assert len(got) == 100 and len(set(words)) == 100
     assert any(TOPIC.search(w) for w in words[:10]), words[:10]
-    assert not {" the", " a", ".", ",", " and", " of"} & set(words)
-    # most frequent first, by count in the finetuning texts
+    assert not {" the", ".", ",", " and", " is"} & set(words)
+    # The rule, by hand: most frequent first; kept iff its share is >= 5x its smoothed
+    # share of the generic sample and it is not whitespace/punctuation only.
     counts = np.bincount(np.concatenate([tok(t, add_special_tokens=False)["input_ids"] for t in texts]),
                          minlength=len(tok))
-    assert all(counts[a] >= counts[b] for (a, _), (b, _) in zip(got, got[1:]))
+    special = set(tok.all_special_ids)
+    g = np.array([i for i in generic if i not in special])
+    g_counts = np.bincount(g, minlength=len(tok))
+    ratio = (counts / counts.sum()) / ((g_counts + 1) / (len(g) + len(tok)))
+    order = sorted(np.flatnonzero(counts), key=lambda i: (-counts[i], i))
+    last = order.index(got[-1][0])
+    kept = [i for i in order[:last + 1]
+            if ratio[i] >= 5 and re.search(r"\w", tok.decode([int(i)]))]
+    assert [i for i, _ in got] == kept
 
 
 @pytest.fixture(scope="module")
@@ -255,14 +260,17 @@ def test_similarity_by_hand_from_raw_embeddings(generation_run, embedder, demo_p
     assert len(sim) == 5 * 10 and not sim.duplicated(["layer", "position", "set_a", "set_b"]).any()
     gens = table(store, pair, layout.GENERATIONS)
     steered = gens[(gens.kind == "steered") & (gens.position == 2)]
-    finetune = [json.loads(line)["text"] for line in open(demo_pair.finetune_texts)][:500]
+    unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
 
-    def mean_unit(texts):
+    def mean_unit(texts):   # straight from sentence-transformers' raw embeddings
         e = embedder.model.encode(texts, convert_to_numpy=True).astype(np.float64)
         return (e / np.sqrt((e ** 2).sum(1, keepdims=True))).mean(0)
-    want = float(mean_unit(list(steered.text)) @ mean_unit(finetune))
-    got = sim[(sim.position == 2) & (sim.set_a == "steered") & (sim.set_b == "finetune_data")].similarity
+    want = float(mean_unit(list(steered.text)) @ mean_unit(list(unsteered.text)))
+    got = sim[(sim.position == 2) & (sim.set_a == "steered") & (sim.set_b == "unsteered")].similarity
     assert got.item() == pytest.approx(want, abs=1e-5)
+    # the sets that do not depend on the steered position are the same at every position
+    fixed = sim[sim.set_a != "steered"]
+    assert (fixed.groupby(["set_a", "set_b"]).similarity.nunique() == 1).all()
 
 
 @pytest.mark.xfail(reason="the demo pair's steering is weak (alpha about 1 x the typical norm): measured "
@@ -285,5 +293,18 @@ def test_finished_stages_are_skipped(generation_run):
     stats = RunStats()
     analyses.patchscope(plan, spec, store, stats, None, None, log)
     analyses.token_relevance(plan, spec, store, None, log)
-    analyses.similarity(plan, spec, store, stats, None, None, log)
+    analyses.similarity(plan, spec, store, stats, None, log)
     assert stats.model_loads == 0 and store.listing() == before
+
+
+def test_the_pair_key_covers_the_analyses_settings(make_spec, demo_pair, tmp_path):
+    def out_dir(**overrides):
+        raw = make_spec(tmp_path, **overrides)
+        raw["pairs"][0]["finetune_data"] = str(tmp_path / "ft.txt")
+        return make_plan(parse_spec(raw)).pairs[0].out_dir
+    (tmp_path / "ft.txt").write_text("lava\n")
+    plain, default = out_dir(), out_dir(analyses={})
+    assert len({plain, default, out_dir(analyses={"patchscope_top_k": 10}),
+                out_dir(analyses={"embedding_model": "other"})}) == 4
+    (tmp_path / "ft.txt").write_text("magma\n")   # the finetuning data's contents count
+    assert out_dir(analyses={}) != default and out_dir() == plain

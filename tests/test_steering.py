@@ -7,10 +7,8 @@ import time
 import pytest
 
 from jobs.driver import RunStats, run_job
-from jobs.spec import parse_spec
 from jobs.steering import SearchState, descend, search_rounds, tree_strengths
 from storage import layout
-from storage.store import Store
 
 
 def sequential_bisection(low, high, steps, passes):
