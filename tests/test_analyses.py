@@ -308,3 +308,12 @@ def test_the_pair_key_covers_the_analyses_settings(make_spec, demo_pair, tmp_pat
                 out_dir(analyses={"embedding_model": "other"})}) == 4
     (tmp_path / "ft.txt").write_text("magma\n")   # the finetuning data's contents count
     assert out_dir(analyses={}) != default and out_dir() == plain
+
+
+def test_the_run_summary_shows_the_analyses(generation_run):
+    from jobs.summary import run_summary
+    _, store, _, _ = generation_run
+    text = run_summary(store, layout.run_record("test"))
+    assert "patchscope of delta at the grader's scale:" in text
+    assert "token relevance: skipped (token relevance needs an LLM grader" in text
+    assert re.search(r"layer \d+ pos 2: steered [\d.-]+  unsteered [\d.-]+  base [\d.-]+", text)
