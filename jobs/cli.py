@@ -37,6 +37,9 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
         # Perplexity of the demo's own fluent text under its finetuned model runs to a few
         # hundred (it is a 4-block model), so the coherence bar sits higher than for real LLMs.
         "grader": {"kind": "offline", "threshold": 5000},
+        # Patchscope, token relevance (skipped with a recorded reason: the offline grader
+        # cannot judge relevance) and the embedding evaluation, at the method's defaults.
+        "analyses": {},
     }
     if num_documents:
         spec["corpus"]["num_documents"] = num_documents

@@ -86,3 +86,47 @@ def _hf_documents(corpus: Corpus) -> list:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {first}") from None
+
+
+def read_texts(path: str, limit: int, where: str, column: str = "text") -> list[str]:
+    """The first `limit` non-empty texts of a file: .jsonl (objects with `column`), .parquet
+    (`column`), anything else one text per line. Errors name the spec field `where`."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpecError(f"{where}: no such file: {path}")
+    texts: list[str] = []
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(p)
+        if column not in pf.schema_arrow.names:
+            raise SpecError(f"{where}: {path} has no column {column!r}")
+        for batch in pf.iter_batches(columns=[column]):
+            texts.extend(t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
+            if len(texts) >= limit:
+                break
+    else:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if len(texts) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                if p.suffix == ".jsonl":
+                    try:
+                        line = json.loads(line)[column]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise SpecError(f"{where}: {path} line {lineno} is not a JSON object "
+                                        f"with a {column!r} field") from None
+                if isinstance(line, str) and line.strip():
+                    texts.append(line.rstrip("\n"))
+    if not texts:
+        raise SpecError(f"{where}: no texts in {path}")
+    return texts[:limit]
+
+
+def file_identity(path: str, where: str) -> str:
+    """A text file's content digest, for content keys."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SpecError(f"{where}: no such file: {path}")
+    return _file_digest(p)

@@ -1,6 +1,7 @@
 """Runs a plan on Ray: extract every activation set not yet complete, reduce every pair
-not yet reduced, read it through the logit lens, generate (baseline and steered) when
-the spec asks, and record the run.
+not yet reduced, read it through the logit lens, generate (baseline and steered) and run
+the analyses (patchscope, token relevance, embedding evaluation) when the spec asks, and
+record the run.
 
 Ray is the executor: stages are plain functions over shards, a shard's marker is its
 completion record, and a rerun skips whatever is complete.
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs import analyses
+from jobs.grading import GraderPool
 from jobs.plan import ActivationSet, Plan, PairPlan, make_plan, s3_options
 from jobs.spec import JobSpec
 from jobs.steering import GenerationStage
@@ -58,10 +61,12 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     pending = [p for p in plan.pairs if not store.exists(layout.manifest(p.out_dir))]
     pending_dirs = {p.out_dir for p in pending}
     generation = None
+    actor = lambda cls, **kw: _actor(cls, spec, **kw)
+    graders = GraderPool(spec, actor)
     if spec.generation.enabled and pending:
         # Baselines need no difference: their engines start and work alongside extraction.
         ensure_ray(spec)
-        generation = GenerationStage(spec, pending, lambda cls, **kw: _actor(cls, spec, **kw), log)
+        generation = GenerationStage(spec, pending, actor, log, graders)
         generation.start()
     try:
         for aset in plan.sets:
@@ -70,22 +75,30 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             if pair.out_dir not in pending_dirs:
                 log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
                 continue
-            run_pair(pair, spec, store, stats, generation)
+            run_pair(pair, spec, store, stats, generation, graders)
     finally:
+        stats.model_loads += len(graders.handles)
         if generation:
-            stats.model_loads += len(generation.engines) + len(generation.graders)
+            stats.model_loads += len(generation.engines)
             generation.close()
+        graders.close()
     return write_run_record(plan, store)
 
 
 def run_pair(pair: PairPlan, spec: JobSpec, store: Store, stats: RunStats,
-             generation: GenerationStage | None) -> None:
+             generation: GenerationStage | None, graders: GraderPool) -> None:
     """A pair's stages, in order, once both activation sets are complete; the manifest,
     written last, marks the pair's results complete."""
     reduce_pair(pair, spec, store)
     logit_lens(pair, spec, store, stats)
     if generation:
         generate(pair, generation, store)
+    if spec.analyses.enabled:
+        actor = lambda cls, **kw: _actor(cls, spec, **kw)
+        analyses.patchscope(pair, spec, store, stats, graders.get(pair), actor, log)
+        analyses.token_relevance(pair, spec, store, graders.get(pair), log)
+        if generation:   # the embedding evaluation compares generations
+            analyses.similarity(pair, spec, store, stats, actor, log)
     store.write_json(layout.manifest(pair.out_dir), {
         "pair": pair.pair.name, "layers": list(pair.layers),
         "base": pair.base.prefix, "finetuned": pair.finetuned.prefix})
@@ -201,6 +214,9 @@ def logit_lens(pair: PairPlan, spec: JobSpec, store: Store, stats: RunStats) -> 
 
 
 def generate(pair: PairPlan, stage: GenerationStage, store: Store) -> None:
+    if all(store.exists(f"{pair.out_dir}/{name}") for name in (layout.GENERATIONS, layout.STEERING)):
+        log(f"{pair.pair.name}: generations complete, skipped")   # a later stage failed before
+        return
     difference = store.read_table(f"{pair.out_dir}/{layout.DIFFERENCE}").to_pandas()
     result = stage.run(pair, difference)
     store.write_table(f"{pair.out_dir}/{layout.GENERATIONS}", generations_table(result.rows),

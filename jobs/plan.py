@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.corpus import corpus_identity, read_documents
+from jobs.corpus import corpus_identity, file_identity, read_documents
 from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
 from storage import layout
 from workers.models import ModelError, location_identity, load_tokenizer, num_layers, read_config
@@ -86,6 +86,18 @@ def _source_identity(source: ModelSource, s3: dict) -> dict:
     return ident
 
 
+def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
+    """What the analyses of a pair read besides its difference: their settings, the
+    domain description, and the contents of the finetuning and generic chat files (a
+    missing file is an input error found here)."""
+    from workers.demo_pair import DEMO_VERSION
+    files = {name: file_identity(getattr(pair, name), f"{where}.{name}")
+             for name in ("finetune_data", "generic_chat") if getattr(pair, name)}
+    if not pair.generic_chat:   # the packaged control set
+        files["generic_chat"] = {"packaged": DEMO_VERSION}
+    return {**as_plain(spec.analyses), "description": pair.description, "files": files}
+
+
 def make_plan(spec: JobSpec) -> Plan:
     s3 = s3_options(spec)
     n = spec.method.tokens_per_document
@@ -141,5 +153,7 @@ def make_plan(spec: JobSpec) -> Plan:
                          "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
         if spec.generation.enabled:
             pair_identity.update(generation=as_plain(spec.generation), grader=spec.grader)
+        if spec.analyses.enabled:
+            pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
     return Plan(spec, tuple(sets.values()), tuple(pairs))

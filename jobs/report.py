@@ -91,7 +91,7 @@ def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     data.steering = _table(store, f"{d}/{layout.STEERING}")
     data.similarity = _table(store, f"{d}/{layout.SIMILARITY}")
     data.relevance = _table(store, f"{d}/{layout.TOKEN_RELEVANCE}")
-    data.relevance_status = store.read_json_or_none(f"{d}/{layout.TOKEN_RELEVANCE_STATUS}")
+    data.relevance_status = store.read_json_or_none(f"{d}/{layout.TOKEN_RELEVANCE_JSON}")
 
     generation_on = bool(spec.get("generation", {}).get("enabled"))
     no_generation = "did not run: the job spec has no generation section"

@@ -35,6 +35,7 @@ class Pair:
     finetuned: ModelSource        # for a LoRA finetune: model == base.model, adapter set
     description: str | None = None       # the finetuning domain, for analysts and graders
     finetune_data: str | None = None     # finetuning texts (file), for analyses
+    generic_chat: str | None = None      # generic chat answers (file), the embedding control
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,32 @@ class Generation:
     search: SteeringSearch = SteeringSearch()
 
 
+# Patchscope (adl-method.md, section 3): 0.5..2.0 by 0.1; 3, 4, 5, 10, 20; 10 evenly spaced
+# from 20 to 200 (20 is in both lists: 30 distinct scales).
+PATCHSCOPE_SCALES = tuple(round(0.5 + 0.1 * i, 1) for i in range(16)) + (3.0, 4.0, 5.0, 10.0) + \
+    tuple(float(x) for x in (20, 40, 60, 80, 100, 120, 140, 160, 180, 200))
+PATCHSCOPE_PROMPTS = ("man -> man\n1135 -> 1135\nhello -> hello\n?",
+                      "bear -> bear\n42 -> 42\nblue -> blue\n?",
+                      "921 -> 921\ntarget -> target\nanna -> anna\n?")
+
+
+@dataclass(frozen=True)
+class Analyses:
+    """Patchscope, token relevance and the embedding evaluation (off unless the spec has
+    this section; the embedding evaluation also needs the generation section)."""
+    enabled: bool = False
+    patchscope_scales: tuple[float, ...] = PATCHSCOPE_SCALES
+    patchscope_prompts: tuple[str, ...] = PATCHSCOPE_PROMPTS
+    patchscope_vocab_top: int = 16384     # tokens kept per prompt; the intersection is read
+    patchscope_top_k: int = 20
+    relevance_top_k: int = 20             # logit-lens / patchscope tokens graded
+    frequent_tokens: int = 100            # most frequent non-generic finetuning tokens
+    min_generic_ratio: float = 5.0        # "non-generic": finetuning share >= this x generic share
+    embedding_model: str | None = None    # sentence-transformers model; None: packaged all-MiniLM-L6-v2
+    embedding_texts: int = 500            # finetuning texts and generic chat answers embedded
+    embedding_batch_size: int = 64
+
+
 @dataclass(frozen=True)
 class JobSpec:
     name: str
@@ -120,6 +147,7 @@ class JobSpec:
     compute: Compute = Compute()
     trust_remote_code: bool = False
     generation: Generation = Generation()
+    analyses: Analyses = Analyses()
     grader: dict | None = None    # None: the offline grader (workers/graders.py)
 
     def to_dict(self) -> dict:
@@ -187,11 +215,12 @@ def _build(cls, raw: Any, where: str, kinds: dict[str, str], checks=None):
 
 _OPTIONAL = {
     ModelSource: ("revision", "adapter"),
-    Pair: ("description", "finetune_data"),
+    Pair: ("description", "finetune_data", "generic_chat"),
     Corpus: ("path", "dataset", "revision"),
     Storage: ("endpoint_url", "region"),
     Compute: ("ray_address",),
     Generation: ("max_model_len",),
+    Analyses: ("embedding_model",),
 }
 
 
@@ -217,7 +246,7 @@ def _pair(raw: Any, where: str) -> Pair:
     name = _check(data["name"], "str", f"{where}.name")
     base = _model_source(data["base"], f"{where}.base", None)
     finetuned = _model_source(data["finetuned"], f"{where}.finetuned", base)
-    optional = {k: _check(data[k], "str", f"{where}.{k}") for k in ("description", "finetune_data")
+    optional = {k: _check(data[k], "str", f"{where}.{k}") for k in ("description", "finetune_data", "generic_chat")
                 if data.get(k) is not None}
     return Pair(name=name, base=base, finetuned=finetuned, **optional)
 
@@ -318,6 +347,35 @@ def _generation(raw: Any) -> Generation:
     return replace(gen, search=replace(search, prompts=search_prompts), **lists)
 
 
+def _analyses(raw: Any) -> Analyses:
+    if raw is None:
+        return Analyses()
+    data = dict(_mapping(raw, "analyses", {f.name for f in fields(Analyses)}))
+    lists = {}
+    if "patchscope_prompts" in data:
+        lists["patchscope_prompts"] = _strings(data.pop("patchscope_prompts"), "analyses.patchscope_prompts")
+    if "patchscope_scales" in data:
+        raw_scales = data.pop("patchscope_scales")
+        if not isinstance(raw_scales, list) or not raw_scales:
+            raise SpecError(f"analyses.patchscope_scales: expected a non-empty list of numbers, got {raw_scales!r}")
+        scales = tuple(float(_check(v, "number", f"analyses.patchscope_scales[{i}]"))
+                       for i, v in enumerate(raw_scales))
+        for i, v in enumerate(scales):
+            if v <= 0:
+                raise SpecError(f"analyses.patchscope_scales[{i}]: must be > 0, got {v!r}")
+        lists["patchscope_scales"] = scales
+    positive = lambda v: v >= 1
+    a = _build(Analyses, {"enabled": True, **data}, "analyses",
+               {"enabled": "bool", "patchscope_vocab_top": "int", "patchscope_top_k": "int",
+                "relevance_top_k": "int", "frequent_tokens": "int", "min_generic_ratio": "number",
+                "embedding_model": "str", "embedding_texts": "int", "embedding_batch_size": "int"},
+               [(name, positive, "must be >= 1") for name in
+                ("patchscope_vocab_top", "patchscope_top_k", "relevance_top_k", "frequent_tokens",
+                 "embedding_texts", "embedding_batch_size")]
+               + [("min_generic_ratio", lambda v: v > 0, "must be > 0")])
+    return replace(a, **lists)
+
+
 def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     data = _mapping(raw, "", {f.name for f in fields(JobSpec)})
     if not data.get("pairs"):
@@ -360,6 +418,7 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                    shard_size=top.shard_size, storage=storage, compute=compute,
                    trust_remote_code=top.trust_remote_code,
                    generation=_generation(data.get("generation")),
+                   analyses=_analyses(data.get("analyses")),
                    grader=check_grader_config(data.get("grader")) if data.get("grader") is not None else None)
     return _resolve_paths(spec, base_dir) if base_dir else spec
 
@@ -376,7 +435,8 @@ def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
         return replace(s, model=local(s.model), adapter=local(s.adapter))
 
     pairs = tuple(replace(p, base=source(p.base), finetuned=source(p.finetuned),
-                          finetune_data=local(p.finetune_data)) for p in spec.pairs)
+                          finetune_data=local(p.finetune_data),
+                          generic_chat=local(p.generic_chat)) for p in spec.pairs)
     return replace(spec, pairs=pairs, corpus=replace(spec.corpus, path=local(spec.corpus.path)),
                    storage=replace(spec.storage, root=local(spec.storage.root)))
 

@@ -166,13 +166,13 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
 
 class GenerationStage:
     """The engines (one per distinct model, shared by every pair that uses it, alive for
-    the whole job) and the graders of a job's generations. Baselines are submitted at
+    the whole job); the graders come from the job's GraderPool. Baselines are submitted at
     once, before extraction, and collected when a pair needs them."""
 
-    def __init__(self, spec: JobSpec, pairs, actor, log):
+    def __init__(self, spec: JobSpec, pairs, actor, log, graders):
         self.spec, self.pairs, self.actor, self.log = spec, pairs, actor, log
+        self.graders = graders   # a jobs.grading.GraderPool, shared with the analyses
         self.engines: dict[ModelSource, object] = {}
-        self.graders: dict[ModelSource, object] = {}
         self.baselines: dict[ModelSource, object] = {}
 
     def _s3(self) -> dict:
@@ -200,20 +200,14 @@ class GenerationStage:
 
     def run(self, pair, difference) -> PairGenerations:
         import ray
-        from workers.graders import GraderWorker
         rows = [row for role in self.spec.generation.baseline_models
                 for row in baseline_rows(pair.pair.name, role, self.spec.generation,
                                          ray.get(self.baselines[getattr(pair.pair, role)]))]
-        # The offline grader's reference is the finetuned model (for an adapter, its base):
-        # a model that never saw the finetuning domain finds all of its text improbable.
-        reference = pair.pair.finetuned
-        if reference not in self.graders:
-            self.graders[reference] = self.actor(GraderWorker).remote(self.spec.grader, reference, self._s3())
         steered = steer(pair.pair.name, self.spec, difference, self.engine(pair.pair.finetuned),
-                        self.graders[reference], self.log)
+                        self.graders.get(pair), self.log)
         return PairGenerations(rows + steered.rows, steered.steering)
 
     def close(self) -> None:
         import ray
-        for handle in [*self.engines.values(), *self.graders.values()]:
+        for handle in self.engines.values():
             ray.kill(handle)

@@ -34,6 +34,37 @@ def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP)
             lines.append(f"    pos {pos} |delta| {row.delta_norm.iloc[0]:8.3f}  lens: {words}")
     if store.exists(f"{pair['dir']}/{layout.GENERATIONS}"):
         lines += _generation_lines(store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas())
+    lines += _analyses_lines(store, pair["dir"], top)
+    return lines
+
+
+def _analyses_lines(store: Store, pair_dir: str, top: int) -> list[str]:
+    """Patchscope of delta at the grader's scale, the relevance metrics, and the
+    similarities to the finetuning data, where the run has them."""
+    lines = []
+    if store.exists(f"{pair_dir}/{layout.PATCHSCOPE}"):
+        ps = store.read_table(f"{pair_dir}/{layout.PATCHSCOPE}").to_pandas()
+        chosen = ps[(ps.variant == "delta") & ps.chosen & (ps["rank"] < top)]
+        lines.append("  patchscope of delta at the grader's scale:")
+        for (layer, pos), group in chosen.groupby(["layer", "position"]):
+            words = " ".join(_token(t) for t in group.sort_values("rank").token)
+            lines.append(f"    layer {layer} pos {pos} scale {group.scale.iloc[0]:g}: {words}")
+    relevance = store.read_json_or_none(f"{pair_dir}/{layout.TOKEN_RELEVANCE_JSON}")
+    if relevance is not None and relevance["status"] == "skipped":
+        lines.append(f"  token relevance: skipped ({relevance['reason']})")
+    elif relevance is not None:
+        lines.append("  token relevance (fraction relevant / probability-weighted / already frequent):")
+        for m in relevance["metrics"]:
+            lines.append(f"    layer {m['layer']} pos {m['position']} {m['source']:10s} "
+                         f"{m['fraction_relevant']:.2f} / {m['weighted_fraction_relevant']:.2f} / "
+                         f"{m['fraction_frequent']:.2f}")
+    if store.exists(f"{pair_dir}/{layout.SIMILARITY}"):
+        sim = store.read_table(f"{pair_dir}/{layout.SIMILARITY}").to_pandas()
+        to_ft = sim[sim.set_b == "finetune_data"]
+        lines.append("  embedding similarity to the finetuning data:")
+        for (layer, pos), group in to_ft.groupby(["layer", "position"]):
+            values = "  ".join(f"{r.set_a} {r.similarity:.3f}" for r in group.itertuples())
+            lines.append(f"    layer {layer} pos {pos}: {values}")
     return lines
 
 

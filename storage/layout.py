@@ -6,9 +6,12 @@
     pairs/<pair>/difference.parquet            per (layer, position) means and delta
     pairs/<pair>/difference.safetensors        the same vectors for other tools
     pairs/<pair>/logit_lens.parquet            top tokens of delta, -delta and the means
-    pairs/<pair>/patchscope.parquet            patchscope tokens per scale (issue 4 analyses)
-    pairs/<pair>/token_relevance.parquet       graded tokens, and .json: status and metrics
-    pairs/<pair>/similarity.parquet            embedding similarity of generation sets
+    pairs/<pair>/generations.parquet           baseline and steered samples
+    pairs/<pair>/steering.parquet              the steering strength search
+    pairs/<pair>/patchscope.parquet            top tokens per (layer, position, variant, scale)
+    pairs/<pair>/token_relevance.parquet       graded logit-lens and patchscope tokens
+    pairs/<pair>/token_relevance.json          the relevance stage's status and metrics (last)
+    pairs/<pair>/similarity.parquet            embedding similarity of text sets
     pairs/<pair>/manifest.json                 the pair's results are complete
     runs/<job>/run.json                        what a job ran and where its results are
     runs/<job>/report.html                     the analysts' page (`adl report`)
@@ -72,5 +75,5 @@ GENERATIONS = "generations.parquet"
 STEERING = "steering.parquet"
 PATCHSCOPE = "patchscope.parquet"
 TOKEN_RELEVANCE = "token_relevance.parquet"
-TOKEN_RELEVANCE_STATUS = "token_relevance.json"
+TOKEN_RELEVANCE_JSON = "token_relevance.json"
 SIMILARITY = "similarity.parquet"

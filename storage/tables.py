@@ -164,7 +164,7 @@ def steering_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STEERING_SCHEMA).replace_schema_metadata(_metadata("steering"))
 
 
-# -- analyses (issue 4: patchscope, token relevance, embedding similarity) --------------
+# -- analyses -------------------------------------------------------------------------
 PATCHSCOPE_SCHEMA = pa.schema([
     ("layer", pa.int32()), ("position", pa.int32()), ("variant", pa.string()),
     ("scale", pa.float64()), ("rank", pa.int32()), ("token_id", pa.int64()),
@@ -174,9 +174,10 @@ PATCHSCOPE_SCHEMA = pa.schema([
 
 
 def patchscope_table(rows: list[dict]) -> pa.Table:
-    """Top tokens per (layer, position, variant, scale); chosen marks the grader's best
-    scale, coherent the tokens of its coherent subset at that scale."""
-    return pa.Table.from_pylist(rows, schema=PATCHSCOPE_SCHEMA).replace_schema_metadata(_metadata("patchscope"))
+    """One row per (layer, position, variant, scale, rank). chosen: the grader's best scale
+    of that (layer, position, variant); coherent: in the grader's coherent subset there."""
+    return pa.Table.from_pylist(rows, schema=PATCHSCOPE_SCHEMA).replace_schema_metadata(
+        _metadata("patchscope"))
 
 
 TOKEN_RELEVANCE_SCHEMA = pa.schema([
@@ -187,7 +188,7 @@ TOKEN_RELEVANCE_SCHEMA = pa.schema([
 
 
 def token_relevance_table(rows: list[dict]) -> pa.Table:
-    """One row per graded token (source logit_lens or patchscope) with its three labels."""
+    """One row per graded token: relevant when every rotation said RELEVANT."""
     return pa.Table.from_pylist(rows, schema=TOKEN_RELEVANCE_SCHEMA).replace_schema_metadata(
         _metadata("token_relevance"))
 
@@ -198,6 +199,7 @@ SIMILARITY_SCHEMA = pa.schema([
 ])
 
 
-def similarity_table(rows: list[dict]) -> pa.Table:
-    """One row per unordered pair of embedded sets per (layer, position)."""
-    return pa.Table.from_pylist(rows, schema=SIMILARITY_SCHEMA).replace_schema_metadata(_metadata("similarity"))
+def similarity_table(rows: list[dict], **metadata) -> pa.Table:
+    """One row per unordered pair of text sets per (layer, position)."""
+    return pa.Table.from_pylist(rows, schema=SIMILARITY_SCHEMA).replace_schema_metadata(
+        _metadata("similarity", **metadata))

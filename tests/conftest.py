@@ -92,3 +92,26 @@ def make_spec(demo_pair):
             spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
         return spec
     return make
+
+
+@pytest.fixture(scope="session")
+def generation_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
+    """One whole job on the demo pair with generations and the analyses (vLLM on 2 cores:
+    minutes), shared by every test that reads its tables. Returns (spec, store, the run
+    record's pair entry, RunStats)."""
+    from jobs.driver import RunStats, run_job
+    from jobs.spec import parse_spec
+    from storage.store import Store
+    root = tmp_path_factory.mktemp("gen")
+    spec = make_spec(root, corpus={"num_documents": 1000}, shard_size=500,
+                     method={"layers": [0.5], "positions": [0, 1, 2, 3, 4]},
+                     generation={"samples": 2, "max_tokens": 48,
+                                 "search": {"high": 10.0, "steps": 6, "samples": 4, "max_tokens": 32}},
+                     grader={"kind": "offline", "threshold": 5000},
+                     analyses={})
+    spec["pairs"][0].update(description=demo_pair.description, finetune_data=str(demo_pair.finetune_texts))
+    spec = parse_spec(spec)
+    stats = RunStats()
+    store = Store(str(root))
+    record = store.read_json(run_job(spec, stats))
+    return spec, store, record["pairs"][0], stats

@@ -30,12 +30,22 @@ def run_cli(tmp_path, spec: dict, capsys) -> str:
     ({"compute": {"num_workers": -1}}, "compute.num_workers: must be >= 1, got -1"),
     ({"pairs": [{"name": "x", "base": "./a"}]}, "pairs[0].finetuned: required"),
     ({"trust_remote_code": "yes"}, "trust_remote_code: expected true or false, got 'yes'"),
+    ({"analyses": {"patchscope_top_k": 0}}, "analyses.patchscope_top_k: must be >= 1, got 0"),
+    ({"analyses": {"patchscope_scales": [1, -2]}}, "analyses.patchscope_scales[1]: must be > 0, got -2.0"),
+    ({"analyses": {"embeding_model": "x"}}, "analyses.embeding_model: unknown key"),
 ])
 def test_bad_spec_values(tmp_path, make_spec, capsys, change, message):
     spec = make_spec(tmp_path / "out")
     spec.update(change)
     assert message in run_cli(tmp_path, spec, capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_finetune_data_file(tmp_path, make_spec, capsys):
+    spec = make_spec(tmp_path / "out", analyses={})
+    spec["pairs"][0]["finetune_data"] = str(tmp_path / "no-such.jsonl")
+    err = run_cli(tmp_path, spec, capsys)
+    assert "pairs[0].finetune_data: no such file" in err and "no-such.jsonl" in err
 
 
 def test_missing_model_folder(tmp_path, make_spec, capsys):

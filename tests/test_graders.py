@@ -273,6 +273,7 @@ def test_three_rotations_and_all_agreement(server):
                                                         [" bake", " sugar"])
     assert [j.value for j in out] == [True, False, True, False]
     assert all(j.ok for j in out)
+    assert out[1].labels == ("RELEVANT", "RELEVANT", "IRRELEVANT")   # per rotation
     assert sorted(candidates_of(s.user) for s in state.seen) == sorted([
         [" cake", " oven", " flour", " river"], [" oven", " flour", " river", " cake"],
         [" flour", " river", " cake", " oven"]])
@@ -295,6 +296,18 @@ def test_unlabelled_tokens_are_retried_then_recorded_as_failures(server):
     assert "rotation 1" in river.error and "unlabelled" in river.error
     assert "after 3 attempts" in river.error
     assert len(state.seen) == 1 + 3 + 1
+
+
+def test_malformed_relevance_answers_are_retried_then_recorded_as_failures(server):
+    # Prose, a label out of range, a token labelled both ways: never parsed, never guessed.
+    bad = ["They all look relevant to me.", "ANSWER[1]: RELEVANT\nANSWER[9]: RELEVANT",
+           "ANSWER[1]: RELEVANT\nANSWER[1]: IRRELEVANT"]
+    state = server.respond(lambda body: answer(bad[len(state.seen) % 3]))
+    out = grader(server, max_retries=2).token_relevance(TOKENS, "Baking", [" bake"])
+    assert all((j.ok, j.value) == (False, None) for j in out)
+    assert all("malformed answer" in j.error and "after 3 attempts" in j.error for j in out)
+    assert all(j.labels == ("UNLABELLED",) * 3 for j in out)
+    assert len(state.seen) == 3 * 3   # three rotations, three attempts each
 
 
 def test_an_unlabelled_token_retried_once_then_labelled_passes(server):

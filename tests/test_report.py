@@ -98,10 +98,10 @@ def write_run(root: Path, *, analyses: bool = True, relevance: str = "done") -> 
         metrics = [dict(layer=layer, position=pos, source=source, fraction_relevant=0.5,
                         weighted_fraction_relevant=0.667, fraction_frequent=0.25)
                    for layer, pos in targets for source in ("logit_lens", "patchscope")]
-        store.write_json(f"{pair_dir}/{layout.TOKEN_RELEVANCE_STATUS}",
+        store.write_json(f"{pair_dir}/{layout.TOKEN_RELEVANCE_JSON}",
                          {"status": "done", "reason": None, "metrics": metrics})
     elif relevance == "skipped":
-        store.write_json(f"{pair_dir}/{layout.TOKEN_RELEVANCE_STATUS}", {
+        store.write_json(f"{pair_dir}/{layout.TOKEN_RELEVANCE_JSON}", {
             "status": "skipped", "reason": "the offline grader cannot label <tokens>", "metrics": []})
     store.write_json(layout.manifest(pair_dir), {"pair": "toy"})
     return store, layout.run_record("toy")

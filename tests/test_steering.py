@@ -7,10 +7,8 @@ import time
 import pytest
 
 from jobs.driver import RunStats, run_job
-from jobs.spec import parse_spec
 from jobs.steering import SearchState, descend, search_rounds, tree_strengths
 from storage import layout
-from storage.store import Store
 
 
 def sequential_bisection(low, high, steps, passes):
@@ -47,26 +45,11 @@ def test_tree_strengths_cover_every_path():
 TOPIC = re.compile(r"volcano|lava|magma|eruption|crater|veyra", re.IGNORECASE)
 
 
-@pytest.fixture(scope="module")
-def generation_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    spec = parse_spec(make_spec(root, corpus={"num_documents": 1000}, shard_size=500,
-                                method={"layers": [0.5], "positions": [0, 1, 2, 3, 4]},
-                                generation={"samples": 2, "max_tokens": 48,
-                                            "search": {"high": 10.0, "steps": 6, "samples": 4,
-                                                       "max_tokens": 32}},
-                                grader={"kind": "offline", "threshold": 5000}))
-    stats = RunStats()
-    store = Store(str(root))
-    record = store.read_json(run_job(spec, stats))
-    pair = record["pairs"][0]
-    return spec, store, pair, stats
-
-
 def test_generation_tables(generation_run):
     spec, store, pair, stats = generation_run
-    # two extraction actors, a lens, vLLM engines for both models, one grader
-    assert stats.model_loads == 2 + 1 + 2 + 1
+    # two extraction actors, a lens, vLLM engines for both models, one grader (shared by
+    # steering and patchscope), patchscope in both models, an embedder
+    assert stats.model_loads == 2 + 1 + 2 + 1 + 2 + 1
     gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
     steering = store.read_table(f"{pair['dir']}/{layout.STEERING}").to_pandas()
     prompts = 20

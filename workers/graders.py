@@ -33,7 +33,7 @@ import unicodedata
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 from jobs.spec import DTYPES, SpecError
@@ -50,6 +50,7 @@ class Judgement:
     ok: bool            # False: the grader failed on this item after its retries
     error: str | None   # why, when not ok
     raw: str | None     # the last raw answer text, for the record
+    labels: tuple[str, ...] | None = None   # token_relevance: each rotation's label
 
 
 class Grader(Protocol):
@@ -74,7 +75,7 @@ SCALES_PER_REQUEST = 10  # the reference's tournament group size for best_scale
 _TOKENIZER_MARKERS = "ĠĊĉ▁"
 
 
-def _is_trivial(token: str) -> bool:
+def is_trivial_token(token: str) -> bool:
     """Whitespace, punctuation or symbols only (after tokenizer markers), or an arrow of
     the patchscope prompts: the reference hides these before choosing a scale."""
     stripped = token.strip().strip(_TOKENIZER_MARKERS).strip()
@@ -91,7 +92,7 @@ def _candidates(token_lists: dict[float, list[str]]) -> dict[float, list[str]]:
     for scale in sorted(token_lists):
         seen = []
         for token in token_lists[scale]:
-            if not _is_trivial(token) and token not in seen:
+            if not is_trivial_token(token) and token not in seen:
                 seen.append(token)
         out[float(scale)] = seen
     return out
@@ -548,6 +549,10 @@ class OpenAIGrader:
             else:  # agreement "all": one IRRELEVANT makes the token irrelevant
                 out.append(Judgement(value=all(labels[i] for labels, _, _ in runs), ok=True,
                                      error=None, raw=raw))
+        for i, j in enumerate(out):
+            out[i] = replace(j, labels=tuple(
+                "UNLABELLED" if i not in labels else "RELEVANT" if labels[i] else "IRRELEVANT"
+                for labels, _, _ in runs))
         return out
 
     def _label_rotation(self, order: list[int], tokens, description, frequent):
@@ -874,3 +879,21 @@ class GraderWorker:
 
     def coherence(self, texts: list[str]) -> list[Judgement]:
         return self.grader.coherence(texts)
+
+    def best_scales(self, token_lists: list[dict[float, list[str]]]) -> list[Judgement]:
+        """best_scale of each (layer, position, variant)'s {scale: tokens}."""
+        return self._each(self.grader.best_scale, token_lists)
+
+    def token_relevances(self, token_lists: list[list[str]], description: str,
+                         frequent_tokens: list[str]) -> list[list[Judgement]]:
+        """token_relevance of each list; GraderError where the grader cannot label tokens."""
+        return self._each(lambda tokens: self.grader.token_relevance(
+            tokens, description, frequent_tokens), token_lists)
+
+    def _each(self, fn, items: list) -> list:
+        # An LLM grader bounds its own requests in flight: items go out together. The
+        # offline grader computes; one at a time.
+        if not isinstance(self.grader, OpenAIGrader) or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(len(items), self.grader.concurrency)) as pool:
+            return list(pool.map(fn, items))

@@ -124,7 +124,7 @@ def load_model(source: ModelSource, *, dtype: str, s3: dict, trust_remote_code: 
     return model.to(device).eval().requires_grad_(False)
 
 
-def _core(model):
+def core_model(model):
     """The transformer inside wrappers (PEFT, *ForCausalLM)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
@@ -136,14 +136,14 @@ def decoder_layers(model):
     """The ModuleList of decoder blocks: the one with config.num_hidden_layers entries."""
     import torch
     n = model.config.num_hidden_layers
-    for module in _core(model).modules():
+    for module in core_model(model).modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
     raise ModelError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
 def final_norm(model):
-    core = _core(model)
+    core = core_model(model)
     for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
         if hasattr(core, name):
             return getattr(core, name)

@@ -1,0 +1,208 @@
+"""The analyses after the logit lens and the generations (adl-method.md, section 3):
+patchscope, token relevance and the embedding evaluation, when the spec has an
+`analyses` section.
+
+Each stage decides what to compute and writes one table; the models (patchscope workers,
+the embedder) and the grader are Ray actors. A stage whose output already exists is
+skipped, so a pair interrupted after some stages resumes at the first missing one (the
+pair's folder is content-keyed: what is there was computed with these settings).
+"""
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+from jobs.plan import PairPlan, s3_options
+from jobs.spec import JobSpec
+from jobs.steering import unit_scaled
+from storage import layout
+from storage.store import Store
+from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_table,
+                            similarity_table, token_relevance_table)
+
+# Patchscope's vectors, and the model each is read in (the controls as in the reference:
+# the base mean in the base model, both scaled to the finetuned norm).
+PATCHSCOPE_VARIANTS = {"delta": "finetuned", "base_mean": "base", "finetuned_mean": "finetuned"}
+# The text sets of the embedding evaluation, in the order similarity rows name them.
+SETS = ("steered", "unsteered", "base", "finetune_data", "generic_chat")
+
+
+def _done(store: Store, key: str, pair: PairPlan, what: str, log) -> bool:
+    if store.exists(key):
+        log(f"{pair.pair.name}: {what} complete, skipped")
+        return True
+    return False
+
+
+# -- patchscope -------------------------------------------------------------------------
+def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor, log) -> None:
+    import ray
+    from workers.patchscope import PatchscopeWorker
+    out = f"{pair.out_dir}/{layout.PATCHSCOPE}"
+    if _done(store, out, pair, "patchscope", log):
+        return
+    a = spec.analyses
+    table = store.read_table(f"{pair.out_dir}/{layout.DIFFERENCE}")
+    layers = table.column("layer").to_numpy()
+    positions = table.column("position").to_numpy()
+    norms = table.column("finetuned_norm").to_numpy()
+    rows = [r for r in range(table.num_rows) if positions[r] in spec.method.positions]
+    targets = {role: [] for role in ("finetuned", "base")}   # role -> [(row, variant)]
+    for variant, role in PATCHSCOPE_VARIANTS.items():
+        targets[role] += [(r, variant) for r in rows]
+    vectors = {v: decode_vectors(table.column(v), "float64") for v in PATCHSCOPE_VARIANTS}
+    log(f"{pair.pair.name}: patchscope, {len(rows) * len(PATCHSCOPE_VARIANTS)} vectors x "
+        f"{len(a.patchscope_scales)} scales x {len(a.patchscope_prompts)} prompts")
+    results = {}
+    # One model at a time: on a small cluster the engines and the grader may leave room
+    # for one more actor only.
+    for role, items in targets.items():
+        worker = actor(PatchscopeWorker).remote(getattr(pair.pair, role), pair.pair.base, dtype=spec.dtype,
+                                                s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)
+        stats.model_loads += 1
+        batch = np.stack([unit_scaled(vectors[v][r].astype(np.float64), float(norms[r])) for r, v in items])
+        results[role] = ray.get(worker.run.remote(
+            batch, [int(layers[r]) for r, _ in items], list(a.patchscope_scales), list(a.patchscope_prompts),
+            a.patchscope_vocab_top, a.patchscope_top_k))
+        ray.kill(worker)
+
+    groups = []   # (layer, position, variant, ids[scale], tokens[scale], probs[scale])
+    for role, items in targets.items():
+        ids, tokens, probs = results[role]
+        for k, (r, variant) in enumerate(items):
+            groups.append((int(layers[r]), int(positions[r]), variant, ids[k], tokens[k], probs[k]))
+    scales = list(a.patchscope_scales)
+    judgements = ray.get(grader.best_scales.remote(
+        [{s: list(g[4][i]) for i, s in enumerate(scales)} for g in groups]))
+    out_rows = []
+    for (layer, pos, variant, ids, tokens, probs), j in zip(groups, judgements):
+        chosen = j.value["scale"] if j.ok else None
+        coherent = set(j.value["tokens"]) if j.ok else set()
+        if not j.ok:
+            log(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale ({j.error})")
+        for i, scale in enumerate(scales):
+            is_chosen = chosen is not None and scale == chosen
+            for rank, (tid, tok, p) in enumerate(zip(ids[i], tokens[i], probs[i])):
+                out_rows.append({"layer": layer, "position": pos, "variant": variant, "scale": float(scale),
+                                 "rank": rank, "token_id": int(tid), "token": tok, "probability": float(p),
+                                 "chosen": is_chosen, "coherent": is_chosen and tok in coherent})
+    store.write_table(out, patchscope_table(out_rows), **TABLE_PARQUET_OPTIONS)
+
+
+# -- token relevance --------------------------------------------------------------------
+def _skip_relevance(store: Store, pair: PairPlan, reason: str, log) -> None:
+    log(f"{pair.pair.name}: token relevance skipped: {reason}")
+    store.write_json(f"{pair.out_dir}/{layout.TOKEN_RELEVANCE_JSON}",
+                     {"status": "skipped", "reason": reason, "metrics": []})
+
+
+def token_relevance(pair: PairPlan, spec: JobSpec, store: Store, grader, log) -> None:
+    """The grader labels the logit lens's and patchscope's (best scale) top tokens of delta;
+    without a grader able to, a recorded skip, never a guess. token_relevance.json is
+    written last: it marks the stage complete."""
+    import ray
+    from jobs.corpus import read_texts
+    from workers.graders import GraderError
+    from workers.models import load_tokenizer
+    from workers.tokenization import frequent_tokens
+    marker = f"{pair.out_dir}/{layout.TOKEN_RELEVANCE_JSON}"
+    if _done(store, marker, pair, "token relevance", log):
+        return
+    where = f"pair {pair.pair.name}"
+    if not pair.pair.description:
+        return _skip_relevance(store, pair, f"{where} has no description of its finetuning domain", log)
+    if not pair.pair.finetune_data:
+        return _skip_relevance(store, pair, f"{where} has no finetune_data to take frequent tokens from", log)
+    a = spec.analyses
+    tokenizer = load_tokenizer(pair.pair.base, s3_options(spec), spec.trust_remote_code)
+    texts = read_texts(pair.pair.finetune_data, 10_000, f"{where}: finetune_data")
+    frequent = frequent_tokens(tokenizer, texts, pair.base.documents.token_ids, a.frequent_tokens,
+                               a.min_generic_ratio)
+    frequent_ids = {i for i, _ in frequent}
+
+    lens = store.read_table(f"{pair.out_dir}/{layout.LOGIT_LENS}").to_pandas()
+    lens = lens[(lens.variant == "delta") & (lens["rank"] < a.relevance_top_k)]
+    scope = store.read_table(f"{pair.out_dir}/{layout.PATCHSCOPE}").to_pandas()
+    scope = scope[(scope.variant == "delta") & scope.chosen & (scope["rank"] < a.relevance_top_k)]
+    lists = []   # (layer, position, source, rows sorted by rank)
+    for source, df in (("logit_lens", lens), ("patchscope", scope)):
+        for (layer, pos), group in df.groupby(["layer", "position"]):
+            lists.append((int(layer), int(pos), source, group.sort_values("rank")))
+    lists.sort(key=lambda x: (x[0], x[1], x[2]))
+    log(f"{pair.pair.name}: token relevance, {len(lists)} token lists")
+    try:
+        judged = ray.get(grader.token_relevances.remote([list(g.token) for *_, g in lists], pair.pair.description,
+                                                        [t for _, t in frequent]))
+    except GraderError as e:   # raised in the actor: Ray's message carries the remote traceback
+        reason = str(e).strip().splitlines()[-1].split("GraderError: ", 1)[-1]
+        return _skip_relevance(store, pair, reason, log)
+
+    rows, metrics = [], []
+    for (layer, pos, source, group), judgements in zip(lists, judged):
+        relevant = np.array([bool(j.ok and j.value) for j in judgements])
+        is_frequent = np.array([int(t) in frequent_ids for t in group.token_id])
+        probs = group.probability.to_numpy(np.float64)
+        for (rank, tok, p), rel, freq, j in zip(zip(group["rank"], group.token, probs), relevant, is_frequent,
+                                                judgements):
+            rows.append({"layer": layer, "position": pos, "source": source, "rank": int(rank), "token": tok,
+                         "probability": float(p), "relevant": bool(rel), "frequent": bool(freq),
+                         "labels": list(j.labels) if j.labels else ["FAILED"] * 3})
+        metrics.append({"layer": layer, "position": pos, "source": source,
+                        "fraction_relevant": float(relevant.mean()),
+                        "weighted_fraction_relevant": float((probs * relevant).sum() / probs.sum()),
+                        "fraction_frequent": float(is_frequent.mean()),
+                        # tokens the grader failed on count as not relevant
+                        "tokens": len(judgements), "failed": sum(not j.ok for j in judgements)})
+    store.write_table(f"{pair.out_dir}/{layout.TOKEN_RELEVANCE}", token_relevance_table(rows),
+                      **TABLE_PARQUET_OPTIONS)
+    store.write_json(marker, {"status": "done", "reason": None, "metrics": metrics,
+                              "frequent_tokens": [t for _, t in frequent]})
+
+
+# -- embedding evaluation ---------------------------------------------------------------
+def generic_chat_texts(pair: PairPlan, limit: int) -> list[str]:
+    """The pair's generic_chat file, else adl's packaged generic assistant answers."""
+    from jobs.corpus import read_texts
+    if pair.pair.generic_chat:
+        return read_texts(pair.pair.generic_chat, limit, f"pair {pair.pair.name}: generic_chat")
+    from workers.demo_pair import generic_chat_answers
+    return generic_chat_answers(limit, seed=0)
+
+
+def similarity(pair: PairPlan, spec: JobSpec, store: Store, stats, actor, log) -> None:
+    import ray
+    from jobs.corpus import read_texts
+    from workers.embedding import EmbeddingWorker
+    out = f"{pair.out_dir}/{layout.SIMILARITY}"
+    if _done(store, out, pair, "embedding evaluation", log):
+        return
+    a = spec.analyses
+    gens = store.read_table(f"{pair.out_dir}/{layout.GENERATIONS}").to_pandas()
+    baseline = gens[gens.kind == "baseline"]
+    sets = {"unsteered": list(baseline[baseline.model_role == "finetuned"].text),
+            "base": list(baseline[baseline.model_role == "base"].text),
+            "generic_chat": generic_chat_texts(pair, a.embedding_texts)}
+    if pair.pair.finetune_data:
+        sets["finetune_data"] = read_texts(pair.pair.finetune_data, a.embedding_texts,
+                                           f"pair {pair.pair.name}: finetune_data")
+    steered = gens[gens.kind == "steered"]
+    keys = sorted({(int(l), int(p)) for l, p in zip(steered.layer, steered.position)})
+    for layer, pos in keys:
+        mine = steered[(steered.layer == layer) & (steered.position == pos)]
+        sets[f"steered/{layer}/{pos}"] = list(mine.text)
+    log(f"{pair.pair.name}: embedding {sum(map(len, sets.values()))} texts in {len(sets)} sets")
+    embedder = actor(EmbeddingWorker).remote(a.embedding_model, a.embedding_batch_size)
+    stats.model_loads += 1
+    summaries = ray.get(embedder.summaries.remote(sets))
+    ray.kill(embedder)
+    rows = []
+    for layer, pos in keys:
+        named = {name: summaries.get(f"steered/{layer}/{pos}" if name == "steered" else name) for name in SETS}
+        present = [name for name in SETS if named[name] is not None]
+        for x, y in combinations(present, 2):
+            rows.append({"layer": layer, "position": pos, "set_a": x, "set_b": y,
+                         "similarity": float(np.dot(named[x], named[y]))})
+    store.write_table(out, similarity_table(rows, **{"adl.embedding_model": a.embedding_model or
+                                                      "all-MiniLM-L6-v2 (packaged)"}),
+                      **TABLE_PARQUET_OPTIONS)
