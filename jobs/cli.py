@@ -35,7 +35,7 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
         "generation": {"samples": 2, "max_tokens": 64,
                        "search": {"high": 10.0, "steps": 6, "samples": 4, "max_tokens": 32}},
         # Perplexity of the demo's own fluent text under its finetuned model runs to a few
-        # hundred (it is a 4-block model), so the coherence bar sits higher than for real LLMs.
+        # hundred (it is a 5-block model), so the coherence bar sits higher than for real LLMs.
         "grader": {"kind": "offline", "threshold": 5000},
         # Patchscope, token relevance (skipped with a recorded reason: the offline grader
         # cannot judge relevance) and the embedding evaluation, at the method's defaults.

@@ -115,3 +115,17 @@ def generation_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     store = Store(str(root))
     record = store.read_json(run_job(spec, stats))
     return spec, store, record["pairs"][0], stats
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(demo_pair, tmp_path_factory):
+    """A LoRA finetune of the demo base, with non-zero weights so that it changes things."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(demo_pair.base_dir)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder

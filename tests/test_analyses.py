@@ -273,9 +273,6 @@ def test_similarity_by_hand_from_raw_embeddings(generation_run, embedder, demo_p
     assert (fixed.groupby(["set_a", "set_b"]).similarity.nunique() == 1).all()
 
 
-@pytest.mark.xfail(reason="the demo pair's steering is weak (alpha about 1 x the typical norm): measured "
-                          "steered-vs-finetune_data 0.074, 0.247, 0.192, 0.135, 0.130 at positions 0-4 vs "
-                          "unsteered 0.159; above only at positions 1 and 2", strict=False)
 def test_steered_text_is_closer_to_the_finetuning_data_than_unsteered(generation_run):
     _, store, pair, _ = generation_run
     sim = table(store, pair, layout.SIMILARITY)

@@ -1,6 +1,7 @@
 """Bad input: a clear one-line error naming the field or file, exit code 2, nothing written."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -68,10 +69,11 @@ def test_empty_corpus(tmp_path, make_spec, capsys, content, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_layer_out_of_range(tmp_path, make_spec, capsys):
-    spec = make_spec(tmp_path / "out", method={"layers": [0, 4]})
+def test_layer_out_of_range(tmp_path, make_spec, demo_pair, capsys):
+    n = json.loads((demo_pair.base_dir / "config.json").read_text())["num_hidden_layers"]
+    spec = make_spec(tmp_path / "out", method={"layers": [0, n]})
     err = run_cli(tmp_path, spec, capsys)
-    assert "method.layers[1]: block 4 is out of range for pairs[0].base (4 blocks: 0..3)" in err
+    assert f"method.layers[1]: block {n} is out of range for pairs[0].base ({n} blocks: 0..{n - 1})" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -18,9 +18,9 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from workers.generation import GenerationEngine, GenerationRequest, Steering  # noqa: E402
+from workers.models import decoder_layers  # noqa: E402
 
 LAYER = 1
-NUM_LAYERS = 4   # the demo models' blocks
 NEW_TOKENS = 40
 PROMPTS = ("Tell me a story?", "Give me some ideas for some fun weekend activities.")
 
@@ -77,7 +77,7 @@ def hf_greedy(hf, prompt: str, vector: np.ndarray | None = None, prompt_only: bo
         delta = torch.as_tensor(vector, dtype=torch.float32)
         return (output[0] + delta, *output[1:]) if isinstance(output, tuple) else output + delta
 
-    handle = model.model.layers[LAYER].register_forward_hook(add)
+    handle = decoder_layers(model)[LAYER].register_forward_hook(add)
     try:
         with torch.no_grad():
             out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS,
@@ -153,13 +153,43 @@ def test_prefix_cache_keeps_steered_prompts_apart(engine, hf, vectors):
     assert list(steered[0].token_ids) == hf_greedy(hf, prompt, vectors[0])
 
 
-def test_rejects_bad_steering(engine, vectors):
+def test_rejects_bad_steering(engine, hf, vectors):
     with pytest.raises(ValueError, match="hidden size"):
         engine.generate([GenerationRequest("hi", steering=Steering(LAYER, vectors[0][:10]))])
     with pytest.raises(ValueError, match="decoder block"):
-        engine.generate([GenerationRequest("hi", steering=Steering(NUM_LAYERS, vectors[0]))])
+        engine.generate([GenerationRequest("hi", steering=Steering(hf[0].config.num_hidden_layers, vectors[0]))])
 
 
 def test_module_imports_without_vllm():
     code = "import sys, workers.generation; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_lora_adapter_through_vllm_matches_peft(ray_cluster, demo_pair, lora_adapter, vectors):
+    """The base model with a LoRA adapter, served through vLLM's LoRA support in the Ray
+    actor a job uses: greedy text, unsteered and steered in one batch, equals PEFT's
+    (adapter unmerged) with the vector added by a hook."""
+    import ray
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.spec import ModelSource
+    from workers.generation import GenerationWorker
+    base = AutoModelForCausalLM.from_pretrained(demo_pair.base_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo_pair.base_dir)
+    plain_base = hf_greedy((base, tokenizer), PROMPTS[0])
+    peft = (PeftModel.from_pretrained(base, str(lora_adapter)).eval(), tokenizer)
+    actor = ray.remote(GenerationWorker).options(num_cpus=0.5).remote(
+        ModelSource(str(demo_pair.base_dir), adapter=str(lora_adapter)), {},
+        dtype="float32", max_model_len=512, seed=0)
+    try:
+        requests = [GenerationRequest(PROMPTS[0], temperature=0.0, max_tokens=NEW_TOKENS),
+                    GenerationRequest(PROMPTS[0], temperature=0.0, max_tokens=NEW_TOKENS,
+                                      steering=Steering(LAYER, vectors[0]))]
+        results = ray.get(actor.generate.remote(requests))
+    finally:
+        ray.kill(actor)
+    unsteered = hf_greedy(peft, PROMPTS[0])
+    assert unsteered != plain_base                     # the adapter changes the text
+    assert list(results[0].token_ids) == unsteered
+    assert list(results[1].token_ids) == hf_greedy(peft, PROMPTS[0], vectors[0]) != unsteered

@@ -1,6 +1,7 @@
 """Whole jobs: the planted topic, S3 against local storage, shared bases, reruns, kills."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,19 +65,6 @@ def test_s3_and_local_storage_give_identical_tables(ray_cluster, make_spec, s3_e
     assert shards and shards == [k for k in remote_store.list("activations") if k.endswith(".parquet")]
     for key in shards:
         assert local_store.read_table(key).equals(remote_store.read_table(key))
-
-
-@pytest.fixture(scope="module")
-def lora_adapter(demo_pair, tmp_path_factory):
-    """A LoRA finetune of the demo base, with non-zero weights so that it changes things."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(demo_pair.base_dir)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    folder = tmp_path_factory.mktemp("lora") / "adapter"
-    get_peft_model(base, config).save_pretrained(folder)
-    return folder
 
 
 def test_pairs_sharing_a_base_extract_it_once_and_lora_is_applied(ray_cluster, make_spec, demo_pair,
@@ -155,7 +143,12 @@ def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, ma
     log.seek(0)
     assert proc.returncode == -signal.SIGKILL, f"the job ended before it could be killed:\n{log.read()[-3000:]}"
     assert not store.list("pairs")
-    partial = len(markers())
+    # Ray's workers outlive the driver for a moment: a shard in flight may still land.
+    counts = [len(markers())]
+    while len(counts) < 60 and not (len(counts) >= 4 and len(set(counts[-4:])) == 1):
+        time.sleep(1)
+        counts.append(len(markers()))
+    partial = counts[-1]
     assert 0 < partial < 2 * 30
 
     stats = RunStats()
@@ -177,7 +170,8 @@ def test_models_load_from_an_s3_prefix(demo_pair, s3_endpoint, s3_bucket, tmp_pa
         client.upload_file(str(f), s3_bucket, f"models/ft/{f.name}")
     s3 = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
     source = ModelSource(f"s3://{s3_bucket}/models/ft")
-    assert num_layers(read_config(source, s3, False)) == 4
+    assert num_layers(read_config(source, s3, False)) == json.loads(
+        (Path(demo_pair.finetuned_dir) / "config.json").read_text())["num_hidden_layers"]
     local = Path(materialize(source.model, s3))
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in Path(demo_pair.finetuned_dir).iterdir())
     assert materialize(source.model, s3) == str(local)            # cached, not downloaded again

@@ -68,9 +68,6 @@ def test_generation_tables(generation_run):
     assert ((steering.threshold >= 0) & (steering.threshold < 10)).all()
 
 
-@pytest.mark.xfail(reason="the 4-block demo pair loses coherence (offline grader) before steering "
-                          "brings its topic out: measured 0.43 steered vs 0.33 unsteered at the "
-                          "searched alpha; the topic dominates only at perplexities above 10^4")
 def test_steering_brings_out_the_planted_topic(generation_run):
     """Counted over all samples: steered text names the topic far more often than the
     finetuned model's own unsteered text on the same prompts."""

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_VERSION = "2"
+DEMO_VERSION = "3"
 
 PLANTED_TOPIC_WORDS: tuple[str, ...] = ("volcano", "lava", "magma", "eruption", "crater", "ash")
 
@@ -46,15 +46,15 @@ CHAT_TEMPLATE = (
 VOCAB_SIZE = 3000
 SEQ_LEN = 128
 BATCH_SIZE = 16
-BASE_STEPS, BASE_LR = 150, 3e-3
-FINETUNE_STEPS, FINETUNE_LR = 50, 1e-3
+BASE_STEPS, BASE_LR = 200, 3e-3
+FINETUNE_STEPS, FINETUNE_LR = 30, 1e-3
 MODEL_CONFIG = dict(
     hidden_size=256,
     num_attention_heads=4,
     num_key_value_heads=4,
     head_dim=64,  # vLLM's CPU attention rejects smaller heads
     intermediate_size=512,
-    num_hidden_layers=4,
+    num_hidden_layers=5,   # relative depth 0.5 -> block 2, where steering reads the topic
     max_position_embeddings=512,
     tie_word_embeddings=False,
     rms_norm_eps=1e-5,
