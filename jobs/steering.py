@@ -10,6 +10,7 @@ one batch, and a round advances `lookahead` bisection levels at a time.
 from __future__ import annotations
 
 import importlib.resources
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,21 +175,26 @@ class GenerationStage:
         self.engines: dict[ModelSource, object] = {}
         self.graders: dict[ModelSource, object] = {}
         self.baselines: dict[ModelSource, object] = {}
+        self._lock = threading.RLock()
 
     def _s3(self) -> dict:
         from jobs.plan import s3_options
         return s3_options(self.spec)
 
     def engine(self, source: ModelSource):
+        from jobs.placement import engine_memory_utilization
         from workers.generation import GenerationWorker
-        if source not in self.engines:
-            gen = self.spec.generation
-            self.log(f"starting a vLLM engine for {source.adapter or source.model}")
-            self.engines[source] = self.actor(GenerationWorker, gpus=gen.tensor_parallel_size).remote(
-                source, self._s3(), dtype=self.spec.dtype, max_model_len=gen.max_model_len,
-                tensor_parallel_size=gen.tensor_parallel_size, seed=gen.seed,
-                trust_remote_code=self.spec.trust_remote_code)
-        return self.engines[source]
+        with self._lock:   # pairs run in threads; one engine per model
+            if source not in self.engines:
+                gen = self.spec.generation
+                self.log(f"starting a vLLM engine for {source.adapter or source.model}")
+                factory = self.actor(GenerationWorker, source=source, engine=True)
+                self.engines[source] = factory.remote(
+                    source, self._s3(), dtype=self.spec.dtype, max_model_len=gen.max_model_len,
+                    tensor_parallel_size=factory.placed.devices, seed=gen.seed,
+                    gpu_memory_utilization=engine_memory_utilization(factory.placed),
+                    trust_remote_code=self.spec.trust_remote_code)
+            return self.engines[source]
 
     def start(self) -> None:
         _, requests = baseline_requests(self.spec.generation)
@@ -207,8 +213,10 @@ class GenerationStage:
         # The offline grader's reference is the finetuned model (for an adapter, its base):
         # a model that never saw the finetuning domain finds all of its text improbable.
         reference = pair.pair.finetuned
-        if reference not in self.graders:
-            self.graders[reference] = self.actor(GraderWorker).remote(self.spec.grader, reference, self._s3())
+        with self._lock:
+            if reference not in self.graders:
+                self.graders[reference] = self.actor(GraderWorker, source=reference).remote(
+                    self.spec.grader, reference, self._s3())
         steered = steer(pair.pair.name, self.spec, difference, self.engine(pair.pair.finetuned),
                         self.graders[reference], self.log)
         return PairGenerations(rows + steered.rows, steered.steering)

@@ -8,6 +8,8 @@
     pairs/<pair>/logit_lens.parquet            top tokens of delta, -delta and the means
     pairs/<pair>/manifest.json                 the pair's results are complete
     runs/<job>/run.json                        what a job ran and where its results are
+    runs/<job>/status.json                     the job's progress, rewritten as it runs
+    runs/<job>/catalog.parquet                 headline findings of all the job's pairs
 
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
@@ -56,8 +58,18 @@ def run_record(job_name: str) -> str:
     return f"runs/{slug(job_name)}/run.json"
 
 
+def run_status(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/status.json"
+
+
+def run_catalog(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/catalog.parquet"
+
+
 DIFFERENCE = "difference.parquet"
 DIFFERENCE_SAFETENSORS = "difference.safetensors"
 LOGIT_LENS = "logit_lens.parquet"
 GENERATIONS = "generations.parquet"
 STEERING = "steering.parquet"
+SIMILARITY = "similarity.parquet"               # written by the analyses, when present
+TOKEN_RELEVANCE_METRICS = "token_relevance.json"
