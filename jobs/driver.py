@@ -98,7 +98,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         if spec.generation.enabled and pending:
             # Baselines need no difference: their engines start and work alongside extraction.
             ensure_ray(spec)
-            generation = GenerationStage(spec, pending, lambda cls, **kw: _actor(cls, spec, **kw), log)
+            generation = GenerationStage(spec, pending, lambda cls, **kw: _actor(cls, spec, **kw), log,
+                                         release=_release)
             generation.start()
         _run_pending(pending, spec, store, stats, status, generation)
     except BaseException as e:
@@ -106,10 +107,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         raise
     finally:
         if generation:
-            stats.add("model_loads", len(generation.engines) + len(generation.graders))
-            for handle in [*generation.engines.values(), *generation.graders.values()]:
-                status.actors.ended(handle)
             generation.close()
+            stats.add("model_loads", generation.loads)
         _JOB = None
     key = write_run_record(plan, store)
     status.catalog = write_catalog(store, key)
