@@ -282,7 +282,7 @@ def test_killing_a_node_mid_job_gives_identical_results(cluster, finished_job, m
                                                         variants, tmp_path):
     """The demo pair again, each model actor on two GPUs (a whole node): the base and the
     finetuned model extract on different nodes at once. The worker node's process tree is
-    killed when the first shard is written; the results equal the undisturbed run's. Last
+    killed once both are extracting; the results equal the undisturbed run's. Last
     in the module: it leaves the cluster with its head node only."""
     spec = three_pair_spec(make_spec, demo_pair, variants, tmp_path / "out")
     spec["pairs"] = spec["pairs"][:1]
@@ -291,8 +291,9 @@ def test_killing_a_node_mid_job_gives_identical_results(cluster, finished_job, m
     worker_node = next(n for n, head in cluster.alive_nodes().items() if not head)
     job_id = submit(cluster, spec, tmp_path, "killed")
 
-    def under_way():   # the first shard is written: both actors are alive, loading or extracting
-        return any(k.endswith(".done.json") for k in store.list("activations"))
+    def under_way():   # both sets have shards written and are not both complete: both actors
+        markers = [k for k in store.list("activations") if k.endswith(".done.json")]   # have started
+        return len({k.split("/")[1] for k in markers}) == 2 and len(markers) < 2 * SHARDS
 
     _wait_for(under_way, 180, "extraction under way", poll=0.05)
     cluster.kill("worker")
