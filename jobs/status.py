@@ -68,15 +68,17 @@ class ActorLedger:
             entry = self.entries[index]
             ref = self._refs[index][1]
         try:
-            latest = ray.get(handle.adl_placement.remote(), timeout=30)
-        except Exception:
-            latest = None
+            latest, late_error = ray.get(handle.adl_placement.remote(), timeout=30), None
+        except Exception as e:   # dead for good, or not answering: keep what it last said
+            latest, late_error = None, describe(e)
         with self._lock:
             self._resolve(index, ref, wait=0)
             if latest:
                 if entry["node_id"] and latest["node_id"] != entry["node_id"]:
                     entry["moved_from"] = {"node_id": entry["node_id"], "gpu_ids": entry["gpu_ids"]}
                 entry.update({k: latest[k] for k in ("node_id", "gpu_ids", "pid", "started")})
+            if late_error:
+                entry["last_report_error"] = late_error
             entry["ended"] = time.time()
             self._refs.pop(index, None)
 

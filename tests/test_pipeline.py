@@ -159,7 +159,13 @@ def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, ma
     log.seek(0)
     assert proc.returncode == -signal.SIGKILL, f"the job ended before it could be killed:\n{log.read()[-3000:]}"
     assert not store.list("pairs")
-    partial = len(markers())
+    # Model actors outlive their killed driver by a moment and may finish the shards they
+    # hold (atomic writes: harmless); count the markers once they have stopped coming.
+    counts = [len(markers())]
+    while len(counts) < 10 or counts[-1] != counts[-10]:
+        time.sleep(0.5)
+        counts.append(len(markers()))
+    partial = counts[-1]
     assert 0 < partial < 2 * 30
 
     stats = RunStats()
