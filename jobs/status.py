@@ -36,7 +36,9 @@ def describe(error: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    line = lines[-1] if "Traceback" in text else lines[0]
+    # Ray's errors carry the remote traceback: its last line is the cause.
+    traceback = "Traceback" in text or any(line.startswith('File "') for line in lines)
+    line = lines[-1] if traceback else lines[0]
     return line if ":" in line.split(" ")[0] else f"{type(error).__name__}: {line}"
 
 
