@@ -89,3 +89,61 @@ def test_small_models_share_a_gpu_and_large_ones_span_several():
     for gpus in got[:4]:
         pool.give(quarter, gpus)
     assert pool.take(Placement(1.0, 1, 50)) == [0]
+
+
+# -- the catalog --------------------------------------------------------------------------
+def test_catalog_joins_a_pairs_optional_tables_where_present(tmp_path):
+    """A pair folder written by hand (tables from storage.tables, similarity.parquet and
+    token_relevance.json as contract.md describes them): every catalog column is the value
+    put in, and a pair without the optional tables gets nulls there."""
+    import numpy as np
+    import pyarrow as pa
+    from jobs.catalog import build_catalog
+    from storage.tables import (TABLE_PARQUET_OPTIONS, difference_table, logit_lens_table,
+                                steering_table)
+    store = Store(str(tmp_path))
+    rng = np.random.default_rng(0)
+    layers, n, hidden = [3], 6, 4
+    record = {"job": "j", "spec": {"method": {"positions": [0, 2]}}, "pairs": []}
+    for name, full in (("full", True), ("plain", False)):
+        d = f"pairs/{name}-0"
+        delta = rng.normal(size=(1, n, hidden))
+        store.write_table(f"{d}/{layout.DIFFERENCE}", difference_table(
+            layers, np.full((1, n), 7), delta, delta * 0, delta, np.array([2.5])), **TABLE_PARQUET_OPTIONS)
+        lens = {k: [] for k in ("layer", "position", "variant", "rank", "token_id", "token", "probability")}
+        for pos in (0, 2):
+            for variant in ("delta", "base_mean"):
+                for rank in range(12):
+                    for k, v in zip(lens, (3, pos, variant, rank, rank, f"{variant}{pos}-{rank}", 1 / (rank + 2))):
+                        lens[k].append(v)
+        store.write_table(f"{d}/{layout.LOGIT_LENS}", logit_lens_table(lens), **TABLE_PARQUET_OPTIONS)
+        if full:
+            store.write_table(f"{d}/{layout.STEERING}", steering_table([
+                {"layer": 3, "position": p, "prompt_id": i, "prompt": "x", "threshold": 1.0,
+                 "alpha": 4.0 + p, "trials": []} for p in (0, 2) for i in range(3)]))
+            store.write_table(f"{d}/{layout.SIMILARITY}", pa.table({
+                "layer": pa.array([3, 3], pa.int32()), "position": pa.array([2, 2], pa.int32()),
+                "set_a": ["steered", "steered"], "set_b": ["finetune_data", "base"], "similarity": [0.8, 0.1]}))
+            store.write_json(f"{d}/{layout.TOKEN_RELEVANCE_METRICS}", {"status": "done", "reason": None, "metrics": [
+                {"layer": 3, "position": 0, "source": "logit_lens", "fraction_relevant": 0.6,
+                 "weighted_fraction_relevant": 0.5, "fraction_frequent": 0.2},
+                {"layer": 3, "position": 0, "source": "patchscope", "fraction_relevant": 0.9,
+                 "weighted_fraction_relevant": 0.9, "fraction_frequent": 0.9}]})
+        store.write_json(layout.manifest(d), {"pair": name})
+        record["pairs"].append({"name": name, "dir": d, "base_activations": "a/b", "finetuned_activations": "a/f"})
+        if name == "full":
+            expected_norms = np.linalg.norm(delta[0], axis=-1)
+    record["pairs"].append({"name": "unfinished", "dir": "pairs/unfinished-0"})   # no manifest: no rows
+    rows = build_catalog(store, record).to_pylist()
+    assert [(r["pair"], r["position"]) for r in rows] == [("full", 0), ("full", 2), ("plain", 0), ("plain", 2)]
+    full0, full2, plain0, _ = rows
+    assert full0["delta_norm"] == pytest.approx(expected_norms[0]) and full2["delta_norm"] == pytest.approx(expected_norms[2])
+    assert full0["finetuned_norm"] == 2.5 and full0["num_documents"] == 7
+    assert full0["top_tokens"] == [f"delta0-{r}" for r in range(10)]
+    assert full2["top_probabilities"] == pytest.approx([1 / (r + 2) for r in range(10)])
+    assert (full0["alpha"], full2["alpha"]) == (4.0, 6.0)
+    assert (full0["fraction_relevant"], full2["fraction_relevant"]) == (0.6, None)
+    assert full0["similarities"] is None
+    assert full2["similarities"] == [{"set_a": "steered", "set_b": "finetune_data", "similarity": 0.8},
+                                     {"set_a": "steered", "set_b": "base", "similarity": 0.1}]
+    assert plain0["alpha"] is None and plain0["fraction_relevant"] is None and plain0["similarities"] is None
