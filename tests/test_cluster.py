@@ -49,6 +49,25 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
 class TwoNodeCluster:
     def __init__(self):
         self.temp = tempfile.mkdtemp(prefix="adlcluster-", dir="/tmp")
@@ -96,7 +115,16 @@ class TwoNodeCluster:
         return {n["node_id"]: n["is_head_node"] for n in nodes if n["state"] == "ALIVE"}
 
     def kill(self, name: str) -> None:
+        """SIGKILL to the node's whole process tree: `ray start`, the raylet and every
+        worker it started (workers leave the process group; an orphaned actor would keep
+        answering the driver for a while)."""
         proc = self.procs.pop(name)
+        tree = _descendants(proc.pid) | {proc.pid}
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
