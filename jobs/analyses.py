@@ -38,6 +38,7 @@ def _done(store: Store, key: str, pair: PairPlan, what: str, log) -> bool:
 # -- patchscope -------------------------------------------------------------------------
 def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor, log) -> None:
     import ray
+    from jobs.driver import release_actor
     from workers.patchscope import PatchscopeWorker
     out = f"{pair.out_dir}/{layout.PATCHSCOPE}"
     if _done(store, out, pair, "patchscope", log):
@@ -58,14 +59,15 @@ def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor
     # One model at a time: on a small cluster the engines and the grader may leave room
     # for one more actor only.
     for role, items in targets.items():
-        worker = actor(PatchscopeWorker).remote(getattr(pair.pair, role), pair.pair.base, dtype=spec.dtype,
-                                                s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)
-        stats.model_loads += 1
+        source = getattr(pair.pair, role)
+        worker = actor(PatchscopeWorker, source=source).remote(
+            source, pair.pair.base, dtype=spec.dtype, s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)
+        stats.add("model_loads")
         batch = np.stack([unit_scaled(vectors[v][r].astype(np.float64), float(norms[r])) for r, v in items])
         results[role] = ray.get(worker.run.remote(
             batch, [int(layers[r]) for r, _ in items], list(a.patchscope_scales), list(a.patchscope_prompts),
             a.patchscope_vocab_top, a.patchscope_top_k))
-        ray.kill(worker)
+        release_actor(worker)
 
     groups = []   # (layer, position, variant, ids[scale], tokens[scale], probs[scale])
     for role, items in targets.items():
@@ -172,6 +174,7 @@ def generic_chat_texts(pair: PairPlan, limit: int) -> list[str]:
 
 def similarity(pair: PairPlan, spec: JobSpec, store: Store, stats, actor, log) -> None:
     import ray
+    from jobs.driver import release_actor
     from jobs.corpus import read_texts
     from workers.embedding import EmbeddingWorker
     out = f"{pair.out_dir}/{layout.SIMILARITY}"
@@ -193,9 +196,9 @@ def similarity(pair: PairPlan, spec: JobSpec, store: Store, stats, actor, log) -
         sets[f"steered/{layer}/{pos}"] = list(mine.text)
     log(f"{pair.pair.name}: embedding {sum(map(len, sets.values()))} texts in {len(sets)} sets")
     embedder = actor(EmbeddingWorker).remote(a.embedding_model, a.embedding_batch_size)
-    stats.model_loads += 1
+    stats.add("model_loads")
     summaries = ray.get(embedder.summaries.remote(sets))
-    ray.kill(embedder)
+    release_actor(embedder)
     rows = []
     for layer, pos in keys:
         named = {name: summaries.get(f"steered/{layer}/{pos}" if name == "steered" else name) for name in SETS}

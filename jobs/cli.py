@@ -1,17 +1,22 @@
-"""`adl`: run a job spec, run the demo, inspect results, write the report page."""
+"""`adl`: run a job spec, run the demo, inspect results, write the report page; submit
+jobs to a Ray cluster and watch them (status, logs, stop)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from jobs.plan import PlanError
 from jobs.report import ReportError
 from jobs.spec import SpecError, load_spec, parse_spec
+from jobs.submit import ClusterError
 from storage.store import StorageError
 from workers.models import ModelError
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
-INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError)
+INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError,
+                ClusterError)
 
 
 def demo_spec(root: str, num_documents: int | None = None) -> dict:
@@ -47,24 +52,48 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
 
 
 def _run(spec, report: bool = False) -> int:
-    from jobs.driver import log, run_job
+    """Runs the job; exit code 1 when any pair failed (the others still ran)."""
+    from jobs.driver import RunStats, log, run_job
     from jobs.summary import run_summary
     from storage.store import Store
-    record = run_job(spec)
+    stats = RunStats()
+    record = run_job(spec, stats)
     store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
     log(f"done: {store.uri(record)}")
     print(run_summary(store, record))
     if report:
         from jobs.report import write_report
         print(f"report: {write_report(store, record)}")
-    return 0
+    for name, error in sorted(stats.failed.items()):
+        print(f"adl: pair {name} failed: {error}", file=sys.stderr)
+    return 1 if stats.failed else 0
+
+
+def _spec_from_env(name: str):
+    """A submitted job's spec: validated and path-resolved by `adl submit`, carried in
+    the job's environment."""
+    if not os.environ.get(name):
+        raise SpecError(f"${name}: not set (adl submit sets it for the cluster's entrypoint)")
+    return parse_spec(json.loads(os.environ[name]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adl", description="Activation Difference Lens batch jobs")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a job spec on an embedded local Ray (or compute.ray_address)")
-    p_run.add_argument("spec", help="job spec (YAML)")
+    p_run.add_argument("spec", nargs="?", help="job spec (YAML)")
+    p_run.add_argument("--spec-env", default=None, help=argparse.SUPPRESS)   # set by adl submit
+    address_help = "the cluster's Jobs API (default: $RAY_ADDRESS if http://..., else http://127.0.0.1:8265)"
+    p_submit = sub.add_parser("submit", help="submit a job spec to a running Ray cluster; prints the job id")
+    p_submit.add_argument("spec", help="job spec (YAML)")
+    p_submit.add_argument("--address", default=None, help=address_help)
+    p_status = sub.add_parser("status", help="a submitted job's state and progress")
+    p_logs = sub.add_parser("logs", help="a submitted job's logs")
+    p_logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p_stop = sub.add_parser("stop", help="stop a submitted job")
+    for p in (p_status, p_logs, p_stop):
+        p.add_argument("job_id")
+        p.add_argument("--address", default=None, help=address_help)
     p_demo = sub.add_parser("demo", help="build the demo pair if needed and run the default job on it")
     p_demo.add_argument("--root", default="./adl-output", help="storage root (default ./adl-output)")
     p_demo.add_argument("--num-documents", type=int, default=None)
@@ -80,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
+            if args.spec_env:
+                return _run(_spec_from_env(args.spec_env))
+            if not args.spec:
+                parser.error("run: a job spec is required")
             return _run(load_spec(args.spec))
+        if args.command in ("submit", "status", "logs", "stop"):
+            return _cluster(args)
         if args.command == "demo":
             return _run(parse_spec(demo_spec(args.root, args.num_documents)), report=True)
         if args.command == "report":
@@ -94,6 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as e:
         print(f"adl: error: {e}", file=sys.stderr)
         return 2
+
+
+def _cluster(args) -> int:
+    from jobs import submit
+    addr = submit.address(args.address)
+    if args.command == "submit":
+        spec = load_spec(args.spec)   # bad input fails here, before anything is sent
+        print(submit.submit(spec, addr))
+    elif args.command == "status":
+        print(submit.status_text(args.job_id, addr))
+    elif args.command == "logs":
+        submit.logs(args.job_id, addr, follow=args.follow)
+    else:
+        submit.stop(args.job_id, addr)
+        print(f"{args.job_id}: stop requested")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """The job's graders: one Ray actor per reference model, shared by every stage that asks
-(steering coherence, patchscope's best scale, token relevance)."""
+(steering coherence, patchscope's best scale, token relevance), alive until the job ends."""
 from __future__ import annotations
+
+import threading
 
 
 class GraderPool:
-    def __init__(self, spec, actor):
+    def __init__(self, spec, actor, release=None):
         self.spec, self.actor = spec, actor
+        self.release = release or _kill
         self.handles: dict = {}
+        self.loads = 0
+        self._lock = threading.Lock()   # pairs run in threads
 
     def get(self, pair):
         """The grader of a pair. The offline grader's reference is the finetuned model (for
@@ -15,13 +20,21 @@ class GraderPool:
         from jobs.plan import s3_options
         from workers.graders import GraderWorker
         reference = pair.pair.finetuned
-        if reference not in self.handles:
-            self.handles[reference] = self.actor(GraderWorker).remote(
-                self.spec.grader, reference, s3_options(self.spec))
-        return self.handles[reference]
+        with self._lock:
+            if reference not in self.handles:
+                self.handles[reference] = self.actor(GraderWorker, source=reference).remote(
+                    self.spec.grader, reference, s3_options(self.spec))
+                self.loads += 1
+            return self.handles[reference]
 
     def close(self) -> None:
-        import ray
-        for handle in self.handles.values():
-            ray.kill(handle)
-        self.handles.clear()
+        with self._lock:
+            handles = list(self.handles.values())
+            self.handles.clear()
+        for handle in handles:
+            self.release(handle)
+
+
+def _kill(handle) -> None:
+    import ray
+    ray.kill(handle)

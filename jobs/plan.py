@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs.corpus import corpus_identity, file_identity, read_documents
+from jobs.placement import parameter_count
 from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
 from storage import layout
 from workers.models import ModelError, location_identity, load_tokenizer, num_layers, read_config
@@ -45,6 +46,7 @@ class ActivationSet:
     identity: dict
     documents: Documents = field(repr=False)
     name: str = ""
+    parameters: int = 0       # estimated from the config, for placement by memory
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,18 @@ def make_plan(spec: JobSpec) -> Plan:
         where = f"pairs[{i}]"
         try:
             idents = {role: _source_identity(getattr(pair, role), s3) for role in ("base", "finetuned")}
-            blocks = {role: num_layers(read_config(getattr(pair, role), s3, spec.trust_remote_code))
-                      for role in ("base", "finetuned")}
+            configs = {role: read_config(getattr(pair, role), s3, spec.trust_remote_code)
+                       for role in ("base", "finetuned")}
+            blocks = {role: num_layers(config) for role, config in configs.items()}
         except ModelError as e:
             raise PlanError(f"{where}: {e}") from None
+        try:
+            parameters = {role: parameter_count(config) for role, config in configs.items()}
+        except (TypeError, ValueError, ZeroDivisionError):
+            if spec.compute.gpu_memory_gb:
+                raise PlanError(f"{where}: cannot estimate the model's memory from its config "
+                                f"(compute.gpu_memory_gb needs hidden_size, layers and heads)") from None
+            parameters = {"base": 0, "finetuned": 0}
         if blocks["base"] != blocks["finetuned"]:
             raise PlanError(f"{where}: base has {blocks['base']} blocks, finetuned {blocks['finetuned']}")
         layers = _resolve_layers(spec, blocks["base"], f"{where}.base")
@@ -145,7 +155,8 @@ def make_plan(spec: JobSpec) -> Plan:
             # every pair naming the same model shares the set.
             name = "/".join((source.adapter or source.model).rstrip("/").split("/")[-2:])
             prefix = layout.activation_set(name, identity)
-            return sets.setdefault(prefix, ActivationSet(prefix, source, layers, identity, docs, name))
+            return sets.setdefault(prefix, ActivationSet(prefix, source, layers, identity, docs, name,
+                                                         parameters[role]))
 
         base, finetuned = activation_set("base"), activation_set("finetuned")
         pair_identity = {"base": base.prefix, "finetuned": finetuned.prefix,

@@ -72,6 +72,8 @@ class Compute:
     gpus_per_worker: float = 0    # 0 where there are no GPUs
     cpus_per_worker: float = 1
     ray_address: str | None = None    # None: an embedded local Ray
+    gpu_memory_gb: float | None = None    # memory of one GPU: set, model actors get GPUs by
+                                          # their estimated memory (jobs/placement.py)
 
 
 # The three prompts whose steering thresholds are averaged (adl-method.md, "Steering").
@@ -218,7 +220,7 @@ _OPTIONAL = {
     Pair: ("description", "finetune_data", "generic_chat"),
     Corpus: ("path", "dataset", "revision"),
     Storage: ("endpoint_url", "region"),
-    Compute: ("ray_address",),
+    Compute: ("ray_address", "gpu_memory_gb"),
     Generation: ("max_model_len",),
     Analyses: ("embedding_model",),
 }
@@ -408,8 +410,9 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                      {"root": "str", "endpoint_url": "str", "region": "str"})
     compute = _build(Compute, data.get("compute"), "compute",
                      {"num_workers": "int", "gpus_per_worker": "number", "cpus_per_worker": "number",
-                      "ray_address": "str"},
+                      "ray_address": "str", "gpu_memory_gb": "number"},
                      [("num_workers", lambda v: v >= 1, "must be >= 1"),
+                      ("gpu_memory_gb", lambda v: v is None or v > 0, "must be > 0"),
                       ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
                       ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
     from workers.graders import check_grader_config

@@ -89,11 +89,42 @@ def _generation_lines(gens) -> list[str]:
     return lines
 
 
+def status_lines(status: dict, where: str = "") -> list[str]:
+    """The status record (runs/<job>/status.json) in a few lines: counts, then any pair
+    that is not done, with its error."""
+    c = status.get("counts", {})
+    lines = [f"status {status['state']}: {c.get('done', 0)}/{c.get('pairs', 0)} pairs done "
+             f"({c.get('skipped', 0)} from earlier runs), {c.get('failed', 0)} failed, "
+             f"{c.get('running', 0)} running, {c.get('pending', 0)} pending; activation sets "
+             f"{c.get('activation_sets_done', 0)}/{c.get('activation_sets', 0)}; "
+             f"{status.get('seconds', 0):.0f} s, {status.get('gpu_hours', 0):.4f} GPU-hours"
+             + (f"  ({where})" if where else "")]
+    work = status.get("work") or {}
+    if work:
+        lines.append("  work: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(work.items())))
+    for name, pair in status.get("pairs", {}).items():
+        if pair["state"] == "done":
+            continue
+        stages = ", ".join(f"{s} {v['state']}" for s, v in pair["stages"].items())
+        lines.append(f"  pair {name}: {pair['state']}" + (f": {pair['error']}" if pair.get("error") else "")
+                     + f"  [{stages}]")
+    if status.get("error"):
+        lines.append(f"  job error: {status['error']}")
+    return lines
+
+
 def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
     record = store.read_json(record_key)
     positions = record["spec"]["method"]["positions"]
-    lines = [f"job {record['job']}  ({store.uri(record_key)})",
-             f"logit lens of delta (finetuned - base), top {top} tokens per position:"]
+    lines = [f"job {record['job']}  ({store.uri(record_key)})"]
+    status = store.read_json_or_none(layout.run_status(record["job"]))
+    if status:
+        lines += status_lines(status)
+    catalog = layout.run_catalog(record["job"])
+    if store.exists(catalog):
+        rows = store.read_table(catalog, columns=["pair"]).num_rows
+        lines.append(f"catalog: {store.uri(catalog)} ({rows} rows: pair x layer x position)")
+    lines.append(f"logit lens of delta (finetuned - base), top {top} tokens per position:")
     for pair in record["pairs"]:
         lines += pair_summary(store, pair, positions, top)
     return "\n".join(lines)
@@ -108,6 +139,9 @@ def inspect(path: str, endpoint_url: str | None = None, region: str | None = Non
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
         head = table.slice(0, 5).to_pandas().to_string(max_colwidth=40)
         return f"{path}: {table_kind(table)} table, {table.num_rows} rows\n{table.schema.to_string(show_schema_metadata=False)}\nmetadata: {meta}\n{head}"
+    if path.endswith("/status.json"):
+        return "\n".join(status_lines(Store(path.rpartition("/")[0] or ".", endpoint_url, region)
+                                      .read_json("status.json"), path))
     if path.endswith("/run.json"):   # <root>/runs/<job>/run.json
         root, _, rel = path.rpartition("/runs/")
         return run_summary(Store(root, endpoint_url, region), f"runs/{rel}")

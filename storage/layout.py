@@ -15,6 +15,8 @@
     pairs/<pair>/manifest.json                 the pair's results are complete
     runs/<job>/run.json                        what a job ran and where its results are
     runs/<job>/report.html                     the analysts' page (`adl report`)
+    runs/<job>/status.json                     the job's progress, rewritten as it runs
+    runs/<job>/catalog.parquet                 headline findings of all the job's pairs
 
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
@@ -66,6 +68,14 @@ def run_record(job_name: str) -> str:
 def report(record_key: str) -> str:
     """The job's report page, beside its run record."""
     return f"{record_key.rpartition('/')[0]}/report.html"
+
+
+def run_status(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/status.json"
+
+
+def run_catalog(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/catalog.parquet"
 
 
 DIFFERENCE = "difference.parquet"

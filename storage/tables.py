@@ -203,3 +203,22 @@ def similarity_table(rows: list[dict], **metadata) -> pa.Table:
     """One row per unordered pair of text sets per (layer, position)."""
     return pa.Table.from_pylist(rows, schema=SIMILARITY_SCHEMA).replace_schema_metadata(
         _metadata("similarity", **metadata))
+
+
+# -- the catalog ----------------------------------------------------------------------
+CATALOG_SCHEMA = pa.schema([
+    ("pair", pa.string()), ("pair_dir", pa.string()), ("base", pa.string()), ("finetuned", pa.string()),
+    ("layer", pa.int16()), ("position", pa.int16()), ("num_documents", pa.int64()),
+    ("delta_norm", pa.float64()), ("finetuned_norm", pa.float64()),
+    ("top_tokens", pa.list_(pa.string())), ("top_probabilities", pa.list_(pa.float32())),
+    ("alpha", pa.float64()), ("fraction_relevant", pa.float64()),
+    ("similarities", pa.list_(pa.struct([("set_a", pa.string()), ("set_b", pa.string()),
+                                         ("similarity", pa.float64())]))),
+])
+
+
+def catalog_table(rows: list[dict], job: str) -> pa.Table:
+    """One row per pair x layer x analysed position across a job's finished pairs; alpha,
+    fraction_relevant and similarities are null where the pair has no such results."""
+    return pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).replace_schema_metadata(
+        _metadata("catalog", **{"adl.job": job}))

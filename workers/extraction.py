@@ -46,7 +46,8 @@ def block_outputs(model, input_ids, layers: list[int], truncate: bool = True):
     finally:
         for h in handles:
             h.remove()
-    return torch.stack([captured[i] for i in layers], dim=1)
+    first = captured[layers[0]].device   # blocks may sit on several GPUs (device_map)
+    return torch.stack([captured[i].to(first) for i in layers], dim=1)
 
 
 def stored_bits(acts, dtype: str) -> np.ndarray:

@@ -22,8 +22,8 @@ class LensWorker:
         model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code,
                            device=self.device)
         # float32 copies: the lens must not round through the model's bf16 weights.
-        self.norm = copy.deepcopy(final_norm(model)).float()
-        self.unembed = copy.deepcopy(model.get_output_embeddings()).float()
+        self.norm = copy.deepcopy(final_norm(model)).float().to(self.device)
+        self.unembed = copy.deepcopy(model.get_output_embeddings()).float().to(self.device)
         del model
         self.tokenizer = load_tokenizer(tokenizer, s3, trust_remote_code)
 

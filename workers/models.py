@@ -115,13 +115,15 @@ def load_model(source: ModelSource, *, dtype: str, s3: dict, trust_remote_code: 
                device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
+    # An actor placed on several GPUs (a model larger than one) spreads its blocks over them.
+    spread = device == "cuda" and torch.cuda.device_count() > 1
     model = AutoModelForCausalLM.from_pretrained(
         materialize(source.model, s3), revision=source.revision, dtype=getattr(torch, dtype),
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, **({"device_map": "auto"} if spread else {}))
     if source.adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, materialize(source.adapter, s3))
-    return model.to(device).eval().requires_grad_(False)
+    return (model if spread else model.to(device)).eval().requires_grad_(False)
 
 
 def core_model(model):

@@ -1,0 +1,240 @@
+"""The status record of a running job, `runs/<job>/status.json`, for people watching it.
+
+Rewritten atomically (Store.write_json) whenever a pair, a stage or an activation set
+changes state, and at most every PROGRESS_EVERY_S seconds for shard progress. It holds,
+per pair and stage, pending / running / done / failed (with the error); per activation set
+its shards; every model actor's node, GPU ids and lifetime; counts, timings and GPU-hours
+(actor lifetimes x GPUs held). A progress line goes to the log with every state change.
+
+The record describes one run of the job; the results themselves are complete or not by
+their manifests, never by this file.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from storage import layout
+from storage.store import Store
+
+PROGRESS_EVERY_S = 2.0
+STATES = ("pending", "running", "done", "failed")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line: Ray's wrappers unwrapped, the last line of a traceback."""
+    while getattr(error, "cause", None) is not None and error.cause is not error:
+        error = error.cause
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    # Ray's errors carry the remote traceback: its last line is the cause.
+    traceback = "Traceback" in text or any(line.startswith('File "') for line in lines)
+    line = lines[-1] if traceback else lines[0]
+    return line if ":" in line.split(" ")[0] else f"{type(error).__name__}: {line}"
+
+
+class ActorLedger:
+    """Every model actor of the job: what it holds, where, and for how long. The actor
+    reports its node, GPU ids and start time itself (driver._actor adds adl_placement);
+    the driver records when it let it go."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+        self._refs: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def started(self, handle, kind: str, model: str, num_gpus: float) -> None:
+        entry = {"kind": kind, "model": model, "num_gpus": num_gpus, "node_id": None, "gpu_ids": None,
+                 "pid": None, "requested": time.time(), "started": None, "ended": None}
+        with self._lock:
+            self._refs[len(self.entries)] = (handle, handle.adl_placement.remote())
+            self.entries.append(entry)
+
+    def ended(self, handle) -> None:
+        """Call before killing the actor: its placement is read one last time (it may have
+        moved if Ray restarted it on another node)."""
+        import ray
+        with self._lock:
+            index = next((i for i, (h, _) in self._refs.items() if h is handle), None)
+            if index is None:
+                return
+            entry = self.entries[index]
+            ref = self._refs[index][1]
+        try:
+            latest, late_error = ray.get(handle.adl_placement.remote(), timeout=30), None
+        except Exception as e:   # dead for good, or not answering: keep what it last said
+            latest, late_error = None, describe(e)
+        with self._lock:
+            self._resolve(index, ref, wait=0)
+            if latest:
+                if entry["node_id"] and latest["node_id"] != entry["node_id"]:
+                    entry["moved_from"] = {"node_id": entry["node_id"], "gpu_ids": entry["gpu_ids"]}
+                entry.update({k: latest[k] for k in ("node_id", "gpu_ids", "pid", "started")})
+            if late_error:
+                entry["last_report_error"] = late_error
+            entry["ended"] = time.time()
+            self._refs.pop(index, None)
+
+    def _resolve(self, index: int, ref, wait: float) -> None:
+        import ray
+        entry = self.entries[index]
+        if entry["started"] is not None:
+            return
+        ready, _ = ray.wait([ref], timeout=wait)
+        if ready:
+            try:
+                entry.update(ray.get(ready[0]))
+            except Exception as e:   # the actor failed to start
+                entry["error"] = describe(e)
+
+    def snapshot(self) -> tuple[list[dict], float]:
+        """The entries (resolving placements that have arrived) and the GPU-hours so far."""
+        with self._lock:
+            for index, (_, ref) in list(self._refs.items()):
+                self._resolve(index, ref, wait=0)
+            now = time.time()
+            gpu_seconds = sum(e["num_gpus"] * max(0.0, (e["ended"] or now) - e["started"])
+                              for e in self.entries if e["started"] is not None)
+            return [dict(e) for e in self.entries], gpu_seconds / 3600
+
+
+class JobStatus:
+    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...], log):
+        self.store, self.log, self.stages = store, log, stages
+        self.key = layout.run_status(plan.spec.name)
+        self.actors = ActorLedger()
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()   # snapshots reach storage in the order taken
+        self._last_write = 0.0
+        self._t0 = time.time()
+        pending_dirs = {p.out_dir for p in pending}
+        needed = {a.prefix for p in pending for a in (p.base, p.finetuned)}
+        self.record = {
+            "job": plan.spec.name, "state": "running", "started": _now(), "updated": None,
+            "finished": None, "seconds": 0.0, "driver_pid": os.getpid(),
+            "pairs": {p.pair.name: {
+                "dir": p.out_dir, "base_activations": p.base.prefix,
+                "finetuned_activations": p.finetuned.prefix,
+                "state": "pending" if p.out_dir in pending_dirs else "done",
+                "skipped": p.out_dir not in pending_dirs, "error": None, "seconds": None,
+                "stages": {s: {"state": "pending" if p.out_dir in pending_dirs else "done",
+                               "seconds": None, "error": None} for s in stages}}
+                for p in plan.pairs},
+            "activation_sets": {a.prefix: {"name": a.name, "state": "pending", "shards": a.documents.num_shards,
+                                           "shards_done": 0, "error": None, "seconds": None}
+                                for a in plan.sets if a.prefix in needed},
+            "counts": {}, "work": {}, "gpu_hours": 0.0, "actors": [],
+        }
+        self.stats = None
+        self.catalog = None
+        self.write(force=True)
+
+    # -- state changes ---------------------------------------------------------------
+    def set_state(self, prefix: str, state: str, error: str | None = None, **extra) -> None:
+        with self._lock:
+            entry = self.record["activation_sets"][prefix]
+            entry.update(state=state, error=error, **extra)
+            if state == "running":
+                entry["_t"] = time.time()
+            elif "_t" in entry:
+                entry["seconds"] = round(time.time() - entry.pop("_t"), 3)
+        if state != "running" or error:
+            self.log(f"activations {entry['name']}: {state}" + (f": {error}" if error else ""))
+        self.write(force=True)
+
+    def shards(self, prefix: str, done: int) -> None:
+        with self._lock:
+            self.record["activation_sets"][prefix]["shards_done"] = done
+        self.write()
+
+    def pair_state(self, name: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            entry = self.record["pairs"][name]
+            entry.update(state=state, error=error)
+            if state == "running":
+                entry["_t"] = time.time()
+            elif "_t" in entry:
+                entry["seconds"] = round(time.time() - entry.pop("_t"), 3)
+            if state == "failed":   # stages that never ran stay pending; a running one failed
+                for stage in entry["stages"].values():
+                    if stage["state"] == "running":
+                        stage.update(state="failed", error=error)
+        self.write(force=True)
+        counts = self.record["counts"]
+        self.log(f"pair {name}: {state}" + (f": {error}" if error else "")
+                 + f"  [{counts['done']}/{counts['pairs']} pairs done, {counts['failed']} failed, "
+                   f"{counts['running']} running]")
+
+    @contextmanager
+    def stage(self, pair: str, stage: str):
+        """Marks one stage of one pair running, then done or failed (re-raising)."""
+        with self._lock:
+            entry = self.record["pairs"][pair]["stages"].setdefault(
+                stage, {"state": "pending", "seconds": None, "error": None})
+            entry["state"] = "running"
+        self.write(force=True)
+        start = time.time()
+        try:
+            yield
+        except BaseException as e:
+            with self._lock:
+                entry.update(state="failed", error=describe(e), seconds=round(time.time() - start, 3))
+            self.write(force=True)
+            raise
+        with self._lock:
+            entry.update(state="done", seconds=round(time.time() - start, 3))
+        self.write(force=True)
+
+    def finish(self, error: str | None = None) -> None:
+        with self._lock:
+            failed = [p for p in self.record["pairs"].values() if p["state"] != "done"]
+            self.record["state"] = "failed" if error or failed else "done"
+            self.record["error"] = error
+            self.record["finished"] = _now()
+            self.record["catalog"] = self.catalog
+        self.write(force=True)
+
+    # -- writing ---------------------------------------------------------------------
+    def write(self, force: bool = False) -> None:
+        with self._write_lock:
+            record = self._snapshot(force)
+            if record is not None:
+                self.store.write_json(self.key, record)
+
+    def _snapshot(self, force: bool) -> dict | None:
+        with self._lock:
+            now = time.time()
+            if not force and now - self._last_write < PROGRESS_EVERY_S:
+                return None
+            self._last_write = now
+            actors, gpu_hours = self.actors.snapshot()
+            states = [p["state"] for p in self.record["pairs"].values()]
+            self.record.update(
+                updated=_now(), seconds=round(now - self._t0, 3), actors=actors,
+                gpu_hours=round(gpu_hours, 6),
+                counts={"pairs": len(states), **{s: states.count(s) for s in STATES},
+                        "skipped": sum(p["skipped"] for p in self.record["pairs"].values()),
+                        "activation_sets": len(self.record["activation_sets"]),
+                        "activation_sets_done": sum(a["state"] == "done"
+                                                    for a in self.record["activation_sets"].values())})
+            if self.stats is not None:
+                self.record["work"] = self.stats.as_dict()
+            return _public(self.record)
+
+
+def _public(obj):
+    """The record without the private timers (keys starting with _)."""
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, list):
+        return [_public(v) for v in obj]
+    return obj

@@ -1,0 +1,133 @@
+"""Jobs on a running Ray cluster, through the Ray Jobs API (the head's dashboard port).
+
+`adl submit` validates the spec here (bad input fails before anything is sent), then
+submits an entrypoint that runs it in the cluster, `python -m jobs.cli run --spec-env
+ADL_JOB_SPEC`, with a runtime environment carrying this project (its folder, without
+virtual environments, outputs, caches or git) and the validated spec (relative paths
+already resolved) as an environment variable. The entrypoint joins the cluster through
+the RAY_ADDRESS that Ray sets for it (driver.ensure_ray).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from jobs.spec import JobSpec
+from storage import layout
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+SPEC_ENV = "ADL_JOB_SPEC"
+# Never shipped to the cluster: environments, outputs, caches, version control.
+EXCLUDES = [".venv", "venv", ".git", "adl-output", "__pycache__", "*.pyc", ".pytest_cache",
+            "*.egg-info", "build", "dist", ".mypy_cache", ".ruff_cache"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be reached, or it knows no such job: one line for the user."""
+
+
+def address(given: str | None) -> str:
+    """--address, else $RAY_ADDRESS when it is an HTTP address, else the local default."""
+    env = os.environ.get("RAY_ADDRESS")
+    return given or (env if env and env.startswith("http") else DEFAULT_ADDRESS)
+
+
+def client(addr: str):
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(addr)
+    except Exception as e:   # ConnectionError, or a bad URL
+        raise ClusterError(f"--address: cannot reach a Ray cluster's Jobs API at {addr} "
+                           f"({type(e).__name__})") from None
+
+
+def _call(fn, job_id: str, *args):
+    try:
+        return fn(job_id, *args)
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            raise ClusterError(f"{job_id}: no such job on this cluster") from None
+        raise ClusterError(f"{job_id}: {str(e).strip().splitlines()[0]}") from None
+    except OSError as e:
+        raise ClusterError(f"the cluster stopped answering: {type(e).__name__}: {e}") from None
+
+
+def runtime_env(spec: JobSpec, extra_env: dict | None = None) -> dict:
+    env_vars = {SPEC_ENV: json.dumps(spec.to_dict()), "PYTHONUNBUFFERED": "1",
+                **{k: v for k, v in (extra_env or {}).items()}}
+    return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+
+
+def submit(spec: JobSpec, addr: str, extra_env: dict | None = None) -> str:
+    """Submits the job; returns its Ray job id (adl-<job name>-<random>)."""
+    c = client(addr)
+    job_id = f"adl-{layout.slug(spec.name)}-{uuid.uuid4().hex[:8]}"
+    try:
+        return c.submit_job(entrypoint=f"python -m jobs.cli run --spec-env {SPEC_ENV}",
+                            submission_id=job_id, runtime_env=runtime_env(spec, extra_env),
+                            metadata={"adl_job": spec.name, "storage_root": spec.storage.root})
+    except RuntimeError as e:
+        raise ClusterError(f"the cluster refused the job: {str(e).strip().splitlines()[0]}") from None
+
+
+def status_text(job_id: str, addr: str) -> str:
+    """The Ray job's state, and the adl status record's counts when its storage is reachable."""
+    c = client(addr)
+    info = _call(c.get_job_info, job_id)
+    lines = [f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else "")]
+    spec_json = (info.runtime_env or {}).get("env_vars", {}).get(SPEC_ENV)
+    if spec_json:
+        from jobs.spec import parse_spec
+        from jobs.summary import status_lines
+        from storage.store import Store
+        spec = parse_spec(json.loads(spec_json))
+        try:
+            store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+            record = store.read_json_or_none(layout.run_status(spec.name))
+        except Exception as e:   # the storage may be reachable from the cluster only
+            record = None
+            lines.append(f"  status record not readable from here: {type(e).__name__}")
+        if record:
+            lines += status_lines(record, store.uri(layout.run_status(spec.name)))
+    return "\n".join(lines)
+
+
+def job_status(job_id: str, addr: str) -> str:
+    return str(_call(client(addr).get_job_status, job_id))
+
+
+def logs(job_id: str, addr: str, follow: bool = False, out=sys.stdout) -> None:
+    c = client(addr)
+    if not follow:
+        out.write(_call(c.get_job_logs, job_id))
+        out.flush()
+        return
+    import asyncio
+    _call(c.get_job_status, job_id)   # an unknown id fails here, in one line
+
+    async def tail():
+        async for chunk in c.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+    asyncio.run(tail())
+
+
+def stop(job_id: str, addr: str) -> bool:
+    return bool(_call(client(addr).stop_job, job_id))
+
+
+def wait(job_id: str, addr: str, timeout: float) -> str:
+    """Polls until the job ends; returns its final state (for tests and scripts)."""
+    c = client(addr)
+    deadline = time.time() + timeout
+    while True:
+        state = str(_call(c.get_job_status, job_id))
+        if state in TERMINAL or time.time() > deadline:
+            return state
+        time.sleep(1.0)
