@@ -1,8 +1,10 @@
-"""Generation throughput: vLLM steered vs unsteered (target: steered >= 0.9x), and vLLM vs
-transformers `generate` for the same prompts and token budget.
+"""Generation throughput: vLLM steered vs unsteered (target: steered >= 0.9x), vLLM vs
+transformers `generate` for the same prompts and token budget, and (--compiled) what eager
+mode, which steering needs, costs against vLLM's default compiled mode (CUDA graphs on a
+GPU, torch.compile on both), unsteered.
 
 Runs on a small random-weight Llama built here (nothing is downloaded), in float32:
-    python benchmarks/bench_generation.py [--prompts 64] [--new-tokens 64] [--repeats 5]
+    python benchmarks/bench_generation.py [--prompts 64] [--new-tokens 64] [--repeats 5] [--compiled]
 """
 from __future__ import annotations
 
@@ -84,11 +86,30 @@ def vllm_tokens_per_s(engine: GenerationEngine, requests: list[GenerationRequest
     return sum(len(r.token_ids) for r in results) / seconds
 
 
+def compiled_tokens_per_s(folder: Path, prompts: list[str], new_tokens: int, repeats: int) -> list[float]:
+    """vLLM in its default mode (no steering hooks, compilation and CUDA graphs on), greedy,
+    the same chat-wrapped prompts; chunked prefill off as in GenerationEngine."""
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=512, seed=0, enable_chunked_prefill=False)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat(chats[:8], params, use_tqdm=False)   # warm-up (and compilation)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = llm.chat(chats, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / seconds)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also run vLLM's default compiled mode, unsteered, after our eager engine")
     args = parser.parse_args()
 
     rng = random.Random(1)
@@ -121,6 +142,8 @@ def main() -> None:
                 steered_rates.append(vllm_tokens_per_s(engine, steered))
         finally:
             engine.close()
+        compiled_rates = compiled_tokens_per_s(folder, prompts, args.new_tokens, args.repeats) \
+            if args.compiled else None
     plain_rate, steered_rate = statistics.median(plain_rates), statistics.median(steered_rates)
     hf_rate = max(hf_rates.values())
     print(f"{args.prompts} prompts x {args.new_tokens} new tokens, greedy, float32, "
@@ -132,6 +155,10 @@ def main() -> None:
     ratios = [s / p for s, p in zip(steered_rates, plain_rates)]
     print(f"steered / unsteered:    {statistics.median(ratios):9.2f}x  (median of pairs; target >= 0.9x)")
     print(f"vLLM / transformers:    {plain_rate / hf_rate:9.2f}x  (unsteered vLLM vs the faster transformers)")
+    if compiled_rates:
+        compiled_rate = statistics.median(compiled_rates)
+        print(f"vLLM compiled:          {compiled_rate:9.1f} tokens/s  {[round(r) for r in compiled_rates]}")
+        print(f"eager / compiled:       {plain_rate / compiled_rate:9.2f}x  (unsteered: what eager mode costs)")
 
 
 if __name__ == "__main__":
