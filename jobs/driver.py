@@ -34,6 +34,9 @@ from storage.tables import (TABLE_PARQUET_OPTIONS, difference_table, generations
                             logit_lens_table, steering_table)
 
 SHARDS_IN_FLIGHT_PER_WORKER = 2   # one in its forward, one encoding and writing
+# A shard whose actor's node died is resubmitted: until Ray notices the death (its health
+# checks take tens of seconds), calls fail fast as "temporarily unavailable".
+SHARD_ATTEMPTS = 10
 
 
 @dataclass
@@ -293,12 +296,13 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, stats: RunStats,
                                 s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)
                   for _ in range(min(spec.compute.num_workers, len(todo)))]
         stats.add("model_loads", len(actors))
-        pending = {}
+        pending = {}   # ObjectRef -> (actor, shard index)
+        lost = {}      # shard index -> calls lost to an actor being restarted
 
         def submit(actor):
             if todo:
                 index = todo.popleft()
-                pending[actor.extract.remote(index, *docs.shard(index))] = actor
+                pending[actor.extract.remote(index, *docs.shard(index))] = (actor, index)
 
         for actor in actors:
             for _ in range(SHARDS_IN_FLIGHT_PER_WORKER):
@@ -306,8 +310,21 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, stats: RunStats,
         finished, total = docs.num_shards - len(todo) - len(pending), docs.num_shards
         while pending:
             [ready], _ = ray.wait(list(pending), num_returns=1)
-            marker = ray.get(ready)
-            submit(pending.pop(ready))
+            actor, index = pending.pop(ready)
+            try:
+                marker = ray.get(ready)
+            except ray.exceptions.ActorUnavailableError as e:
+                # Its node died and Ray is restarting it elsewhere; the call may or may not
+                # have run, and a shard's write is atomic, so the shard is simply done again.
+                lost[index] = lost.get(index, 0) + 1
+                if lost[index] > SHARD_ATTEMPTS:
+                    raise
+                log(f"{aset.name}: shard {index} lost with its actor ({type(e).__name__}), retrying")
+                time.sleep(min(2.0 * lost[index], 10.0))   # until Ray restarts the actor
+                todo.appendleft(index)
+                submit(actor)
+                continue
+            submit(actor)
             finished += 1
             stats.add("shards_extracted")
             with stats._lock:
