@@ -8,7 +8,7 @@ import threading
 class GraderPool:
     def __init__(self, spec, actor, release=None):
         self.spec, self.actor = spec, actor
-        self.release = release or _kill
+        self.release = release or kill_actor
         self.handles: dict = {}
         self.loads = 0
         self._lock = threading.Lock()   # pairs run in threads
@@ -35,6 +35,7 @@ class GraderPool:
             self.release(handle)
 
 
-def _kill(handle) -> None:
+def kill_actor(handle) -> None:
+    """The default release of an actor outside a tracked job (tests, tools)."""
     import ray
     ray.kill(handle)

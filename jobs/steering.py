@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs.grading import kill_actor
 from jobs.spec import Generation, JobSpec, ModelSource
 
 
@@ -183,7 +184,7 @@ class GenerationStage:
         self.engines: dict[ModelSource, object] = {}
         self.baselines: dict[ModelSource, object] = {}     # ObjectRef, then the results
         self.loads = 0
-        self._release = release or _kill
+        self._release = release or kill_actor
         self._lock = threading.RLock()
         # What still needs each engine: its baselines (once) and every pair it steers.
         self._engine_users: dict[ModelSource, int] = {}
@@ -284,8 +285,3 @@ class GenerationStage:
 def _generation_worker():
     from workers.generation import GenerationWorker
     return GenerationWorker
-
-
-def _kill(handle) -> None:
-    import ray
-    ray.kill(handle)

@@ -165,10 +165,8 @@ def test_frequent_tokens_are_the_domains_words(demo_pair):
 @pytest.fixture(scope="module")
 def chat_server():
     from test_graders import ChatServer
-    s = ChatServer()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
+    with ChatServer() as s:
+        yield s
 
 
 def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat_server, make_spec, tmp_path,

@@ -105,6 +105,13 @@ class ChatServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
     def respond(self, responder) -> _State:
         with self.lock:
             self.state = _State(responder)
@@ -123,10 +130,8 @@ class ChatServer:
 
 @pytest.fixture(scope="module")
 def server():
-    s = ChatServer()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
+    with ChatServer() as s:
+        yield s
 
 
 def grader(server, **kw) -> OpenAIGrader:
