@@ -1,6 +1,6 @@
 """Extraction end to end against a bare forward of the same work.
 
-Ours:      ExtractionWorker(...).extract(index, doc_ids, token_ids) — truncated forward
+Ours:      TransformersWorker(...).extract(set, layers, batch, index, doc_ids, token_ids) — truncated forward
            (hooks, stop after the deepest block), bits to numpy, Arrow table, Parquet
            encode (zstd, BYTE_STREAM_SPLIT), atomic write to a local Store, marker.
 Baseline a: the same blocks 0..L called directly under torch.inference_mode(), nothing
@@ -25,7 +25,9 @@ from jobs.spec import ModelSource
 from storage import layout
 from storage.store import Store
 from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
-from workers.extraction import ExtractionWorker, block_outputs, stored_bits
+from workers.extraction import block_outputs, stored_bits
+from workers.model_worker import TransformersWorker
+from workers.models import model_device
 
 TARGET = 1.15
 N = 10
@@ -39,7 +41,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
 
-    header("extraction: ExtractionWorker.extract vs a bare truncated forward")
+    header("extraction: TransformersWorker.extract vs a bare truncated forward")
     with common.temp_dir("extraction") as tmp:
         bm = common.build_llama(Path(tmp) / "model")
         layer = method_layer(bm.num_layers)
@@ -55,9 +57,8 @@ def main() -> None:
 
         store = Store(str(Path(tmp) / "store"))
         prefix = layout.activation_set("bench", {"bench": "extraction"})
-        worker = ExtractionWorker(ModelSource(model=str(bm.folder)), dtype=args.dtype, layers=[layer],
-                                  batch_size=args.batch_size, store=store, set_prefix=prefix, s3={})
-        model, device = worker.model, worker.device
+        worker = TransformersWorker(ModelSource(model=str(bm.folder)), dtype=args.dtype, s3={}, store=store)
+        model, device = worker.model, model_device(worker.model)
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         batches = [ids[i:i + args.batch_size].to(device) for i in range(0, docs, args.batch_size)]
 
@@ -70,7 +71,7 @@ def main() -> None:
         kept: list[torch.Tensor] = []
 
         def ours():
-            worker.extract(next(shard_index), doc_ids, token_ids)
+            worker.extract(prefix, [layer], args.batch_size, next(shard_index), doc_ids, token_ids)
 
         def bare_truncated():
             kept[:] = [common.plain_truncated_forward(model, b, layer) for b in batches]
@@ -83,7 +84,7 @@ def main() -> None:
 
         # Warm up on one small batch (a whole shard per variant would cost a minute).
         small_ids, small_tokens = doc_ids[:16], token_ids[:16]
-        worker.extract(999_999, small_ids, small_tokens)
+        worker.extract(prefix, [layer], args.batch_size, 999_999, small_ids, small_tokens)
         common.plain_truncated_forward(model, batches[0][:16], layer)
         with torch.inference_mode():
             model(input_ids=batches[0][:16], use_cache=False)

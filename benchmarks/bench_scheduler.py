@@ -1,196 +1,158 @@
-"""Scheduler simulation: 100 pairs of 1-8B models on 8 x 80 GB GPUs.
+"""Scheduler simulation: the scheduler `adl run` uses (jobs/scheduler.py, fed the units
+that jobs/driver.job_units makes from a plan, with placement by memory from
+jobs/actors' requests), on simulated actors and times (jobs/simulation.py).
 
-The simulated job is what the driver runs: one extraction per distinct model (a base
-shared by its pairs is extracted once), then per pair a logit lens and generations
-(a vLLM engine per finetuned model for the strength search and steered samples, and one
-baseline run per base model). Each unit asks for the GPUs that jobs/placement.py gives
-it (the same `placement()` the driver turns into Ray requests) and is packed onto GPUs by
-placement.GpuPool (Ray's treatment of GPU resources: fractions share a GPU, whole
-requests take free GPUs); activation sets are handed over in placement.set_order, pairs
-as their sets finish, and every unit that fits starts (Ray places any pending request
-that fits). A unit first loads (I/O: not slowed by neighbours), then computes; units
-computing on the same GPU share its throughput equally.
+Cases (8 x 80 GB GPUs, bfloat16, generation and analyses on, the offline grader):
+  even:     100 pairs, 10 bases of 1-32B, ten finetunes each
+  uneven:   100 pairs, one base shared by 50 pairs, the rest by 1-10 each
+  crowded:  40 pairs of 32B models: more models than fit at once
 
-Ours:  placement by memory (compute.gpu_memory_gb=80), everything concurrent.
-Also:  whole GPUs per model (compute.gpus_per_worker=1), everything concurrent.
-Naive: one pair at a time, one unit at a time, one whole GPU each (bases still
-       extracted once: resume by content key is not the scheduler's merit).
+For each: total time, GPU utilisation (GPU-seconds computing / GPU-seconds available),
+loads per (model, runtime), against
+  naive:  one pair at a time, one unit at a time, each stage loading its own models (what
+          the executor did before: 9 loads per pair for the demo), one whole GPU each;
+  bound:  (all compute + one load of every distinct model and runtime) / GPUs, a lower
+          bound on any schedule's time.
 
-The table below is an assumption, not a measurement: load = 20 s (process, imports, CUDA
-context) + weights at 1.5 GB/s; extraction of 10,000 documents x 10 tokens through half
-the model at 30% of 990 TFLOP/s, plus 3 s of Parquet writing; engine start = load + 30 s;
-decode at 60,000 / params(B) tokens/s on a whole GPU; per pair 0.7 M generated tokens
-(search and steered samples), per base model 0.1 M (baselines).
+The table below is an assumption, not a measurement (GPU-seconds on one whole GPU):
+  load:      10 s + weights at 2 GB/s from local disk (0.5 GB/s from object storage:
+             --object-storage); a vLLM engine 20 s more
+  extract:   10,000 documents x 10 tokens through half the model at 40% of 990 TFLOP/s, + 5 s
+  lens 2 s; patchscope 5 s + 1 s per 8B; reduce and token relevance on CPUs; the embedder
+  10 s of wall time on its 1/8 GPU (a small model is not slowed by sharing)
+  generate:  0.7 M tokens at 60,000 / size(B) tokens/s; baselines 0.1 M tokens
+An actor holding a fraction f of a GPU computes at f of its speed (GPUs are shared,
+not multiplied); one on d whole GPUs at d times.
 
-    .venv/bin/python benchmarks/bench_scheduler.py [--pairs 100] [--gpus 8] [--gpu-memory 80]
+    .venv/bin/python benchmarks/bench_scheduler.py [--gpus 8] [--gpu-memory 80] [--object-storage]
 """
 from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass, field
+from collections import Counter
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 
-from jobs.placement import GpuPool, Placement, placement, set_order
-from jobs.spec import Compute
+from jobs.driver import job_units
+from jobs.executor import ActorRequests
+from jobs.plan import ActivationSet, PairPlan, Plan
+from jobs.scheduler import NodeResources, Scheduler
+from jobs.simulation import SimulatedBackend
+from jobs.spec import Analyses, Compute, Generation, JobSpec, ModelSource, Pair
 
-SIZES_B = (1.0, 1.5, 3.0, 7.0, 8.0)       # parameters (billions) of the simulated models
-DTYPE = "bfloat16"
-PAIR_TOKENS, BASELINE_TOKENS = 700_000, 100_000
-DT = 0.5                                   # simulation step (s)
-
-
-def load_s(size_b: float) -> float:
-    return 20.0 + 2 * size_b / 1.5
+SIZES_B = (1.0, 3.0, 8.0, 14.0, 32.0)
+EMBEDDER_GPUS = 1 / 8          # what placement gives all-MiniLM-L6-v2 (jobs/placement.MAX_SHARING)
 
 
-def extract_s(size_b: float) -> float:
-    return 3.0 + (size_b * 1e9) * 1e5 / (0.3 * 990e12)
+class Costs:
+    def __init__(self, sizes: dict[str, float], object_storage: bool):
+        self.sizes, self.bandwidth = sizes, 0.5 if object_storage else 2.0
+
+    def load_s(self, key) -> float:
+        size = self.sizes.get(getattr(key.source, "model", None), 0.1)
+        return 10.0 + 2 * size / self.bandwidth + (20.0 if key.runtime == "vllm" else 0.0)
+
+    def cost(self, unit) -> float:
+        """Whole-GPU seconds of the unit's work."""
+        source = {"extract": lambda: unit.subject.source, "baselines": lambda: unit.subject}.get(
+            unit.kind, lambda: unit.subject.pair.finetuned)()
+        size = self.sizes[source.model]
+        return {"extract": 5.0 + 2 * size * 1e9 * 1e5 / 2 / (0.4 * 990e12),
+                "baselines": 100_000 * size / 60_000, "generate": 700_000 * size / 60_000,
+                "logit_lens": 2.0, "patchscope": 5.0 + size / 8, "similarity": 10.0 * EMBEDDER_GPUS,
+                "reduce": 0.0, "token_relevance": 0.0}[unit.kind]
+
+    def work_s(self, unit, actors) -> float:
+        if unit.kind == "reduce":
+            return 5.0
+        if unit.kind == "token_relevance":
+            return 1.0
+        if unit.kind == "similarity":   # a small model: latency-bound, not slowed by sharing
+            return 10.0
+        gpus = next(iter(actors.values())).slot.request.gpus
+        return self.cost(unit) / (gpus if gpus > 0 else 1.0)
 
 
-def decode_s(size_b: float, tokens: int) -> float:
-    return tokens / (60_000 / size_b)
-
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    size_b: float
-
-    @property
-    def parameters(self) -> int:
-        return int(self.size_b * 1e9)
-
-
-# The driver's plan objects, as much of them as set_order reads.
-@dataclass(frozen=True)
-class SimSet:
-    prefix: str
-    model: Model
-
-
-@dataclass(frozen=True)
-class SimPair:
-    name: str
-    base: SimSet
-    finetuned: SimSet
-
-
-@dataclass
-class Unit:
-    name: str
-    placed: Placement
-    load: float
-    compute: float
-    deps: list = field(default_factory=list)
-    gpus: list | None = None
-    start: float | None = None
-    end: float | None = None
-    loaded: float = 0.0
-    done: float = 0.0
-
-
-def workload(num_pairs: int, seed: int = 0) -> list[SimPair]:
-    """num_pairs pairs over num_pairs/10 base models of random sizes, ten finetunes each."""
+def workload(case: str, seed: int = 0):
     rng = random.Random(seed)
-    bases = [Model(f"base{i}", rng.choice(SIZES_B)) for i in range(max(1, num_pairs // 10))]
-    pairs = []
-    for i in range(num_pairs):
-        base = bases[i % len(bases)]
-        pairs.append(SimPair(f"pair{i}", SimSet(f"act/{base.name}", base),
-                             SimSet(f"act/ft{i}", Model(f"ft{i}", base.size_b))))
-    return pairs
+    if case == "crowded":
+        shares = [4] * 10
+        sizes = [32.0] * 10
+    elif case == "uneven":
+        shares = [50] + [rng.randint(1, 10) for _ in range(20)]
+        while sum(shares) > 100:
+            shares.pop()
+        shares.append(100 - sum(shares))
+        sizes = [rng.choice(SIZES_B) for _ in shares]
+    else:
+        shares, sizes = [10] * 10, [rng.choice(SIZES_B) for _ in range(10)]
+    model_sizes, pairs, sets = {}, [], {}
+    for b, (share, size) in enumerate(zip(shares, sizes)):
+        base = ModelSource(f"sim/base{b}")
+        model_sizes[base.model] = size
+        for j in range(share):
+            ft = ModelSource(f"sim/ft{b}-{j}")
+            model_sizes[ft.model] = size
+            aset = lambda s: sets.setdefault(s, ActivationSet(f"activations/{s.model}", s, (1,), {}, None,
+                                                              s.model, int(size * 1e9)))
+            pairs.append(PairPlan(Pair(f"pair{b}-{j}", base, ft), (1,), aset(base), aset(ft), f"pairs/{b}-{j}"))
+    return model_sizes, pairs, list(sets.values())
 
 
-def units_for(pairs: list[SimPair], compute: Compute) -> list[Unit]:
-    """Units in the order the driver hands them over: sets (set_order), base baselines,
-    then each pair's lens and generations."""
-    def place(model: Model, engine: bool = False) -> Placement:
-        return placement(compute, model.parameters, DTYPE, engine=engine)
+class _NothingStored:
+    def exists(self, key: str) -> bool:
+        return False
 
-    units: dict[str, Unit] = {}
-    for aset in set_order(pairs):
-        m = aset.model
-        units[aset.prefix] = Unit(f"extract {m.name}", place(m), load_s(m.size_b), extract_s(m.size_b))
-    for base in {p.base.model for p in pairs}:
-        units[f"baseline {base.name}"] = Unit(f"baseline {base.name}", place(base, engine=True),
-                                              load_s(base.size_b) + 30, decode_s(base.size_b, BASELINE_TOKENS))
-    for p in pairs:
-        ft = p.finetuned.model
-        lens = Unit(f"lens {p.name}", place(ft), load_s(ft.size_b), 1.0,
-                    deps=[units[p.base.prefix], units[p.finetuned.prefix]])
-        gen = Unit(f"generate {p.name}", place(ft, engine=True), load_s(ft.size_b) + 30,
-                   decode_s(ft.size_b, PAIR_TOKENS), deps=[lens, units[f"baseline {p.base.model.name}"]])
-        units[lens.name], units[gen.name] = lens, gen
-    return list(units.values())
+    def uri(self, key: str) -> str:
+        return key
 
 
-def simulate(units: list[Unit], num_gpus: int, one_at_a_time: bool = False) -> tuple[float, float]:
-    """Runs the units to the end; returns (total seconds, GPU compute utilisation)."""
-    pool = GpuPool(num_gpus)
-    waiting, running = list(units), []
-    t, busy = 0.0, 0.0
-    while waiting or running:
-        for u in list(waiting):   # every unit that is ready and fits starts, in order
-            if one_at_a_time and running:
-                break
-            if all(d.end is not None for d in u.deps):
-                gpus = pool.take(u.placed)
-                if gpus is not None:
-                    u.gpus, u.start = gpus, t
-                    waiting.remove(u)
-                    running.append(u)
-        computing: dict[int, int] = {}
-        for u in running:
-            if u.loaded >= u.load:
-                for g in u.gpus:
-                    computing[g] = computing.get(g, 0) + 1
-        busy += len(computing) * DT
-        for u in list(running):
-            if u.loaded < u.load:
-                u.loaded += DT
-                continue
-            u.done += DT / max(computing[g] for g in u.gpus)
-            if u.done >= u.compute:
-                u.end = t + DT
-                pool.give(u.placed, u.gpus)
-                running.remove(u)
-        t += DT
-        if t > 10_000_000:
-            raise RuntimeError("simulation did not finish")
-    return t, busy / (num_gpus * t)
+def simulate(case: str, gpus: int, gpu_memory: float, object_storage: bool):
+    sizes, pairs, sets = workload(case)
+    spec = JobSpec(name="sim", pairs=(), dtype="bfloat16", compute=Compute(gpu_memory_gb=gpu_memory),
+                   generation=Generation(enabled=True), analyses=Analyses(enabled=True))
+    plan = Plan(spec, tuple(sets), tuple(pairs))
+    costs = Costs(sizes, object_storage)
+    units, _ = job_units(spec, pairs, _NothingStored(), log=lambda m: None)
+    backend = SimulatedBackend([NodeResources("node0", 1000.0, gpus)], costs.load_s, costs.work_s)
+    requests = ActorRequests(plan)
+    scheduler = Scheduler(units, requests, backend)
+    scheduler.run()
+    total = max([backend.now] + [a.busy_until for a in backend.actors])
+    compute = sum(costs.cost(u) for u in units)
+    distinct = set(scheduler.loads)
+    loads = sum(scheduler.loads.values())
+    unavoidable = sum(costs.load_s(k) * requests(k).gpus for k in distinct)
+    bound = (compute + unavoidable) / gpus
+    naive = sum(costs.cost(u) + sum(costs.load_s(k) for k in set(u.needs)) + (5.0 if not u.needs else 0.0)
+                for u in units)
+    return {"pairs": len(pairs), "models": len({s.source for s in sets}), "total": total, "bound": bound,
+            "naive": naive, "util": backend.work_gpu_seconds / (gpus * total),
+            "bound_util": compute / (gpus * bound), "naive_util": compute / (gpus * naive),
+            "loads": loads, "distinct": len(distinct), "max_alive": scheduler.max_alive,
+            "by_runtime": Counter(k.runtime for k in scheduler.loads.elements()),
+            "reloads": len(scheduler.reloads)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu-memory", type=float, default=80.0)
+    ap.add_argument("--object-storage", action="store_true", help="load weights at 0.5 GB/s, not 2 GB/s")
     args = ap.parse_args()
-    pairs = workload(args.pairs)
-    sizes = sorted({p.finetuned.model.size_b for p in pairs})
-    print(f"{args.pairs} pairs ({len({p.base.prefix for p in pairs})} base models, sizes {sizes} B) "
-          f"on {args.gpus} x {args.gpu_memory:g} GB GPUs, {DTYPE}")
-    by_memory = Compute(gpu_memory_gb=args.gpu_memory)
-    whole = Compute(gpus_per_worker=1)
-    for m in SIZES_B:
-        p = placement(by_memory, int(m * 1e9), DTYPE)
-        e = placement(by_memory, int(m * 1e9), DTYPE, engine=True)
-        print(f"  {m:4g}B: transformers actor {p.memory_gb:5.1f} GB -> {p.num_gpus:.3g} GPU, "
-              f"vLLM engine {e.memory_gb:5.1f} GB -> {e.num_gpus:.3g} GPU")
-    rows = {
-        "ours (placement by memory, concurrent)": simulate(units_for(pairs, by_memory), args.gpus),
-        "whole GPU per model, concurrent": simulate(units_for(pairs, whole), args.gpus),
-        "naive: one pair at a time": simulate(units_for(pairs, whole), args.gpus, one_at_a_time=True),
-    }
-    naive = rows["naive: one pair at a time"][0]
-    for name, (total, util) in rows.items():
-        print(f"  {name:42s} {total / 3600:7.2f} h   GPU utilisation {util:6.1%}   "
-              f"{naive / total:5.2f}x faster than naive")
-    ours = rows["ours (placement by memory, concurrent)"]
-    print(f"ratio: ours / naive total time = {ours[0] / naive:.3f} ({naive / ours[0]:.1f}x faster), "
-          f"utilisation {ours[1]:.1%} vs {rows['naive: one pair at a time'][1]:.1%}")
+    print(f"{args.gpus} x {args.gpu_memory:g} GB GPUs, bfloat16, loads from "
+          f"{'object storage' if args.object_storage else 'local disk'}")
+    for case in ("even", "uneven", "crowded"):
+        r = simulate(case, args.gpus, args.gpu_memory, args.object_storage)
+        print(f"{case}: {r['pairs']} pairs over {r['models']} models")
+        print(f"  ours   {r['total'] / 3600:7.2f} h  GPU utilisation {r['util']:6.1%}  loads {r['loads']} "
+              f"for {r['distinct']} (model, runtime): {r['loads'] / r['distinct']:.3f} per model "
+              f"({dict(r['by_runtime'])}; {r['reloads']} reloads), at most {r['max_alive']} actors alive")
+        print(f"  bound  {r['bound'] / 3600:7.2f} h  GPU utilisation {r['bound_util']:6.1%}")
+        print(f"  naive  {r['naive'] / 3600:7.2f} h  GPU utilisation {r['naive_util']:6.1%}")
+        print(f"  ratio: ours reaches {r['bound'] / r['total']:.3f} of the bound's utilisation; "
+              f"{r['naive'] / r['total']:.1f}x faster than naive")
 
 
 if __name__ == "__main__":

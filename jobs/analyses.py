@@ -2,10 +2,11 @@
 patchscope, token relevance and the embedding evaluation, when the spec has an
 `analyses` section.
 
-Each stage decides what to compute and writes one table; the models (patchscope workers,
-the embedder) and the grader are Ray actors. A stage whose output already exists is
-skipped, so a pair interrupted after some stages resumes at the first missing one (the
-pair's folder is content-keyed: what is there was computed with these settings).
+Each stage decides what to compute and writes one table; the models (the pair's
+transformers actors, the embedder) and the grader are actors that the executor hands it
+in a StageRun (jobs/stages.py declares the stages). A stage whose output already exists
+is not run again: the pair's folder is content-keyed, so what is there was computed with
+these settings.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from itertools import combinations
 import numpy as np
 
 from jobs.plan import PairPlan, s3_options
-from jobs.spec import JobSpec
 from jobs.steering import unit_scaled
 from storage import layout
 from storage.store import Store
@@ -26,25 +26,16 @@ from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_ta
 PATCHSCOPE_VARIANTS = {"delta": "finetuned", "base_mean": "base", "finetuned_mean": "finetuned"}
 # The text sets of the embedding evaluation, in the order similarity rows name them.
 SETS = ("steered", "unsteered", "base", "finetune_data", "generic_chat")
-
-
-def _done(store: Store, key: str, pair: PairPlan, what: str, log) -> bool:
-    if store.exists(key):
-        log(f"{pair.pair.name}: {what} complete, skipped")
-        return True
-    return False
+PACKAGED_EMBEDDER = "all-MiniLM-L6-v2 (packaged)"
 
 
 # -- patchscope -------------------------------------------------------------------------
-def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor, log) -> None:
+def patchscope(ctx) -> None:
     import ray
-    from jobs.driver import release_actor
-    from workers.patchscope import PatchscopeWorker
-    out = f"{pair.out_dir}/{layout.PATCHSCOPE}"
-    if _done(store, out, pair, "patchscope", log):
-        return
+    pair, spec, store = ctx.pair, ctx.spec, ctx.store
+    out = ctx.path(layout.PATCHSCOPE)
     a = spec.analyses
-    table = store.read_table(f"{pair.out_dir}/{layout.DIFFERENCE}")
+    table = store.read_table(ctx.path(layout.DIFFERENCE))
     layers = table.column("layer").to_numpy()
     positions = table.column("position").to_numpy()
     norms = table.column("finetuned_norm").to_numpy()
@@ -53,21 +44,15 @@ def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor
     for variant, role in PATCHSCOPE_VARIANTS.items():
         targets[role] += [(r, variant) for r in rows]
     vectors = {v: decode_vectors(table.column(v), "float64") for v in PATCHSCOPE_VARIANTS}
-    log(f"{pair.pair.name}: patchscope, {len(rows) * len(PATCHSCOPE_VARIANTS)} vectors x "
-        f"{len(a.patchscope_scales)} scales x {len(a.patchscope_prompts)} prompts")
-    results = {}
-    # One model at a time: on a small cluster the engines and the grader may leave room
-    # for one more actor only.
-    for role, items in targets.items():
-        source = getattr(pair.pair, role)
-        worker = actor(PatchscopeWorker, source=source).remote(
-            source, pair.pair.base, dtype=spec.dtype, s3=s3_options(spec), trust_remote_code=spec.trust_remote_code)
-        stats.add("model_loads")
+    ctx.log(f"{pair.pair.name}: patchscope, {len(rows) * len(PATCHSCOPE_VARIANTS)} vectors x "
+            f"{len(a.patchscope_scales)} scales x {len(a.patchscope_prompts)} prompts")
+    calls = {}
+    for role, items in targets.items():   # both models at once, each on its own actor
         batch = np.stack([unit_scaled(vectors[v][r].astype(np.float64), float(norms[r])) for r, v in items])
-        results[role] = ray.get(worker.run.remote(
-            batch, [int(layers[r]) for r, _ in items], list(a.patchscope_scales), list(a.patchscope_prompts),
-            a.patchscope_vocab_top, a.patchscope_top_k))
-        release_actor(worker)
+        calls[role] = ctx.model("transformers", getattr(pair.pair, role)).patchscope.remote(
+            pair.pair.base, batch, [int(layers[r]) for r, _ in items], list(a.patchscope_scales),
+            list(a.patchscope_prompts), a.patchscope_vocab_top, a.patchscope_top_k)
+    results = {role: ray.get(ref) for role, ref in calls.items()}
 
     groups = []   # (layer, position, variant, ids[scale], tokens[scale], probs[scale])
     for role, items in targets.items():
@@ -75,14 +60,14 @@ def patchscope(pair: PairPlan, spec: JobSpec, store: Store, stats, grader, actor
         for k, (r, variant) in enumerate(items):
             groups.append((int(layers[r]), int(positions[r]), variant, ids[k], tokens[k], probs[k]))
     scales = list(a.patchscope_scales)
-    judgements = ray.get(grader.best_scales.remote(
+    judgements = ray.get(ctx.grader_handle().best_scales.remote(
         [{s: list(g[4][i]) for i, s in enumerate(scales)} for g in groups]))
     out_rows = []
     for (layer, pos, variant, ids, tokens, probs), j in zip(groups, judgements):
         chosen = j.value["scale"] if j.ok else None
         coherent = set(j.value["tokens"]) if j.ok else set()
         if not j.ok:
-            log(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale ({j.error})")
+            ctx.log(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale ({j.error})")
         for i, scale in enumerate(scales):
             is_chosen = chosen is not None and scale == chosen
             for rank, (tid, tok, p) in enumerate(zip(ids[i], tokens[i], probs[i])):
@@ -99,23 +84,25 @@ def _skip_relevance(store: Store, pair: PairPlan, reason: str, log) -> None:
                      {"status": "skipped", "reason": reason, "metrics": []})
 
 
-def token_relevance(pair: PairPlan, spec: JobSpec, store: Store, grader, log) -> None:
+def token_relevance(ctx) -> None:
     """The grader labels the logit lens's and patchscope's (best scale) top tokens of delta;
     without a grader able to, a recorded skip, never a guess. token_relevance.json is
     written last: it marks the stage complete."""
     import ray
     from jobs.corpus import read_texts
-    from workers.graders import GraderError
+    from workers.graders import OFFLINE_RELEVANCE, GraderError
     from workers.models import load_tokenizer
     from workers.tokenization import frequent_tokens
-    marker = f"{pair.out_dir}/{layout.TOKEN_RELEVANCE_JSON}"
-    if _done(store, marker, pair, "token relevance", log):
-        return
+    pair, spec, store, log = ctx.pair, ctx.spec, ctx.store, ctx.log
+    marker = ctx.path(layout.TOKEN_RELEVANCE_JSON)
     where = f"pair {pair.pair.name}"
     if not pair.pair.description:
         return _skip_relevance(store, pair, f"{where} has no description of its finetuning domain", log)
     if not pair.pair.finetune_data:
         return _skip_relevance(store, pair, f"{where} has no finetune_data to take frequent tokens from", log)
+    if ctx.grader is None:   # the offline grader: no model can judge relevance to a description
+        return _skip_relevance(store, pair, OFFLINE_RELEVANCE, log)
+    grader = ctx.grader
     a = spec.analyses
     tokenizer = load_tokenizer(pair.pair.base, s3_options(spec), spec.trust_remote_code)
     texts = read_texts(pair.pair.finetune_data, 10_000, f"{where}: finetune_data")
@@ -172,14 +159,11 @@ def generic_chat_texts(pair: PairPlan, limit: int) -> list[str]:
     return generic_chat_answers(limit, seed=0)
 
 
-def similarity(pair: PairPlan, spec: JobSpec, store: Store, stats, actor, log) -> None:
+def similarity(ctx) -> None:
     import ray
-    from jobs.driver import release_actor
     from jobs.corpus import read_texts
-    from workers.embedding import EmbeddingWorker
-    out = f"{pair.out_dir}/{layout.SIMILARITY}"
-    if _done(store, out, pair, "embedding evaluation", log):
-        return
+    pair, spec, store = ctx.pair, ctx.spec, ctx.store
+    out = ctx.path(layout.SIMILARITY)
     a = spec.analyses
     gens = store.read_table(f"{pair.out_dir}/{layout.GENERATIONS}").to_pandas()
     baseline = gens[gens.kind == "baseline"]
@@ -194,11 +178,9 @@ def similarity(pair: PairPlan, spec: JobSpec, store: Store, stats, actor, log) -
     for layer, pos in keys:
         mine = steered[(steered.layer == layer) & (steered.position == pos)]
         sets[f"steered/{layer}/{pos}"] = list(mine.text)
-    log(f"{pair.pair.name}: embedding {sum(map(len, sets.values()))} texts in {len(sets)} sets")
-    embedder = actor(EmbeddingWorker).remote(a.embedding_model, a.embedding_batch_size)
-    stats.add("model_loads")
+    ctx.log(f"{pair.pair.name}: embedding {sum(map(len, sets.values()))} texts in {len(sets)} sets")
+    embedder = ctx.model("embedder", a.embedding_model or PACKAGED_EMBEDDER)
     summaries = ray.get(embedder.summaries.remote(sets))
-    release_actor(embedder)
     rows = []
     for layer, pos in keys:
         named = {name: summaries.get(f"steered/{layer}/{pos}" if name == "steered" else name) for name in SETS}
@@ -207,5 +189,5 @@ def similarity(pair: PairPlan, spec: JobSpec, store: Store, stats, actor, log) -
             rows.append({"layer": layer, "position": pos, "set_a": x, "set_b": y,
                          "similarity": float(np.dot(named[x], named[y]))})
     store.write_table(out, similarity_table(rows, **{"adl.embedding_model": a.embedding_model or
-                                                      "all-MiniLM-L6-v2 (packaged)"}),
+                                                      PACKAGED_EMBEDDER}),
                       **TABLE_PARQUET_OPTIONS)

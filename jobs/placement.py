@@ -1,8 +1,8 @@
-"""Where models go: GPUs by memory, and the order work is handed to the scheduler.
+"""Where models go: GPUs by memory.
 
-One home for the placement rules, used by the driver (which turns them into Ray resource
-requests and lets Ray's scheduler place the actors) and by the scheduler simulation
-(benchmarks/bench_scheduler.py, which packs the same requests onto simulated GPUs).
+One home for the placement rules: jobs/executor.py turns them into each model actor's
+resource request, which the scheduler (jobs/scheduler.py) packs onto nodes and GPUs, in
+a real job and in the scheduler simulation alike.
 
 - A model's memory is estimated from its config: parameters x bytes of the job's dtype,
   times HEADROOM for activations, the CUDA context and allocator slack. A vLLM engine
@@ -82,50 +82,3 @@ def placement(compute, parameters: int, dtype: str, engine: bool = False,
 def engine_memory_utilization(placed: Placement) -> float:
     """vLLM's gpu_memory_utilization: an engine on a shared GPU must stay inside its share."""
     return 0.85 if placed.num_gpus == 0 or placed.num_gpus >= 1 else round(0.9 * placed.num_gpus, 4)
-
-
-def set_order(pairs) -> list:
-    """The order activation sets are handed to the scheduler: sets shared by the most
-    pending pairs first, then each pair's finetuned set, so that pairs become ready
-    (and their lens and generations start) while other sets still extract."""
-    users: dict[str, int] = {}
-    for pair in pairs:
-        for aset in (pair.base, pair.finetuned):
-            users[aset.prefix] = users.get(aset.prefix, 0) + 1
-    order, seen = [], set()
-    by_use = sorted({a.prefix: a for p in pairs for a in (p.base, p.finetuned)}.values(),
-                    key=lambda a: -users[a.prefix])
-    shared = [a for a in by_use if users[a.prefix] > 1]
-    for aset in shared + [p.finetuned for p in pairs] + [p.base for p in pairs]:
-        if aset.prefix not in seen:
-            seen.add(aset.prefix)
-            order.append(aset)
-    return order
-
-
-class GpuPool:
-    """Packs Placements onto a fixed set of GPUs the way Ray's scheduler treats GPU
-    resources: a fractional request shares one GPU (first fit), a whole request takes
-    that many completely free GPUs. Used by the simulation; the driver leaves this to Ray."""
-
-    def __init__(self, num_gpus: int):
-        self.free = [1.0] * num_gpus
-
-    def take(self, placed: Placement) -> list[int] | None:
-        eps = 1e-9
-        if placed.num_gpus < 1:
-            for i, free in enumerate(self.free):
-                if free + eps >= placed.num_gpus:
-                    self.free[i] -= placed.num_gpus
-                    return [i]
-            return None
-        whole = [i for i, free in enumerate(self.free) if free > 1 - eps]
-        if len(whole) < placed.devices:
-            return None
-        for i in whole[:placed.devices]:
-            self.free[i] = 0.0
-        return whole[:placed.devices]
-
-    def give(self, placed: Placement, gpus: list[int]) -> None:
-        for i in gpus:
-            self.free[i] = min(1.0, self.free[i] + (placed.num_gpus if placed.num_gpus < 1 else 1.0))

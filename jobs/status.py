@@ -44,7 +44,7 @@ def describe(error: BaseException) -> str:
 
 class ActorLedger:
     """Every model actor of the job: what it holds, where, and for how long. The actor
-    reports its node, GPU ids and start time itself (driver._actor adds adl_placement);
+    reports its node, GPU ids and start time itself (jobs/executor.py adds adl_placement);
     the driver records when it let it go."""
 
     def __init__(self):
@@ -174,6 +174,12 @@ class JobStatus:
                  + f"  [{counts['done']}/{counts['pairs']} pairs done, {counts['failed']} failed, "
                    f"{counts['running']} running]")
 
+    def stage_skipped(self, pair: str, stage: str) -> None:
+        """A stage of an unfinished pair whose tables an earlier run wrote."""
+        with self._lock:
+            self.record["pairs"][pair]["stages"][stage].update(state="done", skipped=True)
+        self.write(force=True)
+
     @contextmanager
     def stage(self, pair: str, stage: str):
         """Marks one stage of one pair running, then done or failed (re-raising)."""
@@ -228,6 +234,8 @@ class JobStatus:
                                                     for a in self.record["activation_sets"].values())})
             if self.stats is not None:
                 self.record["work"] = self.stats.as_dict()
+                self.record["loads"] = self.stats.load_counts()   # per model and runtime
+                self.record["reloads"] = [{"model": k, "why": why} for k, why in self.stats.reloads]
             return _public(self.record)
 
 

@@ -1,8 +1,9 @@
 """Generations: baseline samples of each model, the steering strength search, and the
 final steered samples (adl-method.md, "Steering").
 
-The stage decides what to generate and in which batches; the vLLM engines and the
-grader are Ray actors (workers/generation.py, workers/graders.py). Every batch of a pair
+The stage decides what to generate and in which batches; the vLLM engine and the grader
+are actors the executor hands it (workers/generation.py; the offline grader is the
+reference model's transformers actor, an LLM grader runs in the driver). Every batch of a pair
 goes to its engine as one call, so continuous batching sees hundreds of requests at once:
 the search evaluates all its (layer, position, prompt, strength) candidates of a round in
 one batch, and a round advances `lookahead` bisection levels at a time.
@@ -10,13 +11,11 @@ one batch, and a round advances `lookahead` bisection levels at a time.
 from __future__ import annotations
 
 import importlib.resources
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.grading import kill_actor
-from jobs.spec import Generation, JobSpec, ModelSource
+from jobs.spec import Generation, JobSpec
 
 
 def steering_prompts(gen: Generation) -> list[str]:
@@ -164,124 +163,3 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
         out.append(_row(pair_name, "finetuned", "steered", i, prompts[i], r, requests[r.request_index].seed,
                         layer, pos, alphas[(layer, pos)]))
     return PairGenerations(out, steering_rows)
-
-
-class GenerationStage:
-    """The engines of a job's generations (one per distinct model, shared by every pair
-    that uses it); the graders come from the job's GraderPool, shared with the analyses.
-
-    Baselines are the same requests for every pair, so each model's are generated once
-    and kept here. Engines start for baselines before extraction and work alongside it,
-    as far as EAGER_GPU_SHARE of the cluster's GPUs allows (the rest start when a pair
-    needs them), and each engine is let go as soon as no pending pair needs it any more: with many pairs, idle engines must not hold the GPUs that the remaining
-    extractions wait for."""
-
-    EAGER_GPU_SHARE = 0.5
-
-    def __init__(self, spec: JobSpec, pairs, actor, log, graders, release=None):
-        self.spec, self.pairs, self.actor, self.log = spec, pairs, actor, log
-        self.graders = graders   # a jobs.grading.GraderPool
-        self.engines: dict[ModelSource, object] = {}
-        self.baselines: dict[ModelSource, object] = {}     # ObjectRef, then the results
-        self.loads = 0
-        self._release = release or kill_actor
-        self._lock = threading.RLock()
-        # What still needs each engine: its baselines (once) and every pair it steers.
-        self._engine_users: dict[ModelSource, int] = {}
-        for pair in pairs:
-            self._engine_users[pair.pair.finetuned] = self._engine_users.get(pair.pair.finetuned, 0) + 1
-        for source in self._baseline_sources():
-            self._engine_users[source] = self._engine_users.get(source, 0) + 1
-
-    def _baseline_sources(self) -> list[ModelSource]:
-        out = []
-        for pair in self.pairs:
-            for role in self.spec.generation.baseline_models:
-                if getattr(pair.pair, role) not in out:
-                    out.append(getattr(pair.pair, role))
-        return out
-
-    def _s3(self) -> dict:
-        from jobs.plan import s3_options
-        return s3_options(self.spec)
-
-    def engine(self, source: ModelSource):
-        return self._engine(source, self.actor(_generation_worker(), source=source, engine=True))
-
-    def _engine(self, source: ModelSource, factory):
-        from jobs.placement import engine_memory_utilization
-        with self._lock:   # pairs run in threads; one engine per model
-            if source not in self.engines:
-                gen = self.spec.generation
-                self.log(f"starting a vLLM engine for {source.adapter or source.model}")
-                self.engines[source] = factory.remote(
-                    source, self._s3(), dtype=self.spec.dtype, max_model_len=gen.max_model_len,
-                    tensor_parallel_size=factory.placed.devices, seed=gen.seed,
-                    gpu_memory_utilization=engine_memory_utilization(factory.placed),
-                    trust_remote_code=self.spec.trust_remote_code)
-                self.loads += 1
-            return self.engines[source]
-
-    def _submit_baseline(self, source: ModelSource, factory=None) -> None:
-        _, requests = baseline_requests(self.spec.generation)
-        engine = self._engine(source, factory) if factory else self.engine(source)
-        self.baselines[source] = engine.generate.remote(requests)
-
-    def start(self) -> None:
-        """Baselines now, for as many models as the eager share of the GPUs holds."""
-        import ray
-        budget = self.EAGER_GPU_SHARE * ray.cluster_resources().get("GPU", 0.0)
-        with self._lock:
-            for source in self._baseline_sources():
-                factory = self.actor(_generation_worker(), source=source, engine=True)
-                if factory.placed.num_gpus > budget and factory.placed.num_gpus > 0:
-                    continue
-                budget -= factory.placed.num_gpus
-                self._submit_baseline(source, factory)
-
-    def _baseline(self, source: ModelSource):
-        import ray
-        with self._lock:
-            if source not in self.baselines:
-                self._submit_baseline(source)
-            ref = self.baselines[source]
-        if isinstance(ref, list):
-            return ref
-        results = ray.get(ref)
-        with self._lock:
-            first = not isinstance(self.baselines[source], list)
-            self.baselines[source] = results
-        if first:
-            self._done_with(source)
-        return results
-
-    def _done_with(self, source: ModelSource) -> None:
-        with self._lock:
-            self._engine_users[source] -= 1
-            handle = self.engines.pop(source, None) if self._engine_users[source] <= 0 else None
-        if handle is not None:
-            self._release(handle)
-
-    def run(self, pair, difference) -> PairGenerations:
-        reference = pair.pair.finetuned
-        try:
-            rows = [row for role in self.spec.generation.baseline_models
-                    for row in baseline_rows(pair.pair.name, role, self.spec.generation,
-                                             self._baseline(getattr(pair.pair, role)))]
-            steered = steer(pair.pair.name, self.spec, difference, self.engine(reference),
-                            self.graders.get(pair), self.log)
-        finally:
-            self._done_with(reference)
-        return PairGenerations(rows + steered.rows, steered.steering)
-
-    def close(self) -> None:
-        with self._lock:
-            handles = list(self.engines.values())
-            self.engines.clear()
-        for handle in handles:
-            self._release(handle)
-
-
-def _generation_worker():
-    from workers.generation import GenerationWorker
-    return GenerationWorker

@@ -102,6 +102,15 @@ def status_lines(status: dict, where: str = "") -> list[str]:
     work = status.get("work") or {}
     if work:
         lines.append("  work: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(work.items())))
+    loads = status.get("loads") or []
+    if loads:
+        runtimes: dict[str, int] = {}
+        for entry in loads:
+            runtimes[entry["runtime"]] = runtimes.get(entry["runtime"], 0) + entry["loads"]
+        lines.append("  model loads by runtime: " + ", ".join(f"{r} {n}" for r, n in sorted(runtimes.items()))
+                     + f" ({len(loads)} distinct model and runtime pairs)")
+    for reload in status.get("reloads") or []:
+        lines.append(f"  reloaded {reload['model']}: it had been {reload['why']}")
     for name, pair in status.get("pairs", {}).items():
         if pair["state"] == "done":
             continue

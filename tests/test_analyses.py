@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jobs import analyses
-from jobs.driver import RunStats, log
+from jobs.driver import log
 from jobs.plan import make_plan
 from jobs.spec import PATCHSCOPE_PROMPTS, PATCHSCOPE_SCALES, parse_spec
 from storage import layout
@@ -85,13 +85,15 @@ def test_patchscope_intersection_of_the_prompts_top_tokens(generation_run, plain
     """The demo vocabulary (2,665) is below 16384, so every token is in every prompt's top:
     here a small `vocab_top` makes the intersection bite, batched worker vs plain forwards."""
     from jobs.spec import ModelSource
-    from workers.patchscope import PatchscopeWorker
+    from workers.models import load_model, load_tokenizer
+    from workers.patchscope import Patchscope
     _, store, pair, _ = generation_run
-    worker = PatchscopeWorker(ModelSource(str(demo_pair.finetuned_dir)), ModelSource(str(demo_pair.base_dir)),
-                              dtype="float32", s3={})
+    model = load_model(ModelSource(str(demo_pair.finetuned_dir)), dtype="float32", s3={})
+    tokenizer = load_tokenizer(ModelSource(str(demo_pair.base_dir)), {})
     layer, vector = delta_hat(store, pair, "delta", 2)
     scales = [0.5, 3.0, 60.0]
-    ids, _, probs = worker.run(vector[None], [layer], scales, list(PATCHSCOPE_PROMPTS), vocab_top=30, top_k=20)
+    ids, _, probs = Patchscope(model).run(tokenizer, vector[None], [layer], scales, list(PATCHSCOPE_PROMPTS),
+                                          vocab_top=30, top_k=20)
     for i, scale in enumerate(scales):
         want_ids, want_probs = plain_patchscope(plain_models["finetuned"], plain_models["tokenizer"], layer,
                                                 vector, scale, 30)
@@ -175,7 +177,8 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
     RELEVANT; one token is never labelled by one rotation (a recorded failure, counted as
     not relevant); the first answer of every list is malformed (retried)."""
     from test_graders import answer, candidates_of
-    from jobs.grading import GraderPool
+    from jobs.stages import LocalActor, StageRun
+    from workers.graders import GraderService, make_grader
     spec0, store0, pair0, _ = generation_run
     raw = make_spec(tmp_path, grader={"kind": "openai", "base_url": chat_server.url, "model": "m",
                                       "max_retries": 2, "backoff_base_s": 0.01, "timeout_s": 10},
@@ -207,11 +210,8 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
     first_list = lens[(lens.variant == "delta") & (lens.position == 0) & (lens["rank"] < 20)].sort_values("rank")
     target = list(first_list.token)   # in rotation 1 of this list, target[0] is never labelled
     chat_server.respond(respond)
-    pool = GraderPool(spec, lambda cls, **kw: __import__("ray").remote(cls).options(num_cpus=0.1))
-    try:
-        analyses.token_relevance(plan, spec, store, pool.get(plan), log)
-    finally:
-        pool.close()
+    grader = LocalActor(GraderService(make_grader(spec.grader)))   # as the driver makes it
+    analyses.token_relevance(StageRun(plan, spec, store, {}, log, grader))
 
     record = store.read_json(f"{plan.out_dir}/{layout.TOKEN_RELEVANCE_JSON}")
     assert record["status"] == "done" and record["reason"] is None
@@ -282,14 +282,13 @@ def test_steered_text_is_closer_to_the_finetuning_data_than_unsteered(generation
 # -- rerun safety ------------------------------------------------------------------------
 
 def test_finished_stages_are_skipped(generation_run):
+    """A finished pair's stages get no units of work: nothing to schedule, nothing loaded."""
+    from jobs.driver import job_units
     spec, store, pair0, _ = generation_run
     [plan] = make_plan(spec).pairs
-    before = store.listing()
-    stats = RunStats()
-    analyses.patchscope(plan, spec, store, stats, None, None, log)
-    analyses.token_relevance(plan, spec, store, None, log)
-    analyses.similarity(plan, spec, store, stats, None, log)
-    assert stats.model_loads == 0 and store.listing() == before
+    units, complete = job_units(spec, [plan], store, log)
+    assert units == [] and complete[plan.pair.name] == [
+        "reduce", "logit_lens", "generate", "patchscope", "token_relevance", "similarity"]
 
 
 def test_the_pair_key_covers_the_analyses_settings(make_spec, demo_pair, tmp_path):

@@ -244,13 +244,14 @@ def test_submitted_three_pair_job_on_two_nodes(cluster, finished_job):
     # The base shared by three pairs: one activation set, one extraction actor, each shard once.
     bases = {p["base_activations"] for p in status["pairs"].values()}
     assert len(bases) == 1
-    extraction = [a for a in status["actors"] if a["kind"] == "ExtractionWorker"]
+    extraction = [a for a in status["actors"] if a["kind"] == "transformers"]
     assert len(extraction) == 4 and len({a["model"] for a in extraction}) == 4
-    assert status["work"] == {"model_loads": 4 + 3, "shards_extracted": 4 * shards, "pairs_run": 3}
+    # One actor per model: it extracts and reads the lens of every pair it is the finetune of.
+    assert status["work"] == {"model_loads": 4, "shards_extracted": 4 * shards, "pairs_run": 3}
 
     # Every model actor held one GPU, and no two actors alive at once shared one.
     actors = status["actors"]
-    assert len(actors) == 7 and all(len(a["gpu_ids"]) == 1 and a["num_gpus"] == 1 for a in actors)
+    assert len(actors) == 4 and all(len(a["gpu_ids"]) == 1 and a["num_gpus"] == 1 for a in actors)
     for i, a in enumerate(actors):
         for b in actors[i + 1:]:
             overlap = a["started"] < b["ended"] and b["started"] < a["ended"]
@@ -329,7 +330,7 @@ def test_killing_a_node_mid_job_gives_identical_results(cluster, finished_job, m
     assert worker_node not in cluster.alive_nodes()
     status = store.read_json(layout.run_status("three"))
     assert status["state"] == "done" and status["work"]["pairs_run"] == 1
-    extraction_nodes = {n for a in status["actors"] if a["kind"] == "ExtractionWorker"
+    extraction_nodes = {n for a in status["actors"] if a["kind"] == "transformers"
                         for n in (a["node_id"], a.get("moved_from", {}).get("node_id")) if n}
     assert worker_node in extraction_nodes and len(extraction_nodes) == 2   # the killed node held work
     got = result_tables(store, "three")

@@ -10,7 +10,8 @@ import yaml
 
 from jobs.cli import main
 from jobs.driver import RunStats, run_job
-from jobs.placement import GpuPool, Placement, parameter_count, place, placement
+from jobs.placement import Placement, parameter_count, place, placement
+from jobs.scheduler import Cluster, NodeResources, Request
 from jobs.spec import Compute, parse_spec
 from storage import layout
 from storage.store import Store
@@ -82,13 +83,13 @@ def test_small_models_share_a_gpu_and_large_ones_span_several():
     assert placement(compute, parameter_count(LLAMA_3_8B), "bfloat16", engine=True).num_gpus == 0.5
     assert placement(compute, parameter_count(LLAMA_3_8B), "float32", engine=True).num_gpus == 1
     assert placement(Compute(gpus_per_worker=1), 10**10, "bfloat16").num_gpus == 1   # no memory: as asked
-    pool = GpuPool(2)
-    quarter, whole = Placement(0.25, 1, 19), Placement(2.0, 2, 100)
+    pool = Cluster([NodeResources("node", 16, 2)])   # the scheduler's packing: first fit per GPU
+    quarter, whole = Request(1, 0.25), Request(1, 2.0)
     got = [pool.take(quarter) for _ in range(5)]
-    assert got == [[0], [0], [0], [0], [1]] and pool.take(whole) is None
-    for gpus in got[:4]:
-        pool.give(quarter, gpus)
-    assert pool.take(Placement(1.0, 1, 50)) == [0]
+    assert [s.gpus for s in got] == [(0,), (0,), (0,), (0,), (1,)] and pool.take(whole) is None
+    for slot in got[:4]:
+        pool.give(slot)
+    assert pool.take(Request(1, 1.0)).gpus == (0,)
 
 
 # -- the catalog --------------------------------------------------------------------------

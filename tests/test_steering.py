@@ -47,9 +47,11 @@ TOPIC = re.compile(r"volcano|lava|magma|eruption|crater|veyra", re.IGNORECASE)
 
 def test_generation_tables(generation_run):
     spec, store, pair, stats = generation_run
-    # two extraction actors, a lens, vLLM engines for both models, one grader (shared by
-    # steering and patchscope), patchscope in both models, an embedder
-    assert stats.model_loads == 2 + 1 + 2 + 1 + 2 + 1
+    # One actor per model and runtime: each model's transformers actor (extraction, lens,
+    # patchscope, and the finetuned one grades), each model's vLLM engine, one embedder.
+    assert stats.model_loads == 2 + 2 + 1
+    assert stats.loads_by_runtime() == {"embedder": 1, "transformers": 2, "vllm": 2}
+    assert all(n == 1 for n in stats.loads.values()) and stats.reloads == []
     gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
     steering = store.read_table(f"{pair['dir']}/{layout.STEERING}").to_pandas()
     prompts = 20

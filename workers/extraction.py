@@ -1,4 +1,5 @@
-"""Activation extraction: one model loaded once, serving shards of tokenized documents.
+"""Activation extraction: shards of tokenized documents through a loaded model (the
+model's actor, workers/model_worker.py, serves them).
 
 The forward runs only on the n tokens kept per document and stops after the deepest
 requested block: a causal LM's activations at positions < n depend only on tokens < n,
@@ -6,16 +7,14 @@ and block L only on blocks <= L, so nothing later can change them.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 
-from jobs.spec import ModelSource
 from storage import layout
 from storage.store import Store
 from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
-from workers.models import decoder_layers, load_model
+from workers.models import decoder_layers, model_device
 
 
 class _StopForward(Exception):
@@ -59,41 +58,26 @@ def stored_bits(acts, dtype: str) -> np.ndarray:
     return acts.numpy()
 
 
-class ExtractionWorker:
-    """Loads one model and writes activation shards for one activation set.
+def extract_shard(model, store: Store, set_prefix: str, layers: list[int], dtype: str, batch_size: int,
+                  index: int, doc_ids: np.ndarray, token_ids: np.ndarray, forward_lock=None) -> dict:
+    """Writes one activation shard and then its marker (each write atomic, so a shard done
+    twice, by a retry or a restarted actor, is harmless). With forward_lock, only the
+    forwards hold it: the encode and write overlap the next call's forward."""
+    import contextlib
 
-    Run as a Ray actor pinned to its GPUs; Ray restarts it and retries a shard if it dies,
-    and a shard's rewrite is harmless because every write is atomic. With two calls in
-    flight (max_concurrency=2) one shard's encode and write overlap the next one's forward;
-    the lock keeps forwards one at a time.
-    """
-
-    def __init__(self, source: ModelSource, *, dtype: str, layers: list[int], batch_size: int,
-                 store: Store, set_prefix: str, s3: dict, trust_remote_code: bool = False):
-        import torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code,
-                                device=self.device)
-        self.dtype, self.layers, self.batch_size = dtype, list(layers), batch_size
-        self.store, self.set_prefix = store, set_prefix
-        self.forward_lock = threading.Lock()
-
-    def gpu_ids(self) -> list:
-        import ray
-        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
-
-    def extract(self, index: int, doc_ids: np.ndarray, token_ids: np.ndarray) -> dict:
-        import torch
-        start = time.perf_counter()
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
-        with self.forward_lock:
-            parts = [stored_bits(block_outputs(self.model, ids[i:i + self.batch_size].to(self.device),
-                                               self.layers), self.dtype)
-                     for i in range(0, len(ids), self.batch_size)]
-        acts = np.concatenate(parts)
-        table = activation_table(doc_ids, self.layers, acts, self.dtype)
-        self.store.write_table(layout.shard(self.set_prefix, index), table, **ACTIVATION_PARQUET_OPTIONS)
-        marker = {"shard": index, "documents": int(len(doc_ids)), "rows": table.num_rows,
-                  "seconds": round(time.perf_counter() - start, 3), "gpu_ids": self.gpu_ids()}
-        self.store.write_json(layout.shard_marker(self.set_prefix, index), marker)
-        return marker
+    import ray
+    import torch
+    start = time.perf_counter()
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    device = model_device(model)
+    with forward_lock or contextlib.nullcontext():
+        parts = [stored_bits(block_outputs(model, ids[i:i + batch_size].to(device), layers), dtype)
+                 for i in range(0, len(ids), batch_size)]
+    acts = np.concatenate(parts)
+    table = activation_table(doc_ids, layers, acts, dtype)
+    store.write_table(layout.shard(set_prefix, index), table, **ACTIVATION_PARQUET_OPTIONS)
+    marker = {"shard": index, "documents": int(len(doc_ids)), "rows": table.num_rows,
+              "seconds": round(time.perf_counter() - start, 3),
+              "gpu_ids": list(ray.get_gpu_ids()) if ray.is_initialized() else []}
+    store.write_json(layout.shard_marker(set_prefix, index), marker)
+    return marker

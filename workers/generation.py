@@ -95,7 +95,8 @@ class GenerationResult:
 class GenerationEngine:
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, lora_adapter: str | None = None, seed: int = 0,
-                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85):
+                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85,
+                 revision: str | None = None):
         for key, value in ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         import torch
@@ -114,9 +115,10 @@ class GenerationEngine:
             if rank is not None:
                 lora_kwargs["max_lora_rank"] = rank
             self._lora_request = LoRARequest("adapter", 1, lora_adapter)
-        self._tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self._tokenizer = AutoTokenizer.from_pretrained(model, revision=revision,
+                                                        trust_remote_code=trust_remote_code)
         self._llm = LLM(
-            model=model, dtype=dtype, max_model_len=max_model_len,
+            model=model, revision=revision, tokenizer_revision=revision, dtype=dtype, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, seed=seed,
             trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=True,  # hooks must run at every step: see the module docstring
@@ -378,10 +380,9 @@ class GenerationWorker:
     """A Ray actor holding one engine for one model of a job. The model is fetched on the
     worker's own node (an S3 location is downloaded there, not on the driver)."""
 
-    def __init__(self, source, s3: dict, **engine_options):
-        from workers.models import materialize
-        adapter = materialize(source.adapter, s3) if source.adapter else None
-        self.engine = GenerationEngine(materialize(source.model, s3), lora_adapter=adapter, **engine_options)
+    def __init__(self, source, s3: dict, trust_remote_code: bool = False, **engine_options):
+        from workers.models import engine_arguments
+        self.engine = GenerationEngine(**engine_arguments(source, s3, trust_remote_code), **engine_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests)

@@ -39,6 +39,10 @@ from typing import Any, Callable, Protocol
 from jobs.spec import DTYPES, SpecError
 
 
+OFFLINE_RELEVANCE = ("token relevance needs an LLM grader (grader.kind: openai); the "
+                     "offline grader cannot judge relevance to a described domain")
+
+
 class GraderError(RuntimeError):
     """A question this grader cannot answer at all (not a failure on one item)."""
 
@@ -689,11 +693,13 @@ class PerplexityCoherenceGrader:
     above 5,000.
     """
 
-    def __init__(self, model_dir: str, threshold: float = DEFAULT_PERPLEXITY_THRESHOLD,
+    def __init__(self, model_dir: str | None, threshold: float = DEFAULT_PERPLEXITY_THRESHOLD,
                  min_tokens: int = DEFAULT_MIN_TOKENS,
                  min_distinct_ratio: float = DEFAULT_MIN_DISTINCT_RATIO,
                  dtype: str = "float32", device: str = "cpu", batch_size: int = 8,
-                 max_length: int = 1024):
+                 max_length: int = 1024, model=None, tokenizer=None):
+        """Loads model_dir, or (model_dir None) grades with an already loaded model and
+        tokenizer: a job's model actor lends its own (dtype and device are then its)."""
         _check_params(dict(threshold=threshold, min_tokens=min_tokens,
                            min_distinct_ratio=min_distinct_ratio, dtype=dtype, device=device,
                            batch_size=batch_size, max_length=max_length), _OFFLINE_PARAMS)
@@ -703,10 +709,12 @@ class PerplexityCoherenceGrader:
         self.min_tokens = min_tokens
         self.min_distinct_ratio = float(min_distinct_ratio)
         self.batch_size = batch_size
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype)).to(device).eval().requires_grad_(False)
+        if model is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype)).to(device).eval().requires_grad_(False)
+        self.tokenizer, self.model = tokenizer, model
+        self.device = next(model.parameters()).device
         self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings",
                                                   None) or max_length)
 
@@ -774,15 +782,15 @@ class OfflineGrader:
     - token_relevance: raises GraderError; relevance to a described domain needs an LLM.
     """
 
-    def __init__(self, model_dir: str, threshold: float = DEFAULT_PERPLEXITY_THRESHOLD,
+    def __init__(self, model_dir: str | None, threshold: float = DEFAULT_PERPLEXITY_THRESHOLD,
                  min_tokens: int = DEFAULT_MIN_TOKENS,
                  min_distinct_ratio: float = DEFAULT_MIN_DISTINCT_RATIO,
                  dtype: str = "float32", device: str = "cpu", batch_size: int = 8,
-                 max_length: int = 1024):
+                 max_length: int = 1024, model=None, tokenizer=None):
         self.perplexity = PerplexityCoherenceGrader(
             model_dir, threshold=threshold, min_tokens=min_tokens,
             min_distinct_ratio=min_distinct_ratio, dtype=dtype, device=device,
-            batch_size=batch_size, max_length=max_length)
+            batch_size=batch_size, max_length=max_length, model=model, tokenizer=tokenizer)
         self.name = f"offline:perplexity<={threshold:g}"
         self._vocab = self.perplexity.tokenizer.get_vocab()
 
@@ -823,8 +831,7 @@ class OfflineGrader:
 
     def token_relevance(self, tokens: list[str], description: str,
                         frequent_tokens: list[str]) -> list[Judgement]:
-        raise GraderError("token relevance needs an LLM grader (grader.kind: openai); the "
-                          "offline grader cannot judge relevance to a described domain")
+        raise GraderError(OFFLINE_RELEVANCE)
 
 
 # -- from the job spec -------------------------------------------------------------------
@@ -860,22 +867,29 @@ def check_grader_config(config: dict | None) -> dict:
     return {"kind": kind, **params}
 
 
-def make_grader(config: dict | None, reference_model_dir: str) -> Grader:
+def make_grader(config: dict | None, reference_model_dir: str | None = None, model=None,
+                tokenizer=None) -> Grader:
     """The grader a job's `grader` section asks for: None or kind offline -> OfflineGrader
-    on the reference model; kind openai -> OpenAIGrader."""
+    on the reference model (a folder, or a loaded model and tokenizer); kind openai ->
+    OpenAIGrader."""
     params = check_grader_config(config)
     if params.pop("kind") == "openai":
         return OpenAIGrader(**params)
-    return OfflineGrader(reference_model_dir, **params)
+    return OfflineGrader(reference_model_dir, model=model, tokenizer=tokenizer, **params)
 
 
-class GraderWorker:
-    """A Ray actor holding a job's grader; the offline grader's reference model is fetched
-    on the worker's own node."""
+def is_offline(config: dict | None) -> bool:
+    """Whether the grader needs a reference model (the offline grader) rather than an endpoint."""
+    return config is None or config.get("kind", "offline") == "offline"
 
-    def __init__(self, config: dict | None, reference, s3: dict):
-        from workers.models import materialize
-        self.grader = make_grader(config, materialize(reference.model, s3))
+
+class GraderService:
+    """A grader's questions over lists of items, as the job's stages ask them: served by a
+    model actor for the offline grader (workers.model_worker), by the driver for an LLM
+    endpoint (the requests run in threads, at most the grader's concurrency in flight)."""
+
+    def __init__(self, grader: Grader):
+        self.grader = grader
 
     def coherence(self, texts: list[str]) -> list[Judgement]:
         return self.grader.coherence(texts)

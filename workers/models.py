@@ -105,6 +105,21 @@ def num_layers(config: dict) -> int:
     raise ModelError("config has no num_hidden_layers")
 
 
+# The one home of loading: every runtime (transformers, PEFT, tokenizers, vLLM) reads a
+# ModelSource through these functions, so a pinned revision, trust_remote_code and the
+# device are honoured the same way everywhere.
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_device(model):
+    """Where a loaded model's inputs go (its first parameter's device; with a device map,
+    the embedding's)."""
+    return next(model.parameters()).device
+
+
 def load_tokenizer(source: ModelSource, s3: dict, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(materialize(source.model, s3), revision=source.revision,
@@ -112,9 +127,10 @@ def load_tokenizer(source: ModelSource, s3: dict, trust_remote_code: bool = Fals
 
 
 def load_model(source: ModelSource, *, dtype: str, s3: dict, trust_remote_code: bool = False,
-               device: str = "cpu"):
+               device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
+    device = device or default_device()
     # An actor placed on several GPUs (a model larger than one) spreads its blocks over them.
     spread = device == "cuda" and torch.cuda.device_count() > 1
     model = AutoModelForCausalLM.from_pretrained(
@@ -124,6 +140,14 @@ def load_model(source: ModelSource, *, dtype: str, s3: dict, trust_remote_code: 
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, materialize(source.adapter, s3))
     return (model if spread else model.to(device)).eval().requires_grad_(False)
+
+
+def engine_arguments(source: ModelSource, s3: dict, trust_remote_code: bool = False) -> dict:
+    """What a vLLM engine (workers.generation.GenerationEngine) takes for a ModelSource:
+    the model fetched onto this node, its revision, and the adapter as a local folder."""
+    return {"model": materialize(source.model, s3), "revision": source.revision,
+            "lora_adapter": materialize(source.adapter, s3) if source.adapter else None,
+            "trust_remote_code": trust_remote_code}
 
 
 def core_model(model):

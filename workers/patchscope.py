@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.spec import ModelSource
-from workers.models import core_model, decoder_layers, load_model, load_tokenizer
+from workers.models import core_model, decoder_layers, model_device
 
 ROWS_PER_FORWARD = 256
 
@@ -33,24 +32,22 @@ def combine_prompts(probs, vocab_top: int, top_k: int):
     return top.indices, top.values
 
 
-class PatchscopeWorker:
-    def __init__(self, source: ModelSource, tokenizer: ModelSource, *, dtype: str, s3: dict,
-                 trust_remote_code: bool = False):
-        import torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code,
-                                device=self.device)
+class Patchscope:
+    """Patchscope on one loaded model; prompts are encoded and tokens decoded by the
+    tokenizer given to each call (the pair's base tokenizer)."""
+
+    def __init__(self, model):
+        self.model, self.device = model, model_device(model)
         self.blocks = decoder_layers(self.model)
         self.core, self.head = core_model(self.model), self.model.get_output_embeddings()
-        self.tokenizer = load_tokenizer(tokenizer, s3, trust_remote_code)
 
-    def run(self, vectors: np.ndarray, layers: list[int], scales: list[float], prompts: list[str],
+    def run(self, tokenizer, vectors: np.ndarray, layers: list[int], scales: list[float], prompts: list[str],
             vocab_top: int, top_k: int):
         """vectors: (N, hidden) unit-scaled vectors, layers: each one's block. Returns, per
         vector and scale, (token ids, decoded tokens, probabilities) of the top_k tokens:
         three nested lists indexed [vector][scale]."""
         import torch
-        encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         width = max(len(ids) for ids in encoded)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -78,7 +75,7 @@ class PatchscopeWorker:
                     top_ids, top_probs = combine_prompts(group, vocab_top, top_k)
                     top_ids = top_ids.cpu().numpy()
                     out_ids[v][s] = top_ids
-                    out_tokens[v][s] = [self.tokenizer.decode([int(t)]) for t in top_ids]
+                    out_tokens[v][s] = [tokenizer.decode([int(t)]) for t in top_ids]
                     out_probs[v][s] = top_probs.cpu().numpy()
         return out_ids, out_tokens, out_probs
 

@@ -1,0 +1,199 @@
+"""The scheduler's real backend: model actors on Ray, and a thread per running unit.
+
+jobs/scheduler.py decides which actors live and which units run; this module makes those
+decisions happen on Ray and is the one wrapper around every unit of work: it marks the
+status record (running, then done or failed with the error as one line), times it, logs
+it, and in a `finally` reports the unit's end to the scheduler, which then frees or
+releases the unit's actors.
+
+An actor is pinned (softly: if its node dies, Ray restarts it elsewhere) to the node the
+scheduler packed it on, asks Ray for exactly the resources the scheduler counted, and is
+restarted by Ray with its calls retried if its process dies (every write is atomic, and
+every call is a pure function of its arguments, so a retried call gives the same result).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import threading
+import time
+
+from jobs.placement import engine_memory_utilization, placement
+from jobs.plan import Plan, s3_options
+from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
+from jobs.stages import PAIR_STAGES, StageRun, extract, run_baselines
+from jobs.status import JobStatus, describe
+from storage import layout
+from storage.store import Store
+
+EMBEDDER_PARAMETERS = 23_000_000   # all-MiniLM-L6-v2; others are of its order
+POLL_S = 0.5        # how long the scheduler's loop waits for an event (SIGINT is seen in between)
+
+
+@functools.cache
+def _tracked_class(cls):
+    """cls with a start time taken when Ray places the actor (its __init__ begins) and a
+    method that reports where it runs: what the status record's actor entries show."""
+    class Tracked(cls):
+        def __init__(self, *args, **kwargs):
+            self._adl_started = time.time()
+            super().__init__(*args, **kwargs)
+
+        def adl_placement(self) -> dict:
+            import ray
+            return {"node_id": ray.get_runtime_context().get_node_id(),
+                    "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(),
+                    "started": self._adl_started}
+
+    Tracked.__name__, Tracked.__qualname__, Tracked.__doc__ = cls.__name__, cls.__qualname__, cls.__doc__
+    return Tracked
+
+
+class ActorRequests:
+    """Each model actor's resources: GPUs by placement (jobs/placement.py), CPUs from the spec."""
+
+    def __init__(self, plan: Plan):
+        self.spec = plan.spec
+        self.parameters = {a.source: a.parameters for a in plan.sets}
+        for a in plan.sets:   # an adapter's reference for grading is its base model
+            self.parameters.setdefault(type(a.source)(a.source.model, a.source.revision), a.parameters)
+
+    def placed(self, key: ModelKey):
+        compute = self.spec.compute
+        if key.runtime == "embedder":   # a small sentence-transformers model, in float32
+            return placement(compute, EMBEDDER_PARAMETERS, "float32")
+        engine = key.runtime == "vllm"
+        tp = self.spec.generation.tensor_parallel_size if engine else 1
+        return placement(compute, self.parameters.get(key.source) or 0, self.spec.dtype, engine, tp)
+
+    def __call__(self, key: ModelKey) -> Request:
+        return Request(cpus=self.spec.compute.cpus_per_worker, gpus=self.placed(key).num_gpus)
+
+
+class RayBackend:
+    def __init__(self, plan: Plan, store: Store, status: JobStatus, stats, log, grader=None):
+        self.plan, self.spec, self.store, self.status, self.stats, self.log = \
+            plan, plan.spec, store, status, stats, log
+        self.grader = grader                  # an LLM grader in the driver (LocalActor), or None
+        self.requests = ActorRequests(plan)
+        self.baselines: dict = {}             # ModelSource -> that model's baseline results
+        self.handles: dict[int, tuple] = {}   # id(handle) -> (key, handle): the live actors
+        self._events: queue.Queue = queue.Queue()
+        self._stages = {s.name: s for s in PAIR_STAGES}
+        self._pairs = {p.pair.name: p for p in plan.pairs}
+
+    # -- the cluster and its actors -----------------------------------------------------
+    def nodes(self) -> list[NodeResources]:
+        import ray
+        return [NodeResources(n["NodeID"], n["Resources"].get("CPU", 0.0), int(n["Resources"].get("GPU", 0)))
+                for n in ray.nodes() if n.get("Alive")]
+
+    def create(self, key: ModelKey, slot: Slot):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        cls, args, kwargs, options = self._constructor(key)
+        self.log(f"loading {key}")
+        handle = ray.remote(_tracked_class(cls)).options(
+            num_gpus=slot.request.gpus, num_cpus=slot.request.cpus, max_restarts=3, max_task_retries=3,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=True),
+            **options).remote(*args, **kwargs)
+        self.handles[id(handle)] = (key, handle)
+        self.status.actors.started(handle, key.runtime, key.label or str(key.source), slot.request.gpus)
+        self.stats.loaded(key)
+        return handle
+
+    def _constructor(self, key: ModelKey):
+        spec, s3 = self.spec, s3_options(self.spec)
+        if key.runtime == "transformers":
+            from workers.model_worker import TransformersWorker
+            return TransformersWorker, (key.source,), dict(
+                dtype=spec.dtype, s3=s3, store=self.store, trust_remote_code=spec.trust_remote_code,
+                grader=spec.grader), {"max_concurrency": 2}
+        if key.runtime == "vllm":
+            from workers.generation import GenerationWorker
+            gen, placed = spec.generation, self.requests.placed(key)
+            return GenerationWorker, (key.source, s3), dict(
+                trust_remote_code=spec.trust_remote_code, dtype=spec.dtype, max_model_len=gen.max_model_len,
+                tensor_parallel_size=placed.devices, seed=gen.seed,
+                gpu_memory_utilization=engine_memory_utilization(placed)), {}
+        from workers.embedding import EmbeddingWorker
+        return EmbeddingWorker, (spec.analyses.embedding_model, spec.analyses.embedding_batch_size), {}, {}
+
+    def release(self, key: ModelKey, handle) -> None:
+        import ray
+        self.log(f"releasing {key}")
+        self.handles.pop(id(handle), None)
+        self.status.actors.ended(handle)
+        ray.kill(handle)
+
+    def kill_all(self) -> None:
+        """Ends every live actor at once (an interrupted job): no last placement report."""
+        import ray
+        for _, handle in list(self.handles.values()):
+            try:
+                ray.kill(handle)
+            except Exception:
+                pass
+        self.handles.clear()
+
+    # -- units ------------------------------------------------------------------------------
+    def start(self, unit: Unit, actors: dict) -> None:
+        threading.Thread(target=self._run, args=(unit, actors), name=f"adl {unit.name}", daemon=True).start()
+
+    def wait(self) -> list[tuple[Unit, str | None]]:
+        try:
+            events = [self._events.get(timeout=POLL_S)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def _run(self, unit: Unit, actors: dict) -> None:
+        """The one wrapper of every unit: status, timing, logging; the end reported in a
+        finally, so that the scheduler frees its actors whatever happened."""
+        error = None
+        start = time.time()
+        try:
+            if unit.kind == "extract":
+                self._extract(unit, actors)
+            elif unit.kind == "baselines":
+                engine = actors[next(iter(actors))]
+                self.baselines[unit.subject] = run_baselines(self.spec, unit.subject, engine, self.log)
+            else:
+                with self.status.stage(unit.pair, unit.kind):
+                    self._stages[unit.kind].run(StageRun(self._pairs[unit.pair], self.spec, self.store, actors,
+                                                         self.log, self.grader, self.baselines))
+        except BaseException as e:
+            error = describe(e)
+            if unit.kind == "extract":
+                error = f"activations {unit.subject.name} failed: {error}"
+        finally:
+            if error is None:
+                self.log(f"{unit.name}: done in {time.time() - start:.1f} s")
+            self._events.put((unit, error))
+
+    def _extract(self, unit: Unit, actors: dict) -> None:
+        aset = unit.subject
+        self.status.set_state(aset.prefix, "running")
+        try:
+            def on_shard(finished, marker):
+                self.stats.add("shards_extracted")
+                with self.stats._lock:
+                    self.stats.gpu_ids.extend(marker["gpu_ids"])
+                self.status.shards(aset.prefix, finished)
+            extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard)
+        except BaseException as e:
+            self.status.set_state(aset.prefix, "failed", describe(e))
+            raise
+        self.status.set_state(aset.prefix, "done")
+
+
+def pair_manifest(store: Store, pair) -> None:
+    """Written last: marks the pair's results complete."""
+    store.write_json(layout.manifest(pair.out_dir), {
+        "pair": pair.pair.name, "layers": list(pair.layers),
+        "base": pair.base.prefix, "finetuned": pair.finetuned.prefix})

@@ -1,0 +1,274 @@
+"""The job's stages, each declared once: its name, the tables it writes, whether the spec
+enables it, the stages it comes after, the model actors it needs, and one run function
+taking a StageRun. Adding a stage is one function and one entry in PAIR_STAGES.
+
+Two kinds of work are not a pair's: an activation set's extraction and a model's
+baseline generations (shared by every pair that uses the set or the model). They are
+units of the same scheduler (jobs/scheduler.py) with their own functions here.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from jobs import analyses
+from jobs.plan import ActivationSet, PairPlan
+from jobs.scheduler import ModelKey
+from jobs.spec import JobSpec, ModelSource
+from jobs.steering import baseline_requests, baseline_rows, steer
+from storage import layout
+from storage.store import Store
+from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, difference_table, generations_table,
+                            logit_lens_table, steering_table)
+
+# A shard whose actor's node died is resubmitted: until Ray notices the death (its health
+# checks take tens of seconds), calls fail fast as "temporarily unavailable".
+SHARD_ATTEMPTS = 10
+SHARDS_IN_FLIGHT = 2        # one in its forward, one encoding and writing
+REDUCE_IN_FLIGHT = 4        # shards' partial sums read at once per pair (memory)
+
+
+# -- the model actors a stage needs -------------------------------------------------------
+def _label(source: ModelSource) -> str:
+    return "/".join((source.adapter or source.model).rstrip("/").split("/")[-2:])
+
+
+def transformers(source: ModelSource) -> ModelKey:
+    return ModelKey("transformers", source, _label(source))
+
+
+def vllm(source: ModelSource) -> ModelKey:
+    return ModelKey("vllm", source, _label(source))
+
+
+def embedder(spec: JobSpec) -> ModelKey:
+    name = spec.analyses.embedding_model or analyses.PACKAGED_EMBEDDER
+    return ModelKey("embedder", name, name)
+
+
+def grader_reference(pair) -> ModelSource:
+    """The offline grader's reference model: the finetuned model (for an adapter, its
+    base): a model that never saw the finetuning domain finds all of its text improbable."""
+    return ModelSource(pair.finetuned.model, pair.finetuned.revision)
+
+
+def offline_grader(spec: JobSpec) -> bool:
+    from workers.graders import is_offline
+    return is_offline(spec.grader)
+
+
+def _grader_needs(spec: JobSpec, pair: PairPlan) -> tuple[ModelKey, ...]:
+    return (transformers(grader_reference(pair.pair)),) if offline_grader(spec) else ()
+
+
+@dataclass
+class StageRun:
+    """What a stage's run function gets."""
+    pair: PairPlan
+    spec: JobSpec
+    store: Store
+    actors: dict[ModelKey, Any]          # the Ray actor handles of the stage's needs
+    log: Callable[[str], None]
+    grader: Any = None                   # an LLM grader in the driver (LocalActor); None: offline
+    baselines: dict = field(default_factory=dict)   # ModelSource -> baseline GenerationResults
+
+    def model(self, runtime: str, source: ModelSource):
+        return self.actors[ModelKey(runtime, source)]
+
+    def grader_handle(self):
+        """The grader, called like an actor: the reference model's actor when offline."""
+        return self.grader if self.grader is not None else \
+            self.model("transformers", grader_reference(self.pair.pair))
+
+    def path(self, name: str) -> str:
+        return f"{self.pair.out_dir}/{name}"
+
+
+class LocalActor:
+    """A driver-side object called like a Ray actor handle: `handle.method.remote(...)`
+    runs it in the calling thread and returns an ObjectRef of the result, so that stages
+    treat an LLM grader in the driver and a model actor alike."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name):
+        import ray
+        method = getattr(self._obj, name)
+        return type("Method", (), {"remote": staticmethod(lambda *a, **k: ray.put(method(*a, **k)))})
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    writes: tuple[str, ...]                          # in the pair's folder; all present: done
+    enabled: Callable[[JobSpec], bool]
+    after: tuple[str, ...]                           # stages of the same pair it reads
+    needs: Callable[[JobSpec, PairPlan], tuple[ModelKey, ...]]
+    run: Callable[[StageRun], None]
+
+
+# -- reduce --------------------------------------------------------------------------------
+def reduce_pair(ctx: StageRun) -> None:
+    import ray
+    from safetensors.numpy import save as save_safetensors
+    from workers.reduce import finish, shard_sums
+    pair, spec = ctx.pair, ctx.spec
+    shards = pair.base.documents.num_shards
+    ctx.log(f"{pair.pair.name}: reducing {shards} shards")
+    # No CPUs asked: model actors may hold every CPU of a small cluster, and these tasks
+    # are short reads and sums that must never wait for them.
+    remote = ray.remote(num_cpus=0)(shard_sums)
+    todo, futures, total = deque(range(shards)), [], None
+    while todo or futures:   # merge as partial sums arrive, in any order
+        while todo and len(futures) < REDUCE_IN_FLIGHT:
+            futures.append(remote.remote(ctx.store, pair.base.prefix, pair.finetuned.prefix, todo.popleft(),
+                                         list(pair.layers), spec.method.tokens_per_document,
+                                         spec.method.norm_skip_positions))
+        ready, futures = ray.wait(futures, num_returns=1)
+        part = ray.get(ready[0])
+        total = part if total is None else total + part
+    result = finish(total)
+    meta = {"adl.pair": pair.pair.name, "adl.base": pair.base.prefix, "adl.finetuned": pair.finetuned.prefix}
+    table = difference_table(list(pair.layers), result["num_documents"], result["delta"],
+                             result["base_mean"], result["finetuned_mean"], result["finetuned_norm"], **meta)
+    ctx.store.write_table(ctx.path(layout.DIFFERENCE), table, **TABLE_PARQUET_OPTIONS)
+    tensors = {name: np.ascontiguousarray(result[name], dtype=np.float32)
+               for name in ("delta", "base_mean", "finetuned_mean", "finetuned_norm")}
+    tensors["layers"] = np.asarray(pair.layers, dtype=np.int64)
+    ctx.store.write_bytes(ctx.path(layout.DIFFERENCE_SAFETENSORS),
+                          save_safetensors(tensors, metadata={k.removeprefix("adl."): v for k, v in meta.items()}))
+
+
+# -- the logit lens -------------------------------------------------------------------------
+def logit_lens(ctx: StageRun) -> None:
+    import ray
+    from workers.lens import VARIANTS
+    pair, spec = ctx.pair, ctx.spec
+    table = ctx.store.read_table(ctx.path(layout.DIFFERENCE))
+    layers = table.column("layer").to_numpy()
+    positions = table.column("position").to_numpy()
+    vectors = {name: decode_vectors(table.column(name), "float64") for name in
+               ("delta", "base_mean", "finetuned_mean")}
+    vectors["neg_delta"] = vectors["delta"]   # negated after the norm, inside the lens
+    rows = [(r, v) for r in range(table.num_rows) if positions[r] in spec.method.positions for v in VARIANTS]
+    ctx.log(f"{pair.pair.name}: logit lens on {len(rows)} vectors")
+    batch = np.stack([vectors[v][r] for r, v in rows])
+    lens = ctx.model("transformers", pair.pair.finetuned)
+    ids, tokens, probs = ray.get(lens.lens_top_tokens.remote(pair.pair.base, batch, [v for _, v in rows],
+                                                             spec.method.lens_top_k))
+    out = {name: [] for name in ("layer", "position", "variant", "rank", "token_id", "token", "probability")}
+    for (r, variant), row_ids, row_tokens, row_probs in zip(rows, ids, tokens, probs):
+        for rank, (tid, tok, p) in enumerate(zip(row_ids, row_tokens, row_probs)):
+            for name, value in zip(out, (int(layers[r]), int(positions[r]), variant, rank, int(tid), tok, float(p))):
+                out[name].append(value)
+    ctx.store.write_table(ctx.path(layout.LOGIT_LENS), logit_lens_table(out), **TABLE_PARQUET_OPTIONS)
+
+
+# -- generations ----------------------------------------------------------------------------
+def baseline_sources(spec: JobSpec, pair: PairPlan) -> list[ModelSource]:
+    return list(dict.fromkeys(getattr(pair.pair, role) for role in spec.generation.baseline_models))
+
+
+def run_baselines(spec: JobSpec, source: ModelSource, engine, log) -> list:
+    """A model's baseline samples: the same requests for every pair, so generated once."""
+    import ray
+    _, requests = baseline_requests(spec.generation)
+    log(f"{_label(source)}: baseline generations, {len(requests)} prompts x {spec.generation.samples} samples")
+    return ray.get(engine.generate.remote(requests))
+
+
+def generate(ctx: StageRun) -> None:
+    pair, spec = ctx.pair, ctx.spec
+    gen = spec.generation
+    rows = [row for role in gen.baseline_models
+            for row in baseline_rows(pair.pair.name, role, gen, ctx.baselines[getattr(pair.pair, role)])]
+    difference = ctx.store.read_table(ctx.path(layout.DIFFERENCE)).to_pandas()
+    steered = steer(pair.pair.name, spec, difference, ctx.model("vllm", pair.pair.finetuned),
+                    ctx.grader_handle(), ctx.log)
+    ctx.store.write_table(ctx.path(layout.GENERATIONS), generations_table(rows + steered.rows),
+                          **TABLE_PARQUET_OPTIONS)
+    ctx.store.write_table(ctx.path(layout.STEERING), steering_table(steered.steering), **TABLE_PARQUET_OPTIONS)
+
+
+# -- extraction (an activation set's unit) -------------------------------------------------
+def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_shard=None) -> int:
+    """Every missing shard of the set through its model's actor, SHARDS_IN_FLIGHT at a
+    time; then the set's manifest. Returns the shards extracted."""
+    import ray
+    docs = aset.documents
+    done = {k for k in store.list(aset.prefix) if k.endswith(".done.json")}
+    todo = deque(i for i in range(docs.num_shards) if layout.shard_marker(aset.prefix, i) not in done)
+    if todo:
+        log(f"{aset.name}: extracting layers {list(aset.layers)} from {len(docs.doc_ids)} documents "
+            f"({len(todo)} of {docs.num_shards} shards to do)")
+    pending, lost = {}, {}     # ObjectRef -> shard index; shard index -> calls lost with the actor
+    finished, extracted = docs.num_shards - len(todo), 0
+
+    def submit():
+        if todo:
+            index = todo.popleft()
+            pending[worker.extract.remote(aset.prefix, list(aset.layers), spec.batch_size, index,
+                                          *docs.shard(index))] = index
+
+    for _ in range(SHARDS_IN_FLIGHT):
+        submit()
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(ready)
+        try:
+            marker = ray.get(ready)
+        except ray.exceptions.ActorUnavailableError as e:
+            # Its node died and Ray is restarting it elsewhere; the call may or may not
+            # have run, and a shard's write is atomic, so the shard is simply done again.
+            lost[index] = lost.get(index, 0) + 1
+            if lost[index] > SHARD_ATTEMPTS:
+                raise
+            log(f"{aset.name}: shard {index} lost with its actor ({type(e).__name__}), retrying")
+            time.sleep(min(2.0 * lost[index], 10.0))   # until Ray restarts the actor
+            todo.appendleft(index)
+            submit()
+            continue
+        submit()
+        finished += 1
+        extracted += 1
+        if on_shard:
+            on_shard(finished, marker)
+        log(f"{aset.name}: shard {marker['shard']} done ({finished}/{docs.num_shards}, "
+            f"{marker['documents']} documents in {marker['seconds']:.1f} s)")
+    store.write_json(layout.manifest(aset.prefix), {
+        "identity": aset.identity, "layers": list(aset.layers), "shards": docs.num_shards,
+        "documents": int(len(docs.doc_ids)), "documents_read": docs.read})
+    return extracted
+
+
+# -- the declarations -------------------------------------------------------------------------
+def _ft(runtime):
+    return lambda spec, pair: ((ModelKey(runtime, pair.pair.finetuned, _label(pair.pair.finetuned)),))
+
+
+PAIR_STAGES: tuple[Stage, ...] = (
+    Stage("reduce", (layout.DIFFERENCE, layout.DIFFERENCE_SAFETENSORS), lambda spec: True, (),
+          lambda spec, pair: (), reduce_pair),
+    Stage("logit_lens", (layout.LOGIT_LENS,), lambda spec: True, ("reduce",),
+          _ft("transformers"), logit_lens),
+    Stage("generate", (layout.GENERATIONS, layout.STEERING), lambda spec: spec.generation.enabled, ("reduce",),
+          lambda spec, pair: _ft("vllm")(spec, pair) + _grader_needs(spec, pair), generate),
+    Stage("patchscope", (layout.PATCHSCOPE,), lambda spec: spec.analyses.enabled, ("reduce",),
+          lambda spec, pair: (transformers(pair.pair.finetuned), transformers(pair.pair.base))
+          + _grader_needs(spec, pair), analyses.patchscope),
+    Stage("token_relevance", (layout.TOKEN_RELEVANCE_JSON,), lambda spec: spec.analyses.enabled,
+          ("logit_lens", "patchscope"), lambda spec, pair: (), analyses.token_relevance),
+    Stage("similarity", (layout.SIMILARITY,),
+          lambda spec: spec.analyses.enabled and spec.generation.enabled, ("generate",),
+          lambda spec, pair: (embedder(spec),), analyses.similarity),
+)
+
+
+def enabled_stages(spec: JobSpec) -> tuple[Stage, ...]:
+    return tuple(s for s in PAIR_STAGES if s.enabled(spec))
+

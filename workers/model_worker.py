@@ -1,0 +1,93 @@
+"""One model's transformers-side actor: loaded once, it serves every stage that needs
+that model's weights (extraction shards, the logit lens, patchscope, the offline grader).
+
+The executor (jobs/executor.py) makes at most one such actor per distinct model at a time
+and sends it all of that model's work, so a model shared by many pairs is loaded once.
+Calls may overlap (max_concurrency=2: a shard's encode and write overlap the next
+forward); every use of the model's forward takes `forward_lock`, because patchscope's
+hooks sit on the same blocks that extraction reads.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+
+from storage.store import Store
+from workers.extraction import extract_shard
+from workers.lens import Lens
+from workers.models import load_model, load_tokenizer
+from workers.patchscope import Patchscope
+
+
+class TransformersWorker:
+    def __init__(self, source, *, dtype: str, s3: dict, store: Store, trust_remote_code: bool = False,
+                 grader: dict | None = None):
+        self.source, self.dtype, self.s3, self.store = source, dtype, s3, store
+        self.trust_remote_code = trust_remote_code
+        self.grader_config = grader
+        self.model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code)
+        self.forward_lock = threading.Lock()
+        self._tokenizers: dict = {}
+        self._lens = self._patchscope = self._grader = None
+        self._setup = threading.Lock()
+
+    def tokenizer(self, source):
+        """A tokenizer by ModelSource (a pair reads its finetuned model with its base's)."""
+        with self._setup:
+            if source not in self._tokenizers:
+                self._tokenizers[source] = load_tokenizer(source, self.s3, self.trust_remote_code)
+            return self._tokenizers[source]
+
+    # -- extraction --------------------------------------------------------------------
+    def extract(self, set_prefix: str, layers: list[int], batch_size: int, index: int,
+                doc_ids: np.ndarray, token_ids: np.ndarray) -> dict:
+        return extract_shard(self.model, self.store, set_prefix, list(layers), self.dtype, batch_size,
+                             index, doc_ids, token_ids, forward_lock=self.forward_lock)
+
+    # -- the logit lens and patchscope -------------------------------------------------
+    def lens_top_tokens(self, tokenizer_source, vectors: np.ndarray, variants: list[str], k: int):
+        with self._setup:
+            self._lens = self._lens or Lens(self.model)
+        return self._lens.top_tokens(self.tokenizer(tokenizer_source), vectors, variants, k)
+
+    def patchscope(self, tokenizer_source, vectors: np.ndarray, layers: list[int], scales: list[float],
+                   prompts: list[str], vocab_top: int, top_k: int):
+        with self._setup:
+            self._patchscope = self._patchscope or Patchscope(self.model)
+        tokenizer = self.tokenizer(tokenizer_source)
+        with self.forward_lock:
+            return self._patchscope.run(tokenizer, vectors, layers, scales, prompts, vocab_top, top_k)
+
+    # -- the offline grader on this model (the pairs whose reference it is) -------------
+    def _grading(self):
+        from workers.graders import GraderService, check_grader_config, make_grader
+        with self._setup:
+            if self._grader is None:
+                params = check_grader_config(self.grader_config)
+                params.pop("device", None)   # this actor's device
+                dtype = params.pop("dtype", None) or self.dtype
+                model = self.model
+                if dtype != self.dtype:      # a copy in the grader's own dtype, from these weights
+                    import torch
+                    model = copy.deepcopy(model).to(getattr(torch, dtype))
+                own = type(self.source)(self.source.model, self.source.revision)
+                tokenizer = load_tokenizer(own, self.s3, self.trust_remote_code)
+                self._grader = GraderService(make_grader(params, model=model, tokenizer=tokenizer))
+        return self._grader
+
+    def coherence(self, texts: list[str]):
+        grader = self._grading()
+        with self.forward_lock:
+            return grader.coherence(texts)
+
+    def best_scales(self, token_lists):
+        grader = self._grading()
+        with self.forward_lock:
+            return grader.best_scales(token_lists)
+
+    def token_relevances(self, token_lists, description: str, frequent_tokens: list[str]):
+        return self._grading().token_relevances(token_lists, description, frequent_tokens)
+
+
