@@ -53,11 +53,14 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
 
 def _run(spec, report: bool = False) -> int:
     """Runs the job; exit code 1 when any pair failed (the others still ran)."""
-    from jobs.driver import RunStats, log, run_job
+    from jobs.driver import RunStats, Terminated, log, run_job
     from jobs.summary import run_summary
     from storage.store import Store
     stats = RunStats()
-    record = run_job(spec, stats)
+    try:
+        record = run_job(spec, stats)
+    except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: run_job said what is complete
+        return 143 if isinstance(e, Terminated) else 130
     store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
     log(f"done: {store.uri(record)}")
     print(run_summary(store, record))

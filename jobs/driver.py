@@ -66,6 +66,21 @@ class RunStats:
                     "pairs_run": self.pairs_reduced}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the job's actors and its private Ray are stopped."""
+
+
+def _stop_on_sigterm() -> None:
+    """Ray's driver turns SIGTERM into an exit that leaves a private cluster's processes
+    running; this handler makes it an interrupt that the job cleans up after."""
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
 def log(message: str) -> None:
     print(f"[adl {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -161,6 +176,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     try:
         if units:
             private = ensure_ray(spec)
+            _stop_on_sigterm()
             backend = RayBackend(plan, store, status, stats, log, grader=_llm_grader(spec))
             scheduler = Scheduler(units, backend.requests, backend, log, _on_change(plan, units, store, status, stats))
             scheduler.run()
