@@ -94,8 +94,60 @@ def test_root_in_a_pseudo_filesystem(tmp_path, make_spec, capsys, root):
         f"storage.root: {root} is in {pseudo}, a kernel pseudo filesystem, not storage"
 
 
+@pytest.mark.parametrize("root, message", [
+    ("s3://", "storage.root: 's3://' names no bucket (expected s3://bucket/prefix)"),
+    ("s3:///prefix", "storage.root: 's3:///prefix' names no bucket (expected s3://bucket/prefix)"),
+    ("s3:/bucket/prefix", "storage.root: 's3:/bucket/prefix': malformed s3:// URI "
+                          "(expected a local folder or s3://bucket/prefix)"),
+    ("gs://bucket/x", "storage.root: 'gs://bucket/x': unsupported URI scheme gs:// "
+                      "(expected a local folder or s3://bucket/prefix)"),
+    ("file:///tmp/x", "storage.root: 'file:///tmp/x': unsupported URI scheme file:// "
+                      "(expected a local folder or s3://bucket/prefix)"),
+])
+def test_root_uri_without_bucket_or_of_another_scheme(tmp_path, make_spec, capsys, monkeypatch, root, message):
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec(root)
+    assert run_fails(tmp_path, spec, capsys) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]   # no ./gs:/bucket/x
+
+
+def test_relative_root_is_relative_to_the_spec_file(tmp_path, make_spec, monkeypatch):
+    from jobs.spec import load_spec
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    spec_file = tmp_path / "specs" / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec("results/adl")))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_spec("../specs/job.yaml").storage.root == str(tmp_path / "specs" / "results" / "adl")
+
+
 # -- locations of other schemes -------------------------------------------------------------
 HUB_OR_S3 = "(expected a hub id, a local folder or s3://bucket/prefix)"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p, s: p.update(base="gs://models/base"),
+     f"pairs[0].base: 'gs://models/base': unsupported URI scheme gs:// {HUB_OR_S3}"),
+    (lambda p, s: p.update(finetuned={"model": "https://huggingface.co/org/ft"}),
+     f"pairs[0].finetuned.model: 'https://huggingface.co/org/ft': unsupported URI scheme https:// {HUB_OR_S3}"),
+    (lambda p, s: p.update(finetuned={"adapter": "hf://org/lora"}),
+     f"pairs[0].finetuned.adapter: 'hf://org/lora': unsupported URI scheme hf:// {HUB_OR_S3}"),
+    (lambda p, s: p.update(base="s3://"), "pairs[0].base: 's3://' names no bucket (expected s3://bucket/prefix)"),
+    (lambda p, s: p.update(finetune_data="gs://data/ft.jsonl"),
+     "pairs[0].finetune_data: 'gs://data/ft.jsonl': expected a local file, not a URI"),
+    (lambda p, s: p.update(generic_chat="s3://data/chat.txt"),
+     "pairs[0].generic_chat: 's3://data/chat.txt': expected a local file, not a URI"),
+    (lambda p, s: s.update(corpus={"kind": "jsonl", "path": "gs://data/corpus.jsonl"}),
+     "corpus.path: 'gs://data/corpus.jsonl': expected a local file, not a URI"),
+    (lambda p, s: s.update(analyses={"embedding_model": "s3://models/minilm"}),
+     "analyses.embedding_model: 's3://models/minilm': expected a hub id or a local folder, not a URI"),
+])
+def test_locations_of_other_schemes(tmp_path, make_spec, capsys, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec(tmp_path / "out")
+    change(spec["pairs"][0], spec)
+    assert run_fails(tmp_path, spec, capsys) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
 
 
 # -- the corpus -------------------------------------------------------------------------------
@@ -140,5 +192,38 @@ def test_inspect_on_a_garbage_parquet_file(tmp_path, capsys):
 
 
 # -- the spec file and names -----------------------------------------------------------------
+def test_binary_spec_file(tmp_path, capsys):
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff")
+    assert fails(["run", str(spec_file)], capsys) == f"{spec_file}: not a text file (byte 0 is not UTF-8); a job spec is YAML"
+    spec_file.write_bytes(b"name: x\x00\npairs: []\n")
+    assert fails(["run", str(spec_file)], capsys) == f"{spec_file}: not valid YAML"
+
+
 PRINTABLE = "must be printable (no control characters, newlines or escape sequences)"
 
+
+@pytest.mark.parametrize("field, name", [
+    ("pair", "demo\n[adl 12:00:00] demo: results complete, skipped"),
+    ("pair", "\x1b[31mred\x1b[0m"),
+    ("pair", "tab\there"),
+    ("job", "job\r"),
+    ("job", "\x1b]0;title\x07"),
+])
+def test_names_must_be_printable(tmp_path, make_spec, capsys, field, name):
+    spec = make_spec(tmp_path / "out")
+    if field == "pair":
+        spec["pairs"][0]["name"] = name
+    else:
+        spec["name"] = name
+    where = "pairs[0].name" if field == "pair" else "name"
+    assert run_fails(tmp_path, spec, capsys) == f"{where}: {PRINTABLE}, got {name!r}"
+
+
+@pytest.mark.parametrize("names, folder", [(["a/b", "a_b"], "a_b"), (["x", "x."], "x"), (["my pair", "my_pair"], "my_pair")])
+def test_pair_names_sharing_a_folder(tmp_path, make_spec, capsys, names, folder):
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"] = [{**spec["pairs"][0], "name": name} for name in names]
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[1].name: {names[1]!r} and pairs[0].name {names[0]!r} map to the same results folder name "
+        f"{folder!r}; rename one")
