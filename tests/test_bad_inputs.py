@@ -66,11 +66,138 @@ def base_config(demo_pair) -> dict:
 
 
 # -- the two models of a pair -------------------------------------------------------------
+@pytest.mark.parametrize("key, value", [("hidden_size", 128), ("num_hidden_layers", 6)])
+def test_models_of_another_shape(tmp_path, make_spec, demo_pair, capsys, key, value):
+    ft = model_copy(demo_pair.finetuned_dir, tmp_path / "ft", **{key: value})
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(ft)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: {key} {value} does not match pairs[0].base ({base_config(demo_pair)[key]})")
+
+
+def test_vocabulary_mismatch_is_an_error_unless_allowed(tmp_path, make_spec, demo_pair, capsys):
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    vocab = base_config(demo_pair)["vocab_size"]
+    ft = model_copy(demo_pair.finetuned_dir, tmp_path / "ft", vocab_size=vocab + 7)
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(ft)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: vocab_size {vocab + 7} does not match pairs[0].base ({vocab}){VOCAB_HINT}")
+    # Allowed (a finetune that added tokens): the plan reads both models as usual.
+    spec["pairs"][0]["allow_vocab_mismatch"] = True
+    [pair] = make_plan(parse_spec(spec)).pairs
+    assert pair.pair.allow_vocab_mismatch and pair.finetuned.source.model == str(ft)
+    assert not (tmp_path / "out").exists()
+
+
+def test_allowed_vocabulary_must_still_hold_the_corpus_tokens(tmp_path, make_spec, demo_pair, capsys):
+    """A finetuned vocabulary smaller than the base tokenizer's ids cannot embed them."""
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    top = int(make_plan(parse_spec(make_spec(tmp_path / "out"))).sets[0].documents.token_ids.max())
+    ft = model_copy(demo_pair.finetuned_dir, tmp_path / "ft", vocab_size=top)
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0].update(finetuned=str(ft), allow_vocab_mismatch=True)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: vocab_size {top} is too small for the base tokenizer's token ids "
+        f"(the corpus has token id {top})")
+
+
+@pytest.mark.parametrize("role", ["base", "finetuned"])
+def test_model_folder_without_weights(tmp_path, make_spec, demo_pair, capsys, role):
+    folder = model_copy(getattr(demo_pair, f"{role}_dir"), tmp_path / role)
+    (folder / "model.safetensors").unlink()
+    (folder / "training_args.bin").write_bytes(b"not weights")
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0][role] = str(folder)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].{role}: {folder}: no model weights (*.safetensors, *.bin or an index file)")
+
+
+def test_s3_model_folder_without_weights(tmp_path, make_spec, demo_pair, capsys, s3_endpoint, s3_bucket):
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for f in Path(demo_pair.base_dir).iterdir():
+        if f.name != "model.safetensors":
+            client.upload_file(str(f), s3_bucket, f"models/base/{f.name}")
+    before = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    spec = make_spec(f"s3://{s3_bucket}/out", storage={"endpoint_url": s3_endpoint, "region": "us-east-1"})
+    spec["pairs"][0]["base"] = f"s3://{s3_bucket}/models/base"
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].base: s3://{s3_bucket}/models/base: no model weights (*.safetensors, *.bin or an index file)")
+    assert sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]) == before
+
+
 # -- adapters -------------------------------------------------------------------------------
 def adapter_spec(make_spec, demo_pair, root, adapter) -> dict:
     spec = make_spec(root)
     spec["pairs"][0]["finetuned"] = {"adapter": str(adapter)}
     return spec
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x89PNG\r\n\x1a\n\xff", "not valid JSON (binary content)"),
+    (b'{"peft_type": "LORA", "r": 4,', "not valid JSON (Expecting property name enclosed in double quotes: "
+                                      "line 1 column 30)"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    (b'{"r": 4, "target_modules": ["q_proj"]}', "no peft_type (not a PEFT adapter config)"),
+    (b'{"peft_type": "SOUP", "r": 4}', "unknown peft_type 'SOUP'"),
+    (b'{"peft_type": "LORA", "target_modules": ["q_proj"]}', "r must be the LoRA rank (an integer >= 1), got None"),
+    (b'{"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]}',
+     "r must be the LoRA rank (an integer >= 1), got '4'"),
+    (b'{"peft_type": "LORA", "r": 4}', "no target_modules (the modules LoRA adapts)"),
+    (b'{"peft_type": "LORA", "r": 4, "target_modules": [3]}',
+     "target_modules must be a module name, a list of them or null, got [3]"),
+])
+def test_garbage_adapter_config(tmp_path, make_spec, demo_pair, lora_adapter, capsys, content, problem):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / "adapter_config.json").write_bytes(content)
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    assert run_fails(tmp_path, spec, capsys) == f"pairs[0].finetuned.adapter: {adapter}/adapter_config.json: {problem}"
+
+
+def test_adapter_without_weights(tmp_path, make_spec, demo_pair, lora_adapter, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned.adapter: {adapter}: no adapter weights (adapter_model.safetensors or adapter_model.bin)")
+
+
+def test_adapter_for_another_base(tmp_path, make_spec, demo_pair, lora_adapter, capsys):
+    """The adapter's base_model_name_or_path names a local model of another shape."""
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(demo_pair.base_dir)   # the real one: accepted
+    [pair] = make_plan(parse_spec(adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter))).pairs
+    assert pair.finetuned.source.adapter == str(adapter)
+
+    other = model_copy(demo_pair.base_dir, tmp_path / "other-base", hidden_size=512)
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned.adapter: {adapter}/adapter_config.json: base_model_name_or_path {other} is not "
+        f"pairs[0].base {demo_pair.base_dir} (its hidden_size is 512, the base's 256)")
+
+
+def test_adapter_base_comparison():
+    """Names are compared where both are hub ids or both s3:// URIs; a hub id against a
+    folder, or a folder that is not here, cannot be compared."""
+    from workers.models import adapter_base_mismatch
+    recorded = lambda name: {"base_model_name_or_path": name}
+    assert adapter_base_mismatch(recorded("org/model-1b"), "org/model-8b") == ("org/model-1b", "")
+    assert adapter_base_mismatch(recorded("Org/Model-1B"), "org/model-1b") is None
+    assert adapter_base_mismatch(recorded("s3://b/models/a/"), "s3://b/models/a") is None
+    assert adapter_base_mismatch(recorded("s3://b/models/a"), "s3://b/models/c") == ("s3://b/models/a", "")
+    assert adapter_base_mismatch(recorded("org/model-1b"), "s3://b/models/a") is None
+    assert adapter_base_mismatch(recorded("/no/such/base"), "org/model-1b") is None
+    assert adapter_base_mismatch({}, "org/model-1b") is None
 
 
 # -- the Ray address ----------------------------------------------------------------------
