@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from jobs.cluster_check import check_ray_address
 from jobs.corpus import corpus_identity, file_identity, read_documents
 from jobs.placement import parameter_count
 from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
@@ -159,6 +160,7 @@ def make_plan(spec: JobSpec) -> Plan:
     documents: dict[str, Documents] = {}     # by tokenizer identity
     sets: dict[str, ActivationSet] = {}
     pairs = []
+    check_ray_address(spec)
     for i, pair in enumerate(spec.pairs):
         where = f"pairs[{i}]"
         idents, configs, blocks = check_pair_models(spec, pair, where, s3)

@@ -201,6 +201,42 @@ def test_adapter_base_comparison():
 
 
 # -- the Ray address ----------------------------------------------------------------------
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_unreachable_ray_address(tmp_path, make_spec, capsys, address):
+    spec = make_spec(tmp_path / "out", compute={"ray_address": address})
+    start = time.monotonic()
+    message = run_fails(tmp_path, spec, capsys)
+    assert time.monotonic() - start < 30
+    assert message == f"compute.ray_address: cannot reach a Ray cluster at {address} (Connection refused)"
+
+
+def test_unreachable_ray_address_from_the_environment(tmp_path, make_spec, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    spec = make_spec(tmp_path / "out")
+    assert run_fails(tmp_path, spec, capsys) == \
+        "$RAY_ADDRESS: cannot reach a Ray cluster at 127.0.0.1:1 (Connection refused)"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:port", "127.0.0.1", "ray://:10001", "127.0.0.1:70000"])
+def test_malformed_ray_address(tmp_path, make_spec, capsys, address):
+    spec = make_spec(tmp_path / "out", compute={"ray_address": address})
+    assert run_fails(tmp_path, spec, capsys) == \
+        f"compute.ray_address: {address!r}: expected host:port, ray://host:port, auto or local"
+
+
+def test_reachable_ray_address_passes_the_check(make_spec, tmp_path):
+    """The check only asks that something answers at host:port."""
+    import socket
+    from jobs.cluster_check import check_ray_address
+    from jobs.spec import parse_spec
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto", "local"):
+            check_ray_address(parse_spec(make_spec(tmp_path / "out", compute={"ray_address": address})))
+
+
 # -- the storage root -----------------------------------------------------------------------
 def test_root_under_a_regular_file(tmp_path, make_spec, capsys):
     f = tmp_path / "notes.txt"
