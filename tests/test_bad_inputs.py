@@ -317,6 +317,46 @@ def test_locations_of_other_schemes(tmp_path, make_spec, capsys, monkeypatch, ch
 TEXT = "the quick brown fox jumps over the lazy dog again and again, " * 4
 
 
+@pytest.mark.parametrize("lines, problem", [
+    ([{"body": TEXT}], "line 1 has no 'text' field (corpus.column)"),
+    ([{"text": TEXT}, {"text": TEXT}, {"text": None}], "line 3: 'text' is null, not text"),
+    ([{"text": TEXT}, {"text": 42}], "line 2: 'text' is a number (42), not text"),
+    ([{"text": TEXT}, {"text": ["a", "b"]}], "line 2: 'text' is a list, not text"),
+    ([{"text": TEXT}, [TEXT]], "line 2 is not a JSON object"),
+])
+def test_jsonl_corpus_without_text(tmp_path, make_spec, capsys, lines, problem):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    spec = make_spec(tmp_path / "out", corpus={"kind": "jsonl", "path": str(corpus)})
+    assert run_fails(tmp_path, spec, capsys) == f"corpus.path: {corpus} {problem}"
+
+
+@pytest.mark.parametrize("column, message", [
+    ({"body": [TEXT, TEXT]}, "corpus.column: {p} has no column 'text'"),
+    ({"text": [1, 2]}, "corpus.column: {p} column 'text' holds int64, not text"),
+    ({"text": [TEXT, TEXT, None]}, "corpus.path: {p} row 2: 'text' is null, not text"),
+])
+def test_parquet_corpus_without_text(tmp_path, make_spec, capsys, column, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table(column), corpus)
+    spec = make_spec(tmp_path / "out", corpus={"kind": "parquet", "path": str(corpus)})
+    assert run_fails(tmp_path, spec, capsys) == message.format(p=corpus)
+
+
+@pytest.mark.parametrize("kind, content, problem", [
+    ("parquet", b"PAR1 but not really", "is not a Parquet file (corrupted, truncated or another format)"),
+    ("text", b"\x89PNG\r\n\x1a\n\xff\xfe", "is not UTF-8 text"),
+    ("jsonl", b'{"text": "\xff\xfe"}\n', "is not UTF-8 text"),
+])
+def test_corpus_file_of_another_format(tmp_path, make_spec, capsys, kind, content, problem):
+    corpus = tmp_path / f"corpus.{kind}"
+    corpus.write_bytes(content)
+    spec = make_spec(tmp_path / "out", corpus={"kind": kind, "path": str(corpus)})
+    assert run_fails(tmp_path, spec, capsys) == f"corpus.path: {corpus} {problem}"
+
+
 # -- adl inspect and adl report on files that are not what they should be ----------------------
 def garbage_runs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """Storage roots, each with one runs/x/run.json that is not a run record, and the
