@@ -380,6 +380,23 @@ def garbage_runs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+@pytest.mark.parametrize("case", ["binary", "truncated", "empty-object", "array", "pairs-not-list", "pair-entry"])
+def test_inspect_and_report_on_a_bad_run_record(tmp_path, capsys, case):
+    record, problem = garbage_runs(tmp_path)[case]
+    root = record.parents[2]
+    before = tree(root)
+    for argv in (["inspect", str(record)], ["inspect", str(root)],
+                 ["report", str(record)], ["report", str(root)]):
+        assert fails(argv, capsys) == f"{record}: {problem}", argv
+    assert tree(root) == before   # no report.html
+
+
+def test_inspect_on_a_run_record_outside_runs(tmp_path, capsys):
+    record = tmp_path / "run.json"
+    record.write_text('{"job": "x", "spec": {}, "pairs": []}')
+    assert fails(["inspect", str(record)], capsys) == f"{record}: a run record lives at <root>/runs/<job>/run.json"
+
+
 def test_inspect_on_a_garbage_parquet_file(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -392,6 +409,18 @@ def test_inspect_on_a_garbage_parquet_file(tmp_path, capsys):
     for path in (garbage, truncated):
         assert fails(["inspect", str(path)], capsys) == \
             f"{path}: not a Parquet file (corrupted, truncated or another format)"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a JSON file (binary content)"),
+    (b"[]", "not an adl status record (a JSON object), got an array"),
+    (b"{}", 'not an adl status record: no "state" string'),
+])
+def test_inspect_on_a_bad_status_record(tmp_path, capsys, content, problem):
+    status = tmp_path / "runs" / "x" / "status.json"
+    status.parent.mkdir(parents=True)
+    status.write_bytes(content)
+    assert fails(["inspect", str(status)], capsys) == f"{status}: {problem}"
 
 
 # -- the spec file and names -----------------------------------------------------------------
