@@ -274,6 +274,13 @@ def test_root_uri_without_bucket_or_of_another_scheme(tmp_path, make_spec, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]   # no ./gs:/bucket/x
 
 
+def test_unknown_scheme_in_demo_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fails(["demo", "--root", "gs://bucket/x"], capsys) == (
+        "--root: 'gs://bucket/x': unsupported URI scheme gs:// (expected a local folder or s3://bucket/prefix)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_relative_root_is_relative_to_the_spec_file(tmp_path, make_spec, monkeypatch):
     from jobs.spec import load_spec
     (tmp_path / "specs").mkdir()
@@ -355,6 +362,14 @@ def test_corpus_file_of_another_format(tmp_path, make_spec, capsys, kind, conten
     corpus.write_bytes(content)
     spec = make_spec(tmp_path / "out", corpus={"kind": kind, "path": str(corpus)})
     assert run_fails(tmp_path, spec, capsys) == f"corpus.path: {corpus} {problem}"
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_demo_num_documents_must_be_positive(tmp_path, capsys, count):
+    root = tmp_path / "out"
+    assert fails(["demo", "--root", str(root), "--num-documents", count], capsys) == \
+        f"--num-documents: must be >= 1, got {count}"
+    assert not root.exists()
 
 
 # -- adl inspect and adl report on files that are not what they should be ----------------------
