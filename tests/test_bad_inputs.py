@@ -406,6 +406,25 @@ def test_inspect_and_report_on_a_bad_run_record(tmp_path, capsys, case):
     assert tree(root) == before   # no report.html
 
 
+def test_inspect_and_report_on_a_run_with_a_garbage_table(tmp_path, capsys):
+    """A well-formed run record whose pair's tables are not Parquet."""
+    root = tmp_path / "root"
+    pair = root / "pairs" / "p-0123456789abcdef"
+    pair.mkdir(parents=True)
+    (root / "runs" / "x").mkdir(parents=True)
+    (root / "runs" / "x" / "run.json").write_text(json.dumps(
+        {"job": "x", "spec": {"method": {"positions": [0]}}, "pairs": [{"name": "p", "dir": "pairs/p-0123456789abcdef"}]}))
+    (pair / "manifest.json").write_text('{"pair": "p"}')
+    for table in ("difference.parquet", "logit_lens.parquet"):
+        (pair / table).write_bytes(b"not parquet " * 10)
+    before = tree(root)
+    not_parquet = "not a Parquet file (corrupted, truncated or another format)"
+    assert fails(["inspect", str(root)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
+    assert fails(["inspect", str(pair)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
+    assert fails(["report", str(root)], capsys) == f"{pair}/logit_lens.parquet: {not_parquet}"
+    assert tree(root) == before
+
+
 def test_inspect_on_a_run_record_outside_runs(tmp_path, capsys):
     record = tmp_path / "run.json"
     record.write_text('{"job": "x", "spec": {}, "pairs": []}')
