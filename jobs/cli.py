@@ -9,7 +9,7 @@ import sys
 
 from jobs.plan import PlanError
 from jobs.report import ReportError
-from jobs.spec import SpecError, load_spec, parse_spec
+from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
 from storage.store import StorageError
 from workers.models import ModelError
@@ -23,6 +23,10 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
     """The embedded default: the demo pair on the demo corpus, local storage, method
     defaults everywhere else."""
     from workers.demo_pair import PLANTED_DESCRIPTION, build_demo_pair
+    # Bad arguments fail before the demo pair is built (minutes, the first time).
+    if num_documents is not None and num_documents < 1:
+        raise SpecError(f"--num-documents: must be >= 1, got {num_documents}")
+    check_location(root, "--root", "storage")
     pair = build_demo_pair(progress=lambda m: print(f"[adl demo] {m}", file=sys.stderr, flush=True))
     spec = {
         "name": "demo",
@@ -46,7 +50,7 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
         # cannot judge relevance) and the embedding evaluation, at the method's defaults.
         "analyses": {},
     }
-    if num_documents:
+    if num_documents is not None:
         spec["corpus"]["num_documents"] = num_documents
     return spec
 

@@ -1,6 +1,7 @@
 """Reading the corpus of random text: the first num_documents documents, in order."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -39,8 +40,22 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _text_files(read):
+    """A corpus file that is not UTF-8 text is one line naming it, not a traceback."""
+    @functools.wraps(read)
+    def wrapped(corpus: Corpus) -> list:
+        try:
+            return read(corpus)
+        except UnicodeDecodeError:
+            raise SpecError(f"corpus.path: {corpus.path} is not UTF-8 text") from None
+    return wrapped
+
+
+@_text_files
 def read_documents(corpus: Corpus) -> list:
-    """The first num_documents documents (any value; the tokenization skips non-text)."""
+    """The first num_documents documents: strings (an empty one is skipped by the
+    tokenization); a JSONL line, Parquet row or dataset row without corpus.column, or
+    with a value that is not text, is an error naming it."""
     limit = corpus.num_documents
     if corpus.kind == "demo":
         from workers.demo_pair import generic_documents
@@ -52,18 +67,12 @@ def read_documents(corpus: Corpus) -> list:
         docs = []
         with open(_existing(corpus.path), encoding="utf-8") as f:
             for lineno, line in enumerate(itertools.islice(f, limit), start=1):
-                try:
-                    docs.append(json.loads(line).get(corpus.column))
-                except (json.JSONDecodeError, AttributeError):
-                    raise SpecError(f"corpus.path: {corpus.path} line {lineno} is not a JSON object") from None
+                docs.append(jsonl_document(line, corpus, lineno))
     elif corpus.kind == "parquet":
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(_existing(corpus.path))
-        if corpus.column not in pf.schema_arrow.names:
-            raise SpecError(f"corpus.column: {corpus.path} has no column {corpus.column!r}")
+        pf = _parquet_corpus(corpus)
         docs = []
         for batch in pf.iter_batches(columns=[corpus.column]):
-            docs.extend(batch.column(0).to_pylist())
+            docs.extend(parquet_documents(batch.column(0).to_pylist(), corpus, len(docs)))
             if len(docs) >= limit:
                 break
         docs = docs[:limit]
@@ -74,6 +83,62 @@ def read_documents(corpus: Corpus) -> list:
     return docs
 
 
+def jsonl_document(line: str, corpus: Corpus, lineno: int) -> str:
+    """The text of one JSONL corpus line: a JSON object whose corpus.column is a string
+    (possibly empty: the tokenization skips empty documents)."""
+    where = f"corpus.path: {corpus.path} line {lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        raise SpecError(f"{where} is not a JSON object") from None
+    if not isinstance(obj, dict):
+        raise SpecError(f"{where} is not a JSON object")
+    if corpus.column not in obj:
+        raise SpecError(f"{where} has no {corpus.column!r} field (corpus.column)")
+    value = obj[corpus.column]
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: {corpus.column!r} is {_json_kind(value)}, not text")
+    return value
+
+
+def _parquet_corpus(corpus: Corpus):
+    """The Parquet corpus file, with corpus.column present and of a string type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(_existing(corpus.path))
+    except pa.ArrowInvalid:
+        raise SpecError(f"corpus.path: {corpus.path} is not a Parquet file (corrupted, truncated "
+                        f"or another format)") from None
+    schema = pf.schema_arrow
+    if corpus.column not in schema.names:
+        raise SpecError(f"corpus.column: {corpus.path} has no column {corpus.column!r}")
+    kind = schema.field(corpus.column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise SpecError(f"corpus.column: {corpus.path} column {corpus.column!r} holds {kind}, not text")
+    return pf
+
+
+def parquet_documents(values: list, corpus: Corpus, start: int) -> list[str]:
+    """Texts of a Parquet corpus column; a null (row `start + i`) is an error."""
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise SpecError(f"corpus.path: {corpus.path} row {start + i}: {corpus.column!r} is "
+                            f"{_json_kind(value)}, not text")
+    return values
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
 def _hf_documents(corpus: Corpus) -> list:
     try:
         import datasets
@@ -82,10 +147,21 @@ def _hf_documents(corpus: Corpus) -> list:
     try:
         ds = datasets.load_dataset(corpus.dataset, split=corpus.split, revision=corpus.revision,
                                    streaming=True)
-        return [row.get(corpus.column) for row in itertools.islice(ds, corpus.num_documents)]
+        rows = list(itertools.islice(ds, corpus.num_documents))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {first}") from None
+    return [hf_document(row, corpus, i) for i, row in enumerate(rows)]
+
+
+def hf_document(row: dict, corpus: Corpus, index: int) -> str:
+    """The text of one dataset row: corpus.column, a string."""
+    if corpus.column not in row:
+        raise SpecError(f"corpus.column: {corpus.dataset} row {index} has no column {corpus.column!r}")
+    if not isinstance(row[corpus.column], str):
+        raise SpecError(f"corpus.dataset: {corpus.dataset} row {index}: {corpus.column!r} is "
+                        f"{_json_kind(row[corpus.column])}, not text")
+    return row[corpus.column]
 
 
 def read_texts(path: str, limit: int, where: str, column: str = "text") -> list[str]:

@@ -5,15 +5,17 @@ with the inputs is found here, before anything is written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from jobs.cluster_check import check_ray_address
 from jobs.corpus import corpus_identity, file_identity, read_documents
 from jobs.placement import parameter_count
 from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
 from storage import layout
-from workers.models import ModelError, location_identity, load_tokenizer, num_layers, read_config
+from workers.models import (ModelError, adapter_base_mismatch, check_weights, config_value, location_identity,
+                            load_tokenizer, num_layers, read_adapter_config, read_config)
 from workers.tokenization import TOKENIZATION_VERSION, prepare_text, tokenize_documents
 
 
@@ -81,11 +83,61 @@ def _resolve_layers(spec: JobSpec, blocks: int, where: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _source_identity(source: ModelSource, s3: dict) -> dict:
-    ident = {"model": location_identity(source.model, source.revision, s3)}
-    if source.adapter:
-        ident["adapter"] = location_identity(source.adapter, None, s3)
-    return ident
+def check_pair_models(spec: JobSpec, pair: Pair, where: str, s3: dict) -> tuple[dict, dict, dict]:
+    """(identities, configs, block counts) by role of a pair's two models, from their
+    configs and folder listings alone (no weights are loaded). Errors name the field:
+    a location that does not exist or holds no config or no weights, an adapter whose
+    adapter_config.json is not PEFT's or names another base, and two models whose block
+    count, hidden size or (unless the pair sets allow_vocab_mismatch) vocabulary size differ."""
+    idents, configs, blocks = {}, {}, {}
+    for role in ("base", "finetuned"):
+        source, field = getattr(pair, role), f"{where}.{role}"
+        try:
+            idents[role] = {"model": location_identity(source.model, source.revision, s3)}
+            configs[role] = read_config(replace(source, adapter=None), s3, spec.trust_remote_code)
+            blocks[role] = num_layers(configs[role])
+            check_weights(source.model, s3)
+        except ModelError as e:
+            raise PlanError(f"{field}: {e}") from None
+        if source.adapter:
+            try:
+                idents[role]["adapter"] = location_identity(source.adapter, None, s3)
+                adapter_config = read_adapter_config(source.adapter, s3)
+            except ModelError as e:
+                raise PlanError(f"{field}.adapter: {e}") from None
+            differs = adapter_base_mismatch(adapter_config or {}, pair.base.model)
+            if differs:
+                recorded, why = differs
+                raise PlanError(f"{field}.adapter: {source.adapter.rstrip('/')}/adapter_config.json: "
+                                f"base_model_name_or_path {recorded} is not {where}.base {pair.base.model}"
+                                + (f" ({why})" if why else ""))
+    if not pair.finetuned.adapter:   # an adapter's model is the base itself
+        for what in ("blocks", "hidden size", "vocabulary"):
+            values = {role: config_value(configs[role], what) for role in configs}
+            if None in values.values() or values["base"][1] == values["finetuned"][1]:
+                continue
+            if what == "vocabulary" and pair.allow_vocab_mismatch:
+                continue
+            key, value = values["finetuned"]
+            hint = (f"; set {where}.allow_vocab_mismatch: true to compare them anyway"
+                    if what == "vocabulary" else "")
+            raise PlanError(f"{where}.finetuned: {key} {value} does not match {where}.base "
+                            f"({values['base'][1]}){hint}")
+    return idents, configs, blocks
+
+
+def check_token_ids(docs: Documents, configs: dict, where: str) -> None:
+    """Both models embed the base tokenizer's token ids: each must lie below the model's
+    vocab_size (a finetune with a smaller vocabulary, allowed by allow_vocab_mismatch,
+    cannot read them)."""
+    if not len(docs.token_ids):
+        return
+    top = int(docs.token_ids.max())
+    for role, config in configs.items():
+        vocab = config.get("vocab_size")
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and top >= vocab:
+            raise PlanError(f"{where}.{role}: vocab_size {vocab} is too small for the base tokenizer's "
+                            f"token ids (the corpus has token id {top})")
 
 
 def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
@@ -108,15 +160,10 @@ def make_plan(spec: JobSpec) -> Plan:
     documents: dict[str, Documents] = {}     # by tokenizer identity
     sets: dict[str, ActivationSet] = {}
     pairs = []
+    check_ray_address(spec)
     for i, pair in enumerate(spec.pairs):
         where = f"pairs[{i}]"
-        try:
-            idents = {role: _source_identity(getattr(pair, role), s3) for role in ("base", "finetuned")}
-            configs = {role: read_config(getattr(pair, role), s3, spec.trust_remote_code)
-                       for role in ("base", "finetuned")}
-            blocks = {role: num_layers(config) for role, config in configs.items()}
-        except ModelError as e:
-            raise PlanError(f"{where}: {e}") from None
+        idents, configs, blocks = check_pair_models(spec, pair, where, s3)
         try:
             parameters = {role: parameter_count(config) for role, config in configs.items()}
         except (TypeError, ValueError, ZeroDivisionError):
@@ -124,8 +171,6 @@ def make_plan(spec: JobSpec) -> Plan:
                 raise PlanError(f"{where}: cannot estimate the model's memory from its config "
                                 f"(compute.gpu_memory_gb needs hidden_size, layers and heads)") from None
             parameters = {"base": 0, "finetuned": 0}
-        if blocks["base"] != blocks["finetuned"]:
-            raise PlanError(f"{where}: base has {blocks['base']} blocks, finetuned {blocks['finetuned']}")
         layers = _resolve_layers(spec, blocks["base"], f"{where}.base")
 
         # The base model's tokenizer serves both models of the pair.
@@ -144,6 +189,7 @@ def make_plan(spec: JobSpec) -> Plan:
                                 f"tokens_per_document={n} tokens")
             documents[tok_key] = Documents(doc_ids, token_ids, len(texts), spec.shard_size)
         docs = documents[tok_key]
+        check_token_ids(docs, configs, where)
 
         def activation_set(role: str) -> ActivationSet:
             identity = {"model": idents[role], "tokenizer": idents["base"]["model"],

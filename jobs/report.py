@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from jobs.summary import read_run_record
 from storage import layout
 from storage.store import StorageError, Store
 
@@ -40,10 +41,11 @@ def locate_run(path: str, endpoint_url: str | None = None, region: str | None = 
             store, key = Store(root, endpoint_url, region), f"runs/{rel}"
             if not store.exists(key):
                 raise FileNotFoundError(f"{path}: no such run record")
+            read_run_record(store, key)
             return store, key
         store = Store(clean, endpoint_url, region)
         records = [k for k in store.list("runs") if k.endswith("/run.json") and k.count("/") == 2]
-    except (ReportError, FileNotFoundError):
+    except (ReportError, FileNotFoundError, StorageError):
         raise
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -53,6 +55,7 @@ def locate_run(path: str, endpoint_url: str | None = None, region: str | None = 
     if len(records) > 1:
         jobs = ", ".join(k.split("/")[1] for k in records)
         raise ReportError(f"{path}: holds {len(records)} jobs ({jobs}); name one: {clean}/{records[0]}")
+    read_run_record(store, records[0])
     return store, records[0]
 
 
@@ -497,9 +500,9 @@ svg .p0{fill:#0969da}svg .p1{fill:#1a7f37}svg .p2{fill:#bf8700}svg .p3{fill:#825
 
 def build_report(store: Store, record_key: str) -> str:
     """The whole page for the job whose run record is record_key."""
-    record = store.read_json(record_key)
-    spec = record.get("spec", {})
-    pairs = [load_pair(store, p, spec) for p in record.get("pairs", [])]
+    record = read_run_record(store, record_key)
+    spec = record["spec"]
+    pairs = [load_pair(store, p, spec) for p in record["pairs"]]
     title = f"adl report: {record.get('job', '?')}"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'

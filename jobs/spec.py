@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+from storage.layout import slug
+from storage.store import URI
+
 
 class SpecError(ValueError):
     """A spec problem, as one line that names the field."""
@@ -36,6 +39,7 @@ class Pair:
     description: str | None = None       # the finetuning domain, for analysts and graders
     finetune_data: str | None = None     # finetuning texts (file), for analyses
     generic_chat: str | None = None      # generic chat answers (file), the embedding control
+    allow_vocab_mismatch: bool = False   # run although the models' vocab_size differ (README)
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,46 @@ _OPTIONAL = {
 }
 
 
+_EXPECTED = {"storage": "a local folder or s3://bucket/prefix",
+             "model": "a hub id, a local folder or s3://bucket/prefix",
+             "folder": "a hub id or a local folder",
+             "file": "a local file"}
+
+
+def check_location(value: str | None, where: str, kind: str) -> None:
+    """A location names something adl can read or write: kind is "storage" (local folder
+    or s3://bucket/prefix), "model" (hub id, local folder or s3://bucket/prefix), "folder"
+    (hub id or local folder) or "file" (a local file). Any other URI scheme is an error,
+    never a local folder named after it."""
+    if value is None:
+        return
+    m = URI.match(value)
+    if m is None:
+        return
+    if kind in ("storage", "model") and value.startswith("s3://"):
+        if not value[len("s3://"):].split("/", 1)[0]:
+            raise SpecError(f"{where}: {value!r} names no bucket (expected s3://bucket/prefix)")
+        return
+    if kind in ("folder", "file"):
+        raise SpecError(f"{where}: {value!r}: expected {_EXPECTED[kind]}, not a URI")
+    what = "malformed s3:// URI" if m.group(1) == "s3" else f"unsupported URI scheme {m.group(1)}://"
+    raise SpecError(f"{where}: {value!r}: {what} (expected {_EXPECTED[kind]})")
+
+
+def _name(value: Any, where: str) -> str:
+    """Names reach log lines, folder names and the report: printable characters only."""
+    _check(value, "str", where)
+    if not value.isprintable():
+        raise SpecError(f"{where}: must be printable (no control characters, newlines or escape "
+                        f"sequences), got {value!r}")
+    return value
+
+
 def _model_source(raw: Any, where: str, base: ModelSource | None) -> ModelSource:
     data = _mapping({"model": raw} if isinstance(raw, str) else raw, where, {"model", "revision", "adapter"})
     values = {k: _check(v, "str", f"{where}.{k}") for k, v in data.items() if v is not None}
+    for key, kind in (("model", "model"), ("adapter", "model")):
+        check_location(values.get(key), where if isinstance(raw, str) else f"{where}.{key}", kind)
     if "adapter" in values:
         if base is None:
             raise SpecError(f"{where}.adapter: only the finetuned model can be an adapter")
@@ -245,11 +286,16 @@ def _pair(raw: Any, where: str) -> Pair:
     for key in ("name", "base", "finetuned"):
         if key not in data:
             raise SpecError(f"{where}.{key}: required")
-    name = _check(data["name"], "str", f"{where}.name")
+    name = _name(data["name"], f"{where}.name")
     base = _model_source(data["base"], f"{where}.base", None)
     finetuned = _model_source(data["finetuned"], f"{where}.finetuned", base)
     optional = {k: _check(data[k], "str", f"{where}.{k}") for k in ("description", "finetune_data", "generic_chat")
                 if data.get(k) is not None}
+    for k in ("finetune_data", "generic_chat"):
+        check_location(optional.get(k), f"{where}.{k}", "file")
+    if data.get("allow_vocab_mismatch") is not None:
+        optional["allow_vocab_mismatch"] = _check(data["allow_vocab_mismatch"], "bool",
+                                                  f"{where}.allow_vocab_mismatch")
     return Pair(name=name, base=base, finetuned=finetuned, **optional)
 
 
@@ -304,6 +350,7 @@ def _corpus(raw: Any) -> Corpus:
         raise SpecError(f"corpus.path: required for a {c.kind} corpus")
     if c.kind == "hf" and c.dataset is None:
         raise SpecError("corpus.dataset: required for an hf corpus")
+    check_location(c.path, "corpus.path", "file")
     return c
 
 
@@ -375,6 +422,7 @@ def _analyses(raw: Any) -> Analyses:
                 ("patchscope_vocab_top", "patchscope_top_k", "relevance_top_k", "frequent_tokens",
                  "embedding_texts", "embedding_batch_size")]
                + [("min_generic_ratio", lambda v: v > 0, "must be > 0")])
+    check_location(a.embedding_model, "analyses.embedding_model", "folder")
     return replace(a, **lists)
 
 
@@ -389,8 +437,15 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise SpecError(f"pairs[{i}].name: duplicate pair name {name!r}")
+    folders = [slug(name) for name in names]   # as storage/layout.py names the pair folders
+    for i, folder in enumerate(folders):
+        j = folders.index(folder)
+        if j != i:
+            raise SpecError(f"pairs[{i}].name: {names[i]!r} and pairs[{j}].name {names[j]!r} map to the "
+                            f"same results folder name {folder!r}; rename one")
     if "name" not in data:
         raise SpecError("name: required (names the job's run record)")
+    _name(data["name"], "name")
 
     @dataclass(frozen=True)
     class _Top:  # the scalar top-level fields, validated like any section
@@ -408,6 +463,7 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                   ("shard_size", lambda v: v >= 1, "must be >= 1")])
     storage = _build(Storage, data.get("storage"), "storage",
                      {"root": "str", "endpoint_url": "str", "region": "str"})
+    check_location(storage.root, "storage.root", "storage")
     compute = _build(Compute, data.get("compute"), "compute",
                      {"num_workers": "int", "gpus_per_worker": "number", "cpus_per_worker": "number",
                       "ray_address": "str", "gpu_memory_gb": "number"},
@@ -427,21 +483,26 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
 
 
 def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
-    """Relative local paths in a spec file are relative to that file's folder."""
-    def local(p: str | None) -> str | None:
+    """Relative local paths in a spec file are relative to that file's folder: always for
+    files and the storage root; for model locations (which may be hub ids) when they start
+    with "." or exist there."""
+    def path(p: str | None) -> str | None:
         if p is None or p.startswith("s3://") or Path(p).expanduser().is_absolute():
             return p
-        candidate = base_dir / p
-        return str(candidate) if p.startswith(".") or candidate.exists() else p
+        return str(base_dir / p)
+
+    def local(p: str | None) -> str | None:
+        resolved = path(p)
+        return resolved if resolved == p or p.startswith(".") or Path(resolved).exists() else p
 
     def source(s: ModelSource) -> ModelSource:
         return replace(s, model=local(s.model), adapter=local(s.adapter))
 
     pairs = tuple(replace(p, base=source(p.base), finetuned=source(p.finetuned),
-                          finetune_data=local(p.finetune_data),
-                          generic_chat=local(p.generic_chat)) for p in spec.pairs)
-    return replace(spec, pairs=pairs, corpus=replace(spec.corpus, path=local(spec.corpus.path)),
-                   storage=replace(spec.storage, root=local(spec.storage.root)))
+                          finetune_data=path(p.finetune_data),
+                          generic_chat=path(p.generic_chat)) for p in spec.pairs)
+    return replace(spec, pairs=pairs, corpus=replace(spec.corpus, path=path(spec.corpus.path)),
+                   storage=replace(spec.storage, root=path(spec.storage.root)))
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -449,7 +510,13 @@ def load_spec(path: str | Path) -> JobSpec:
     if not path.is_file():
         raise SpecError(f"{path}: no such job spec file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a text file (byte {e.start} is not UTF-8); a job spec is YAML") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror or type(e).__name__}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -2,10 +2,63 @@
 from __future__ import annotations
 
 from storage import layout
-from storage.store import Store
+from storage.store import StorageError, Store
 from storage.tables import table_kind
 
 TOP = 10
+DEFAULT_POSITIONS = [0, 1, 2, 3, 4]
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_run_record(store: Store, key: str) -> dict:
+    """A run record (runs/<job>/run.json) with the fields its readers use: "job", "spec"
+    and "pairs" (each with "name" and "dir"). Anything else is a StorageError naming the
+    file, one line."""
+    record = store.read_json(key)
+    where = store.uri(key)
+    if not isinstance(record, dict):
+        raise StorageError(f"{where}: not an adl run record (a JSON object), got {_json_type(record)}")
+    for field, kind, what in (("job", str, "a string"), ("spec", dict, "an object"), ("pairs", list, "an array")):
+        if field not in record:
+            raise StorageError(f"{where}: not an adl run record: no {field!r}")
+        if not isinstance(record[field], kind):
+            raise StorageError(f"{where}: {field!r} must be {what}, got {_json_type(record[field])}")
+    for i, pair in enumerate(record["pairs"]):
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in ("name", "dir")):
+            raise StorageError(f"{where}: pairs[{i}] must be an object with \"name\" and \"dir\" strings")
+    spec = record["spec"]
+    for section in ("method", "generation", "analyses"):
+        if not isinstance(spec.get(section, {}), dict):
+            raise StorageError(f"{where}: spec.{section} must be an object, got {_json_type(spec[section])}")
+    if not isinstance(spec.get("pairs", []), list) or not all(isinstance(p, dict) for p in spec.get("pairs", [])):
+        raise StorageError(f"{where}: spec.pairs must be an array of objects")
+    positions = spec.get("method", {}).get("positions", DEFAULT_POSITIONS)
+    if not isinstance(positions, list) or not all(isinstance(p, int) for p in positions):
+        raise StorageError(f"{where}: spec.method.positions must be an array of integers")
+    return record
+
+
+def read_status_record(store: Store, key: str) -> dict:
+    """A status record (runs/<job>/status.json): an object with a "state" string, and
+    "counts" and "pairs" objects where present."""
+    status = store.read_json(key)
+    where = store.uri(key)
+    if not isinstance(status, dict):
+        raise StorageError(f"{where}: not an adl status record (a JSON object), got {_json_type(status)}")
+    if not isinstance(status.get("state"), str):
+        raise StorageError(f"{where}: not an adl status record: no \"state\" string")
+    for field in ("counts", "pairs", "work"):
+        if not isinstance(status.get(field, {}), dict):
+            raise StorageError(f"{where}: {field!r} must be an object, got {_json_type(status[field])}")
+    for name, pair in status.get("pairs", {}).items():
+        if not isinstance(pair, dict) or not isinstance(pair.get("state"), str) \
+                or not isinstance(pair.get("stages", {}), dict):
+            raise StorageError(f"{where}: pairs[{name!r}] must be an object with a \"state\"")
+    return status
 
 
 def _token(t: str) -> str:
@@ -114,7 +167,8 @@ def status_lines(status: dict, where: str = "") -> list[str]:
     for name, pair in status.get("pairs", {}).items():
         if pair["state"] == "done":
             continue
-        stages = ", ".join(f"{s} {v['state']}" for s, v in pair["stages"].items())
+        stages = ", ".join(f"{s} {v.get('state') if isinstance(v, dict) else v}"
+                           for s, v in pair.get("stages", {}).items())
         lines.append(f"  pair {name}: {pair['state']}" + (f": {pair['error']}" if pair.get("error") else "")
                      + f"  [{stages}]")
     if status.get("error"):
@@ -123,10 +177,11 @@ def status_lines(status: dict, where: str = "") -> list[str]:
 
 
 def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
-    record = store.read_json(record_key)
-    positions = record["spec"]["method"]["positions"]
+    record = read_run_record(store, record_key)
+    positions = record["spec"].get("method", {}).get("positions", DEFAULT_POSITIONS)
     lines = [f"job {record['job']}  ({store.uri(record_key)})"]
-    status = store.read_json_or_none(layout.run_status(record["job"]))
+    status_key = layout.run_status(record["job"])
+    status = read_status_record(store, status_key) if store.exists(status_key) else None
     if status:
         lines += status_lines(status)
     catalog = layout.run_catalog(record["job"])
@@ -145,18 +200,23 @@ def inspect(path: str, endpoint_url: str | None = None, region: str | None = Non
     if path.endswith(".parquet"):
         parent, _, name = path.rstrip("/").rpartition("/")
         table = Store(parent or ".", endpoint_url, region).read_table(name)
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        meta = {k.decode(errors="replace"): v.decode(errors="replace")
+                for k, v in (table.schema.metadata or {}).items()}
         head = table.slice(0, 5).to_pandas().to_string(max_colwidth=40)
         return f"{path}: {table_kind(table)} table, {table.num_rows} rows\n{table.schema.to_string(show_schema_metadata=False)}\nmetadata: {meta}\n{head}"
     if path.endswith("/status.json"):
-        return "\n".join(status_lines(Store(path.rpartition("/")[0] or ".", endpoint_url, region)
-                                      .read_json("status.json"), path))
-    if path.endswith("/run.json"):   # <root>/runs/<job>/run.json
-        root, _, rel = path.rpartition("/runs/")
+        return "\n".join(status_lines(read_status_record(Store(path.rpartition("/")[0] or ".", endpoint_url,
+                                                                region), "status.json"), path))
+    if path.endswith("run.json"):   # <root>/runs/<job>/run.json; "runs/..." has the current folder as root
+        root, sep, rel = ("./" + path if path.startswith("runs/") else path).rpartition("/runs/")
+        if not sep or rel.count("/") != 1:
+            raise StorageError(f"{path}: a run record lives at <root>/runs/<job>/run.json")
         return run_summary(Store(root, endpoint_url, region), f"runs/{rel}")
     if store.exists("manifest.json") and store.exists(layout.DIFFERENCE):
         root, _, rel = path.rstrip("/").rpartition("/pairs/")
         manifest = store.read_json("manifest.json")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("pair"), str):
+            raise StorageError(f"{store.uri('manifest.json')}: not an adl pair manifest (no \"pair\" name)")
         return "\n".join(pair_summary(Store(root, endpoint_url, region),
                                       {"name": manifest["pair"], "dir": f"pairs/{rel}"}, [0, 1, 2, 3, 4]))
     records = [k for k in store.list("runs") if k.endswith("/run.json")]

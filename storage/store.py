@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,21 @@ import pyarrow.parquet as pq
 
 
 class StorageError(RuntimeError):
-    """A storage problem worth one line to the user (unreachable endpoint, missing bucket)."""
+    """A storage problem worth one line to the user (unreachable endpoint, missing bucket,
+    a file that is not what it should be)."""
+
+
+# A URI-shaped location: a scheme, a colon and a slash. Only s3:// is storage; anything
+# else ("gs://bucket/x", the typo "s3:/bucket") is refused rather than taken for a folder.
+URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+# Kernel pseudo filesystems: they take no files, whatever their permission bits say.
+PSEUDO_FILESYSTEMS = ("/proc", "/sys")
+# pyarrow's words for a file without Parquet's footer (garbage, truncated, empty).
+NOT_PARQUET = "Could not open Parquet input source"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class Store:
@@ -29,6 +45,11 @@ class Store:
         self.endpoint_url = endpoint_url
         self.region = region
         self.is_s3 = self.root.startswith("s3://")
+        if URI.match(self.root) and not self.is_s3:
+            raise StorageError(f"{self.root}: unsupported URI scheme {URI.match(self.root).group(1)}:// "
+                               f"(expected a local folder or s3://bucket/prefix)")
+        if self.is_s3 and not self.root[len("s3://"):].split("/", 1)[0]:
+            raise StorageError(f"{self.root}: names no bucket (expected s3://bucket/prefix)")
         if self.is_s3:
             self._base = self.root[len("s3://"):].strip("/")
         else:
@@ -76,7 +97,9 @@ class Store:
 
     # -- checks -----------------------------------------------------------------------
     def check(self) -> None:
-        """Fail early, in one line, if the root cannot be reached or written."""
+        """Fail early, in one line, if the root cannot be reached or written. Writes
+        nothing that stays: a local root is probed with a temporary file, created and
+        removed in the root or, while it does not exist yet, its nearest existing parent."""
         try:
             if self.is_s3:
                 bucket = self._base.split("/", 1)[0]
@@ -84,20 +107,33 @@ class Store:
                 if info.type == pafs.FileType.NotFound:
                     raise StorageError(f"storage.root: bucket {bucket!r} does not exist ({self.uri()})")
             else:
-                info = self.fs.get_file_info(self._base)
-                if info.type == pafs.FileType.File:
-                    raise StorageError(f"storage.root: {self._base} is a file, not a folder")
-                parent = Path(self._base)
-                while not parent.exists():
-                    parent = parent.parent
-                if not os.access(parent, os.W_OK):
-                    raise StorageError(f"storage.root: {self._base} is not writable")
+                self._check_local()
         except StorageError:
             raise
         except OSError as e:
             where = f" at {self.endpoint_url}" if self.endpoint_url else ""
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {first}") from None
+
+    def _check_local(self) -> None:
+        root = Path(self._base)
+        for pseudo in map(Path, PSEUDO_FILESYSTEMS):
+            if root == pseudo or pseudo in root.parents:
+                raise StorageError(f"storage.root: {root} is in {pseudo}, a kernel pseudo filesystem, "
+                                   f"not storage")
+        existing = root   # the root, or the nearest parent that exists (where it will be made)
+        while not os.path.lexists(existing):
+            existing = existing.parent
+        if not existing.is_dir():
+            under = f"{root}: " if existing != root else ""
+            raise StorageError(f"storage.root: {under}{existing} is a file, not a folder")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-adl-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StorageError(f"storage.root: {root} is not writable: cannot create a file in "
+                               f"{existing} ({e.strerror or type(e).__name__})") from None
 
     # -- reading ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -108,13 +144,29 @@ class Store:
             return f.read()
 
     def read_json(self, key: str):
-        return json.loads(self.read_bytes(key))
+        """The file's JSON value; a file that is not JSON is a StorageError naming it."""
+        data = self.read_bytes(key)
+        try:
+            return json.loads(data)
+        except UnicodeDecodeError:
+            raise StorageError(f"{self.uri(key)}: not a JSON file (binary content)") from None
+        except json.JSONDecodeError as e:
+            raise StorageError(f"{self.uri(key)}: not valid JSON ({e.msg}: line {e.lineno} "
+                               f"column {e.colno})") from None
 
     def read_json_or_none(self, key: str):
         return self.read_json(key) if self.exists(key) else None
 
     def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self._path(key), filesystem=self.fs, columns=columns)
+        """The Parquet table; a file that is not one (or lacks the columns) is a
+        StorageError naming it."""
+        try:
+            return pq.read_table(self._path(key), filesystem=self.fs, columns=columns)
+        except pa.ArrowInvalid as e:
+            if NOT_PARQUET in str(e):
+                raise StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or "
+                                   f"another format)") from None
+            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {_first_line(e)}") from None
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all files under prefix (recursive), sorted; [] if there are none."""

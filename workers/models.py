@@ -87,15 +87,121 @@ def read_config(source: ModelSource, s3: dict, trust_remote_code: bool) -> dict:
     except Exception as e:  # hub unreachable, bad JSON, S3 errors: one line is enough
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{source.model}: cannot read its config: {first}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{source.model}: config.json is not a JSON object")
     if source.adapter:
-        adapter = source.adapter
-        if location_kind(adapter) == "missing":
-            raise ModelError(f"{adapter}: no such adapter folder")
-        if location_kind(adapter) in ("local", "s3"):
-            store = _folder(adapter, s3)
-            if not store.exists("adapter_config.json"):
-                raise ModelError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
-    return config.get("text_config", config) if "num_hidden_layers" not in config else config
+        read_adapter_config(source.adapter, s3)
+    config = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    if not isinstance(config, dict):
+        raise ModelError(f"{source.model}: config.json's text_config is not a JSON object")
+    return config
+
+
+# Top-level files of a model folder that hold its weights; not training leftovers.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+NOT_WEIGHTS = ("training_args.bin",)
+
+
+def _weight_files(location: str, s3: dict) -> list[str]:
+    names = [key for key, _, _ in _folder(location, s3).listing() if "/" not in key]
+    return [n for n in names if n.endswith(WEIGHT_SUFFIXES) and n not in NOT_WEIGHTS]
+
+
+def check_weights(location: str, s3: dict) -> None:
+    """A local or S3 model folder holds weights (*.safetensors, *.bin or an index file)
+    beside its config; hub ids are not checked (that would need the network)."""
+    if location_kind(location) in ("local", "s3") and not _weight_files(location, s3):
+        raise ModelError(f"{location}: no model weights (*.safetensors, *.bin or an index file)")
+
+
+def read_adapter_config(location: str, s3: dict) -> dict | None:
+    """A local or S3 PEFT adapter folder's adapter_config.json, checked for what PEFT
+    needs (peft_type; for LoRA r and target_modules) and its weights beside it; None for a
+    hub id (not checked: that would need the network)."""
+    kind = location_kind(location)
+    if kind == "missing":
+        raise ModelError(f"{location}: no such adapter folder")
+    if kind == "hub":
+        return None
+    store = _folder(location, s3)
+    name = f"{location.rstrip('/')}/adapter_config.json"
+    if not store.exists("adapter_config.json"):
+        raise ModelError(f"{location}: no adapter_config.json (not a PEFT adapter folder)")
+    try:
+        config = json.loads(store.read_bytes("adapter_config.json"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{name}: not valid JSON (binary content)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{name}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{name}: expected a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise ModelError(f"{name}: no peft_type (not a PEFT adapter config)")
+    try:
+        from peft import PeftType
+        known = sorted(t.value for t in PeftType)
+    except ImportError:
+        known = None
+    if known and peft_type not in known:
+        raise ModelError(f"{name}: unknown peft_type {peft_type!r}")
+    if peft_type == "LORA":
+        r = config.get("r")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ModelError(f"{name}: r must be the LoRA rank (an integer >= 1), got {r!r}")
+        if "target_modules" not in config:
+            raise ModelError(f"{name}: no target_modules (the modules LoRA adapts)")
+        targets = config["target_modules"]
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise ModelError(f"{name}: target_modules must be a module name, a list of them or "
+                             f"null, got {targets!r}")
+    if not _weight_files(location, s3):
+        raise ModelError(f"{location}: no adapter weights (adapter_model.safetensors or adapter_model.bin)")
+    return config
+
+
+# Config keys whose values must agree between two models read with the same activations.
+SHAPE_KEYS = {"blocks": ("num_hidden_layers", "n_layer", "num_layers"),
+              "hidden size": ("hidden_size", "n_embd", "d_model"),
+              "vocabulary": ("vocab_size",)}
+
+
+def config_value(config: dict, what: str) -> tuple[str, object] | None:
+    """(key, value) of a shape entry (SHAPE_KEYS) in a config, or None where it has none."""
+    for key in SHAPE_KEYS[what]:
+        if key in config:
+            return key, config[key]
+    return None
+
+
+def adapter_base_mismatch(adapter_config: dict, base: str) -> tuple[str, str] | None:
+    """(recorded base, why it differs, or "") when the base an adapter was trained on
+    (adapter_config.json's base_model_name_or_path) is not `base`, where the two can be
+    compared: both hub ids or both s3:// URIs (as names), or both local folders here (the
+    same folder, or configs of the same shape). None where they agree or cannot be
+    compared (a hub id against a folder, a folder that is not here)."""
+    recorded = adapter_config.get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded.strip():
+        return None
+    kinds = location_kind(recorded), location_kind(base)
+    if kinds == ("s3", "s3"):
+        return None if recorded.rstrip("/") == base.rstrip("/") else (recorded, "")
+    if kinds == ("hub", "hub"):
+        return None if recorded.lower() == base.lower() else (recorded, "")
+    if kinds != ("local", "local"):
+        return None
+    if Path(recorded).expanduser().resolve() == Path(base).expanduser().resolve():
+        return None
+    try:
+        configs = [json.loads((Path(p).expanduser() / "config.json").read_text()) for p in (recorded, base)]
+    except (OSError, ValueError):
+        return None
+    for what in SHAPE_KEYS:
+        values = [config_value(c, what) if isinstance(c, dict) else None for c in configs]
+        if None not in values and values[0][1] != values[1][1]:
+            return recorded, f"its {values[0][0]} is {values[0][1]}, the base's {values[1][1]}"
+    return None
 
 
 def num_layers(config: dict) -> int:

@@ -1,0 +1,495 @@
+"""Every bad input is caught before anything is written: one line
+`adl: error: <field or file>: <what is wrong>`, exit code 2 through the CLI, and the
+storage root (or the bucket) holds nothing new. All of these fail at plan time or
+earlier; none starts Ray."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+
+VOCAB_HINT = "; set pairs[0].allow_vocab_mismatch: true to compare them anyway"
+
+
+def fails(argv: list[str], capsys) -> str:
+    """The CLI's one stderr line, after checking exit code 2; without its prefix."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adl: error: "), err
+    assert "\x1b" not in err
+    return lines[0][len("adl: error: "):]
+
+
+def snapshot(path: Path):
+    """What is at a local path: None, a file's bytes, or a folder's tree (for a kernel
+    pseudo filesystem, only that it exists)."""
+    if not path.exists():
+        return None
+    if path.parts[1:2] in (("proc",), ("sys",)):
+        return "exists"
+    return path.read_bytes() if path.is_file() else tree(path)
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def run_fails(tmp_path: Path, spec: dict, capsys) -> str:
+    """`adl run` on the spec (written to tmp_path/job.yaml) fails in one line; a local
+    storage root is as it was (mostly: still absent)."""
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    root = Path(str(spec["storage"]["root"]))
+    before = snapshot(root)
+    message = fails(["run", str(spec_file)], capsys)
+    assert snapshot(root) == before, f"{root} changed"
+    return message
+
+
+def model_copy(source: Path, dest: Path, **config) -> Path:
+    """A copy of a model folder with config.json entries replaced."""
+    shutil.copytree(source, dest)
+    path = dest / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}, indent=1))
+    return dest
+
+
+def base_config(demo_pair) -> dict:
+    return json.loads((Path(demo_pair.base_dir) / "config.json").read_text())
+
+
+# -- the two models of a pair -------------------------------------------------------------
+@pytest.mark.parametrize("key, value", [("hidden_size", 128), ("num_hidden_layers", 6)])
+def test_models_of_another_shape(tmp_path, make_spec, demo_pair, capsys, key, value):
+    ft = model_copy(demo_pair.finetuned_dir, tmp_path / "ft", **{key: value})
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(ft)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: {key} {value} does not match pairs[0].base ({base_config(demo_pair)[key]})")
+
+
+def test_vocabulary_mismatch_is_an_error_unless_allowed(tmp_path, make_spec, demo_pair, capsys):
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    vocab = base_config(demo_pair)["vocab_size"]
+    ft = model_copy(demo_pair.finetuned_dir, tmp_path / "ft", vocab_size=vocab + 7)
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(ft)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: vocab_size {vocab + 7} does not match pairs[0].base ({vocab}){VOCAB_HINT}")
+    # Allowed (a finetune that added tokens): the plan reads both models as usual.
+    spec["pairs"][0]["allow_vocab_mismatch"] = True
+    [pair] = make_plan(parse_spec(spec)).pairs
+    assert pair.pair.allow_vocab_mismatch and pair.finetuned.source.model == str(ft)
+    assert not (tmp_path / "out").exists()
+
+
+def test_allowed_vocabulary_must_still_hold_the_corpus_tokens(tmp_path, make_spec, demo_pair, capsys):
+    """A finetuned vocabulary smaller than the base tokenizer's ids cannot embed them."""
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    top = int(make_plan(parse_spec(make_spec(tmp_path / "out"))).sets[0].documents.token_ids.max())
+    ft = model_copy(demo_pair.finetuned_dir, tmp_path / "ft", vocab_size=top)
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0].update(finetuned=str(ft), allow_vocab_mismatch=True)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: vocab_size {top} is too small for the base tokenizer's token ids "
+        f"(the corpus has token id {top})")
+
+
+@pytest.mark.parametrize("role", ["base", "finetuned"])
+def test_model_folder_without_weights(tmp_path, make_spec, demo_pair, capsys, role):
+    folder = model_copy(getattr(demo_pair, f"{role}_dir"), tmp_path / role)
+    (folder / "model.safetensors").unlink()
+    (folder / "training_args.bin").write_bytes(b"not weights")
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0][role] = str(folder)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].{role}: {folder}: no model weights (*.safetensors, *.bin or an index file)")
+
+
+def test_s3_model_folder_without_weights(tmp_path, make_spec, demo_pair, capsys, s3_endpoint, s3_bucket):
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for f in Path(demo_pair.base_dir).iterdir():
+        if f.name != "model.safetensors":
+            client.upload_file(str(f), s3_bucket, f"models/base/{f.name}")
+    before = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    spec = make_spec(f"s3://{s3_bucket}/out", storage={"endpoint_url": s3_endpoint, "region": "us-east-1"})
+    spec["pairs"][0]["base"] = f"s3://{s3_bucket}/models/base"
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].base: s3://{s3_bucket}/models/base: no model weights (*.safetensors, *.bin or an index file)")
+    assert sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]) == before
+
+
+# -- adapters -------------------------------------------------------------------------------
+def adapter_spec(make_spec, demo_pair, root, adapter) -> dict:
+    spec = make_spec(root)
+    spec["pairs"][0]["finetuned"] = {"adapter": str(adapter)}
+    return spec
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x89PNG\r\n\x1a\n\xff", "not valid JSON (binary content)"),
+    (b'{"peft_type": "LORA", "r": 4,', "not valid JSON (Expecting property name enclosed in double quotes: "
+                                      "line 1 column 30)"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    (b'{"r": 4, "target_modules": ["q_proj"]}', "no peft_type (not a PEFT adapter config)"),
+    (b'{"peft_type": "SOUP", "r": 4}', "unknown peft_type 'SOUP'"),
+    (b'{"peft_type": "LORA", "target_modules": ["q_proj"]}', "r must be the LoRA rank (an integer >= 1), got None"),
+    (b'{"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]}',
+     "r must be the LoRA rank (an integer >= 1), got '4'"),
+    (b'{"peft_type": "LORA", "r": 4}', "no target_modules (the modules LoRA adapts)"),
+    (b'{"peft_type": "LORA", "r": 4, "target_modules": [3]}',
+     "target_modules must be a module name, a list of them or null, got [3]"),
+])
+def test_garbage_adapter_config(tmp_path, make_spec, demo_pair, lora_adapter, capsys, content, problem):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / "adapter_config.json").write_bytes(content)
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    assert run_fails(tmp_path, spec, capsys) == f"pairs[0].finetuned.adapter: {adapter}/adapter_config.json: {problem}"
+
+
+def test_adapter_without_weights(tmp_path, make_spec, demo_pair, lora_adapter, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned.adapter: {adapter}: no adapter weights (adapter_model.safetensors or adapter_model.bin)")
+
+
+def test_adapter_for_another_base(tmp_path, make_spec, demo_pair, lora_adapter, capsys):
+    """The adapter's base_model_name_or_path names a local model of another shape."""
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(demo_pair.base_dir)   # the real one: accepted
+    [pair] = make_plan(parse_spec(adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter))).pairs
+    assert pair.finetuned.source.adapter == str(adapter)
+
+    other = model_copy(demo_pair.base_dir, tmp_path / "other-base", hidden_size=512)
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned.adapter: {adapter}/adapter_config.json: base_model_name_or_path {other} is not "
+        f"pairs[0].base {demo_pair.base_dir} (its hidden_size is 512, the base's 256)")
+
+
+def test_adapter_base_comparison():
+    """Names are compared where both are hub ids or both s3:// URIs; a hub id against a
+    folder, or a folder that is not here, cannot be compared."""
+    from workers.models import adapter_base_mismatch
+    recorded = lambda name: {"base_model_name_or_path": name}
+    assert adapter_base_mismatch(recorded("org/model-1b"), "org/model-8b") == ("org/model-1b", "")
+    assert adapter_base_mismatch(recorded("Org/Model-1B"), "org/model-1b") is None
+    assert adapter_base_mismatch(recorded("s3://b/models/a/"), "s3://b/models/a") is None
+    assert adapter_base_mismatch(recorded("s3://b/models/a"), "s3://b/models/c") == ("s3://b/models/a", "")
+    assert adapter_base_mismatch(recorded("org/model-1b"), "s3://b/models/a") is None
+    assert adapter_base_mismatch(recorded("/no/such/base"), "org/model-1b") is None
+    assert adapter_base_mismatch({}, "org/model-1b") is None
+
+
+# -- the Ray address ----------------------------------------------------------------------
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_unreachable_ray_address(tmp_path, make_spec, capsys, address):
+    spec = make_spec(tmp_path / "out", compute={"ray_address": address})
+    start = time.monotonic()
+    message = run_fails(tmp_path, spec, capsys)
+    assert time.monotonic() - start < 30
+    assert message == f"compute.ray_address: cannot reach a Ray cluster at {address} (Connection refused)"
+
+
+def test_unreachable_ray_address_from_the_environment(tmp_path, make_spec, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    spec = make_spec(tmp_path / "out")
+    assert run_fails(tmp_path, spec, capsys) == \
+        "$RAY_ADDRESS: cannot reach a Ray cluster at 127.0.0.1:1 (Connection refused)"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:port", "127.0.0.1", "ray://:10001", "127.0.0.1:70000"])
+def test_malformed_ray_address(tmp_path, make_spec, capsys, address):
+    spec = make_spec(tmp_path / "out", compute={"ray_address": address})
+    assert run_fails(tmp_path, spec, capsys) == \
+        f"compute.ray_address: {address!r}: expected host:port, ray://host:port, auto or local"
+
+
+def test_reachable_ray_address_passes_the_check(make_spec, tmp_path):
+    """The check only asks that something answers at host:port."""
+    import socket
+    from jobs.cluster_check import check_ray_address
+    from jobs.spec import parse_spec
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto", "local"):
+            check_ray_address(parse_spec(make_spec(tmp_path / "out", compute={"ray_address": address})))
+
+
+# -- the storage root -----------------------------------------------------------------------
+def test_root_under_a_regular_file(tmp_path, make_spec, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me\n")
+    for root, message in [(f / "out", f"storage.root: {f / 'out'}: {f} is a file, not a folder"),
+                          (f / "a" / "b", f"storage.root: {f / 'a' / 'b'}: {f} is a file, not a folder"),
+                          (f, f"storage.root: {f} is a file, not a folder")]:
+        spec = make_spec(root)
+        assert run_fails(tmp_path, spec, capsys) == message
+        assert f.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("root", ["/proc/adl-test-root", "/sys/adl-test-root", "/proc", "/sys/kernel"])
+def test_root_in_a_pseudo_filesystem(tmp_path, make_spec, capsys, root):
+    pseudo = "/" + root.split("/")[1]
+    spec = make_spec(root)
+    assert run_fails(tmp_path, spec, capsys) == \
+        f"storage.root: {root} is in {pseudo}, a kernel pseudo filesystem, not storage"
+
+
+@pytest.mark.parametrize("root, message", [
+    ("s3://", "storage.root: 's3://' names no bucket (expected s3://bucket/prefix)"),
+    ("s3:///prefix", "storage.root: 's3:///prefix' names no bucket (expected s3://bucket/prefix)"),
+    ("s3:/bucket/prefix", "storage.root: 's3:/bucket/prefix': malformed s3:// URI "
+                          "(expected a local folder or s3://bucket/prefix)"),
+    ("gs://bucket/x", "storage.root: 'gs://bucket/x': unsupported URI scheme gs:// "
+                      "(expected a local folder or s3://bucket/prefix)"),
+    ("file:///tmp/x", "storage.root: 'file:///tmp/x': unsupported URI scheme file:// "
+                      "(expected a local folder or s3://bucket/prefix)"),
+])
+def test_root_uri_without_bucket_or_of_another_scheme(tmp_path, make_spec, capsys, monkeypatch, root, message):
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec(root)
+    assert run_fails(tmp_path, spec, capsys) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]   # no ./gs:/bucket/x
+
+
+def test_unknown_scheme_in_demo_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fails(["demo", "--root", "gs://bucket/x"], capsys) == (
+        "--root: 'gs://bucket/x': unsupported URI scheme gs:// (expected a local folder or s3://bucket/prefix)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_root_is_relative_to_the_spec_file(tmp_path, make_spec, monkeypatch):
+    from jobs.spec import load_spec
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    spec_file = tmp_path / "specs" / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec("results/adl")))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_spec("../specs/job.yaml").storage.root == str(tmp_path / "specs" / "results" / "adl")
+
+
+# -- locations of other schemes -------------------------------------------------------------
+HUB_OR_S3 = "(expected a hub id, a local folder or s3://bucket/prefix)"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p, s: p.update(base="gs://models/base"),
+     f"pairs[0].base: 'gs://models/base': unsupported URI scheme gs:// {HUB_OR_S3}"),
+    (lambda p, s: p.update(finetuned={"model": "https://huggingface.co/org/ft"}),
+     f"pairs[0].finetuned.model: 'https://huggingface.co/org/ft': unsupported URI scheme https:// {HUB_OR_S3}"),
+    (lambda p, s: p.update(finetuned={"adapter": "hf://org/lora"}),
+     f"pairs[0].finetuned.adapter: 'hf://org/lora': unsupported URI scheme hf:// {HUB_OR_S3}"),
+    (lambda p, s: p.update(base="s3://"), "pairs[0].base: 's3://' names no bucket (expected s3://bucket/prefix)"),
+    (lambda p, s: p.update(finetune_data="gs://data/ft.jsonl"),
+     "pairs[0].finetune_data: 'gs://data/ft.jsonl': expected a local file, not a URI"),
+    (lambda p, s: p.update(generic_chat="s3://data/chat.txt"),
+     "pairs[0].generic_chat: 's3://data/chat.txt': expected a local file, not a URI"),
+    (lambda p, s: s.update(corpus={"kind": "jsonl", "path": "gs://data/corpus.jsonl"}),
+     "corpus.path: 'gs://data/corpus.jsonl': expected a local file, not a URI"),
+    (lambda p, s: s.update(analyses={"embedding_model": "s3://models/minilm"}),
+     "analyses.embedding_model: 's3://models/minilm': expected a hub id or a local folder, not a URI"),
+])
+def test_locations_of_other_schemes(tmp_path, make_spec, capsys, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec(tmp_path / "out")
+    change(spec["pairs"][0], spec)
+    assert run_fails(tmp_path, spec, capsys) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+# -- the corpus -------------------------------------------------------------------------------
+TEXT = "the quick brown fox jumps over the lazy dog again and again, " * 4
+
+
+@pytest.mark.parametrize("lines, problem", [
+    ([{"body": TEXT}], "line 1 has no 'text' field (corpus.column)"),
+    ([{"text": TEXT}, {"text": TEXT}, {"text": None}], "line 3: 'text' is null, not text"),
+    ([{"text": TEXT}, {"text": 42}], "line 2: 'text' is a number (42), not text"),
+    ([{"text": TEXT}, {"text": ["a", "b"]}], "line 2: 'text' is a list, not text"),
+    ([{"text": TEXT}, [TEXT]], "line 2 is not a JSON object"),
+])
+def test_jsonl_corpus_without_text(tmp_path, make_spec, capsys, lines, problem):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    spec = make_spec(tmp_path / "out", corpus={"kind": "jsonl", "path": str(corpus)})
+    assert run_fails(tmp_path, spec, capsys) == f"corpus.path: {corpus} {problem}"
+
+
+@pytest.mark.parametrize("column, message", [
+    ({"body": [TEXT, TEXT]}, "corpus.column: {p} has no column 'text'"),
+    ({"text": [1, 2]}, "corpus.column: {p} column 'text' holds int64, not text"),
+    ({"text": [TEXT, TEXT, None]}, "corpus.path: {p} row 2: 'text' is null, not text"),
+])
+def test_parquet_corpus_without_text(tmp_path, make_spec, capsys, column, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table(column), corpus)
+    spec = make_spec(tmp_path / "out", corpus={"kind": "parquet", "path": str(corpus)})
+    assert run_fails(tmp_path, spec, capsys) == message.format(p=corpus)
+
+
+@pytest.mark.parametrize("kind, content, problem", [
+    ("parquet", b"PAR1 but not really", "is not a Parquet file (corrupted, truncated or another format)"),
+    ("text", b"\x89PNG\r\n\x1a\n\xff\xfe", "is not UTF-8 text"),
+    ("jsonl", b'{"text": "\xff\xfe"}\n', "is not UTF-8 text"),
+])
+def test_corpus_file_of_another_format(tmp_path, make_spec, capsys, kind, content, problem):
+    corpus = tmp_path / f"corpus.{kind}"
+    corpus.write_bytes(content)
+    spec = make_spec(tmp_path / "out", corpus={"kind": kind, "path": str(corpus)})
+    assert run_fails(tmp_path, spec, capsys) == f"corpus.path: {corpus} {problem}"
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_demo_num_documents_must_be_positive(tmp_path, capsys, count):
+    root = tmp_path / "out"
+    assert fails(["demo", "--root", str(root), "--num-documents", count], capsys) == \
+        f"--num-documents: must be >= 1, got {count}"
+    assert not root.exists()
+
+
+# -- adl inspect and adl report on files that are not what they should be ----------------------
+def garbage_runs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Storage roots, each with one runs/x/run.json that is not a run record, and the
+    problem named."""
+    cases = {
+        "binary": (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a JSON file (binary content)"),
+        "truncated": (b'{"job": "x", "spec": {"name": "x", "pai',
+                      "not valid JSON (Unterminated string starting at: line 1 column 36)"),
+        "empty-object": (b"{}", "not an adl run record: no 'job'"),
+        "array": (b"[1, 2]", "not an adl run record (a JSON object), got an array"),
+        "pairs-not-list": (b'{"job": "x", "spec": {}, "pairs": {"a": 1}}', "'pairs' must be an array, got an object"),
+        "pair-entry": (b'{"job": "x", "spec": {}, "pairs": [{"name": "a"}]}',
+                       'pairs[0] must be an object with "name" and "dir" strings'),
+    }
+    out = {}
+    for name, (content, problem) in cases.items():
+        record = tmp_path / name / "runs" / "x" / "run.json"
+        record.parent.mkdir(parents=True)
+        record.write_bytes(content)
+        out[name] = (record, problem)
+    return out
+
+
+@pytest.mark.parametrize("case", ["binary", "truncated", "empty-object", "array", "pairs-not-list", "pair-entry"])
+def test_inspect_and_report_on_a_bad_run_record(tmp_path, capsys, case):
+    record, problem = garbage_runs(tmp_path)[case]
+    root = record.parents[2]
+    before = tree(root)
+    for argv in (["inspect", str(record)], ["inspect", str(root)],
+                 ["report", str(record)], ["report", str(root)]):
+        assert fails(argv, capsys) == f"{record}: {problem}", argv
+    assert tree(root) == before   # no report.html
+
+
+def test_inspect_and_report_on_a_run_with_a_garbage_table(tmp_path, capsys):
+    """A well-formed run record whose pair's tables are not Parquet."""
+    root = tmp_path / "root"
+    pair = root / "pairs" / "p-0123456789abcdef"
+    pair.mkdir(parents=True)
+    (root / "runs" / "x").mkdir(parents=True)
+    (root / "runs" / "x" / "run.json").write_text(json.dumps(
+        {"job": "x", "spec": {"method": {"positions": [0]}}, "pairs": [{"name": "p", "dir": "pairs/p-0123456789abcdef"}]}))
+    (pair / "manifest.json").write_text('{"pair": "p"}')
+    for table in ("difference.parquet", "logit_lens.parquet"):
+        (pair / table).write_bytes(b"not parquet " * 10)
+    before = tree(root)
+    not_parquet = "not a Parquet file (corrupted, truncated or another format)"
+    assert fails(["inspect", str(root)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
+    assert fails(["inspect", str(pair)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
+    assert fails(["report", str(root)], capsys) == f"{pair}/logit_lens.parquet: {not_parquet}"
+    assert tree(root) == before
+
+
+def test_inspect_on_a_run_record_outside_runs(tmp_path, capsys):
+    record = tmp_path / "run.json"
+    record.write_text('{"job": "x", "spec": {}, "pairs": []}')
+    assert fails(["inspect", str(record)], capsys) == f"{record}: a run record lives at <root>/runs/<job>/run.json"
+
+
+def test_inspect_on_a_garbage_parquet_file(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"\x00\x01 not parquet at all " * 20)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"a": list(range(1000))}), good)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path in (garbage, truncated):
+        assert fails(["inspect", str(path)], capsys) == \
+            f"{path}: not a Parquet file (corrupted, truncated or another format)"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a JSON file (binary content)"),
+    (b"[]", "not an adl status record (a JSON object), got an array"),
+    (b"{}", 'not an adl status record: no "state" string'),
+])
+def test_inspect_on_a_bad_status_record(tmp_path, capsys, content, problem):
+    status = tmp_path / "runs" / "x" / "status.json"
+    status.parent.mkdir(parents=True)
+    status.write_bytes(content)
+    assert fails(["inspect", str(status)], capsys) == f"{status}: {problem}"
+
+
+# -- the spec file and names -----------------------------------------------------------------
+def test_binary_spec_file(tmp_path, capsys):
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff")
+    assert fails(["run", str(spec_file)], capsys) == f"{spec_file}: not a text file (byte 0 is not UTF-8); a job spec is YAML"
+    spec_file.write_bytes(b"name: x\x00\npairs: []\n")
+    assert fails(["run", str(spec_file)], capsys) == f"{spec_file}: not valid YAML"
+
+
+PRINTABLE = "must be printable (no control characters, newlines or escape sequences)"
+
+
+@pytest.mark.parametrize("field, name", [
+    ("pair", "demo\n[adl 12:00:00] demo: results complete, skipped"),
+    ("pair", "\x1b[31mred\x1b[0m"),
+    ("pair", "tab\there"),
+    ("job", "job\r"),
+    ("job", "\x1b]0;title\x07"),
+])
+def test_names_must_be_printable(tmp_path, make_spec, capsys, field, name):
+    spec = make_spec(tmp_path / "out")
+    if field == "pair":
+        spec["pairs"][0]["name"] = name
+    else:
+        spec["name"] = name
+    where = "pairs[0].name" if field == "pair" else "name"
+    assert run_fails(tmp_path, spec, capsys) == f"{where}: {PRINTABLE}, got {name!r}"
+
+
+@pytest.mark.parametrize("names, folder", [(["a/b", "a_b"], "a_b"), (["x", "x."], "x"), (["my pair", "my_pair"], "my_pair")])
+def test_pair_names_sharing_a_folder(tmp_path, make_spec, capsys, names, folder):
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"] = [{**spec["pairs"][0], "name": name} for name in names]
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[1].name: {names[1]!r} and pairs[0].name {names[0]!r} map to the same results folder name "
+        f"{folder!r}; rename one")
