@@ -11,6 +11,7 @@ import numpy as np
 
 from jobs.corpus import corpus_identity, file_identity, read_documents
 from jobs.placement import parameter_count
+from jobs.seeds import SEEDING_VERSION
 from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
 from storage import layout
 from workers.models import ModelError, location_identity, load_tokenizer, num_layers, read_config
@@ -163,7 +164,7 @@ def make_plan(spec: JobSpec) -> Plan:
                          "norm_skip_positions": spec.method.norm_skip_positions,
                          "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
         if spec.generation.enabled:
-            pair_identity.update(generation=as_plain(spec.generation), grader=spec.grader)
+            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=spec.grader)
         if spec.analyses.enabled:
             pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
