@@ -1,12 +1,17 @@
-"""Reading the corpus of random text: the first num_documents documents, in order."""
+"""Reading the corpus of random text: documents in corpus order, lazily, until
+num_documents of them are kept (adl-method.md, section 1)."""
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from jobs.spec import Corpus, SpecError
+from workers.tokenization import DROP_REASONS, KeptDocuments, keep_documents
+
+_LOG = logging.getLogger("adl")
 
 
 def corpus_identity(corpus: Corpus) -> dict:
@@ -39,53 +44,89 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_documents(corpus: Corpus) -> list:
-    """The first num_documents documents (any value; the tokenization skips non-text)."""
-    limit = corpus.num_documents
+def iter_documents(corpus: Corpus) -> Iterator:
+    """The corpus's documents in corpus order, read lazily: values of any kind (the
+    tokenization skips non-text). The file is checked now; a line that is not JSON is an
+    error when it is reached."""
     if corpus.kind == "demo":
-        from workers.demo_pair import generic_documents
-        docs = generic_documents(limit, seed=corpus.seed)
-    elif corpus.kind == "text":
-        with open(_existing(corpus.path), encoding="utf-8") as f:
-            docs = [line.rstrip("\n") for line in itertools.islice(f, limit)]
-    elif corpus.kind == "jsonl":
-        docs = []
-        with open(_existing(corpus.path), encoding="utf-8") as f:
-            for lineno, line in enumerate(itertools.islice(f, limit), start=1):
-                try:
-                    docs.append(json.loads(line).get(corpus.column))
-                except (json.JSONDecodeError, AttributeError):
-                    raise SpecError(f"corpus.path: {corpus.path} line {lineno} is not a JSON object") from None
-    elif corpus.kind == "parquet":
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(_existing(corpus.path))
-        if corpus.column not in pf.schema_arrow.names:
-            raise SpecError(f"corpus.column: {corpus.path} has no column {corpus.column!r}")
-        docs = []
-        for batch in pf.iter_batches(columns=[corpus.column]):
-            docs.extend(batch.column(0).to_pylist())
-            if len(docs) >= limit:
-                break
-        docs = docs[:limit]
-    else:
-        docs = _hf_documents(corpus)
-    if not docs:
-        raise SpecError(f"corpus: no documents in {corpus.path or corpus.dataset or corpus.kind}")
-    return docs
+        from workers.demo_pair import generic_document_stream
+        return generic_document_stream(corpus.seed)
+    if corpus.kind == "hf":
+        return _hf_documents(corpus)
+    path = _existing(corpus.path)
+    if corpus.kind == "text":
+        return _lines(path)
+    if corpus.kind == "jsonl":
+        return _jsonl_values(path, corpus)
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(path)
+    if corpus.column not in pf.schema_arrow.names:
+        raise SpecError(f"corpus.column: {corpus.path} has no column {corpus.column!r}")
+    return (value for batch in pf.iter_batches(columns=[corpus.column], batch_size=1024)
+            for value in batch.column(0).to_pylist())
 
 
-def _hf_documents(corpus: Corpus) -> list:
+def _lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
+
+
+def _jsonl_values(path: Path, corpus: Corpus) -> Iterator:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                yield json.loads(line).get(corpus.column)
+            except (json.JSONDecodeError, AttributeError):
+                raise SpecError(f"corpus.path: {corpus.path} line {lineno} is not a JSON object") from None
+
+
+def _hf_documents(corpus: Corpus) -> Iterator:
     try:
         import datasets
     except ImportError:
         raise SpecError("corpus.kind: hf needs the `datasets` package (pip install datasets)") from None
+
+    def stream():
+        try:
+            ds = datasets.load_dataset(corpus.dataset, split=corpus.split, revision=corpus.revision,
+                                       streaming=True)
+            for row in ds:
+                yield row.get(corpus.column)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {first}") from None
+    return stream()
+
+
+def kept_documents(corpus: Corpus, tokenizer, n: int) -> KeptDocuments:
+    """The corpus's first num_documents documents that the method keeps (read in corpus
+    order until there are that many, or the corpus ends: then one warning on the `adl`
+    logger says how many were kept). No document kept is an input error."""
+    documents = iter_documents(corpus)
     try:
-        ds = datasets.load_dataset(corpus.dataset, split=corpus.split, revision=corpus.revision,
-                                   streaming=True)
-        return [row.get(corpus.column) for row in itertools.islice(ds, corpus.num_documents)]
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {first}") from None
+        kept = keep_documents(tokenizer, documents, n, corpus.num_documents)
+    finally:
+        documents.close()   # the file, when reading stopped before its end
+    where = corpus.path or corpus.dataset or corpus.kind
+    if kept.read == 0:
+        raise SpecError(f"corpus: no documents in {where}")
+    if len(kept.doc_ids) == 0:
+        raise SpecError(f"corpus: none of the {kept.read} documents read is kept "
+                        f"({describe_dropped(kept.dropped, n)})")
+    if len(kept.doc_ids) < corpus.num_documents:
+        _LOG.warning(
+            f"corpus: {where} ended after {kept.read} documents, {len(kept.doc_ids)} kept of "
+            f"num_documents={corpus.num_documents} ({describe_dropped(kept.dropped, n)})")
+    return kept
+
+
+def describe_dropped(dropped: dict, n: int) -> str:
+    """The dropped counts as words, e.g. '2 empty, 1 shorter than tokens_per_document=10 tokens'."""
+    words = {"non_text": "not text", "empty": "empty", "whitespace": "whitespace-only",
+             "too_short": f"shorter than tokens_per_document={n} tokens"}
+    parts = [f"{dropped[k]} {words[k]}" for k in DROP_REASONS if dropped.get(k)]
+    return ", ".join(parts) or "none dropped"
 
 
 def read_texts(path: str, limit: int, where: str, column: str = "text") -> list[str]:
