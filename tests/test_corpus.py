@@ -2,7 +2,6 @@
 that many pass the method's filters (adl-method.md, section 1), as the reference does."""
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 
@@ -123,8 +122,3 @@ def test_a_bad_json_line_among_the_documents_needed_names_its_line(tmp_path, mak
     spec = parse_spec(make_spec(tmp_path / "out", corpus={"kind": "jsonl", "path": str(path), "num_documents": 10}))
     with pytest.raises(SpecError, match=r"^corpus.path: .*corpus.jsonl line 4 is not a JSON object$"):
         make_plan(spec)
-
-
-def test_the_demo_corpus_is_one_stream():
-    from workers.demo_pair import generic_document_stream
-    assert list(itertools.islice(generic_document_stream(1234), 50)) == generic_documents(50, seed=1234)
