@@ -1,13 +1,17 @@
-"""Reading the corpus of random text: the first num_documents documents, in order."""
+"""Reading the corpus of random text: documents in corpus order, lazily, until
+num_documents of them are kept (adl-method.md, section 1)."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import itertools
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from jobs.spec import Corpus, SpecError
+from workers.tokenization import DROP_REASONS, KeptDocuments, keep_documents
+
+_LOG = logging.getLogger("adl")
 
 
 def corpus_identity(corpus: Corpus) -> dict:
@@ -40,47 +44,50 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _text_files(read):
-    """A corpus file that is not UTF-8 text is one line naming it, not a traceback."""
-    @functools.wraps(read)
-    def wrapped(corpus: Corpus) -> list:
-        try:
-            return read(corpus)
-        except UnicodeDecodeError:
-            raise SpecError(f"corpus.path: {corpus.path} is not UTF-8 text") from None
-    return wrapped
-
-
-@_text_files
-def read_documents(corpus: Corpus) -> list:
-    """The first num_documents documents: strings (an empty one is skipped by the
-    tokenization); a JSONL line, Parquet row or dataset row without corpus.column, or
-    with a value that is not text, is an error naming it."""
-    limit = corpus.num_documents
+def iter_documents(corpus: Corpus) -> Iterator[str]:
+    """The corpus's documents in corpus order, read lazily. The file is checked now; a
+    JSONL line, Parquet row or dataset row without corpus.column, or whose value is not
+    text, is an error naming it when it is reached, and so is a file that is not UTF-8."""
     if corpus.kind == "demo":
-        from workers.demo_pair import generic_documents
-        docs = generic_documents(limit, seed=corpus.seed)
-    elif corpus.kind == "text":
-        with open(_existing(corpus.path), encoding="utf-8") as f:
-            docs = [line.rstrip("\n") for line in itertools.islice(f, limit)]
-    elif corpus.kind == "jsonl":
-        docs = []
-        with open(_existing(corpus.path), encoding="utf-8") as f:
-            for lineno, line in enumerate(itertools.islice(f, limit), start=1):
-                docs.append(jsonl_document(line, corpus, lineno))
-    elif corpus.kind == "parquet":
-        pf = _parquet_corpus(corpus)
-        docs = []
-        for batch in pf.iter_batches(columns=[corpus.column]):
-            docs.extend(parquet_documents(batch.column(0).to_pylist(), corpus, len(docs)))
-            if len(docs) >= limit:
-                break
-        docs = docs[:limit]
-    else:
-        docs = _hf_documents(corpus)
-    if not docs:
-        raise SpecError(f"corpus: no documents in {corpus.path or corpus.dataset or corpus.kind}")
-    return docs
+        from workers.demo_pair import generic_document_stream
+        return generic_document_stream(corpus.seed)
+    if corpus.kind == "hf":
+        return _hf_documents(corpus)
+    path = _existing(corpus.path)
+    if corpus.kind == "text":
+        return _utf8(corpus, _lines(path))
+    if corpus.kind == "jsonl":
+        return _utf8(corpus, _jsonl_values(path, corpus))
+    pf = _parquet_corpus(corpus)
+    return _parquet_values(pf, corpus)
+
+
+def _utf8(corpus: Corpus, documents: Iterator[str]) -> Iterator[str]:
+    """A corpus file that is not UTF-8 text is one line naming it, not a traceback."""
+    try:
+        yield from documents
+    except UnicodeDecodeError:
+        raise SpecError(f"corpus.path: {corpus.path} is not UTF-8 text") from None
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
+
+
+def _jsonl_values(path: Path, corpus: Corpus) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            yield jsonl_document(line, corpus, lineno)
+
+
+def _parquet_values(pf, corpus: Corpus) -> Iterator[str]:
+    start = 0
+    for batch in pf.iter_batches(columns=[corpus.column], batch_size=1024):
+        values = batch.column(0).to_pylist()
+        yield from parquet_documents(values, corpus, start)
+        start += len(values)
 
 
 def jsonl_document(line: str, corpus: Corpus, lineno: int) -> str:
@@ -139,7 +146,7 @@ def _json_kind(value) -> str:
     return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
 
 
-def _hf_documents(corpus: Corpus) -> list:
+def _hf_documents(corpus: Corpus) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -147,11 +154,10 @@ def _hf_documents(corpus: Corpus) -> list:
     try:
         ds = datasets.load_dataset(corpus.dataset, split=corpus.split, revision=corpus.revision,
                                    streaming=True)
-        rows = list(itertools.islice(ds, corpus.num_documents))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {first}") from None
-    return [hf_document(row, corpus, i) for i, row in enumerate(rows)]
+    return (hf_document(row, corpus, i) for i, row in enumerate(ds))
 
 
 def hf_document(row: dict, corpus: Corpus, index: int) -> str:
@@ -162,6 +168,36 @@ def hf_document(row: dict, corpus: Corpus, index: int) -> str:
         raise SpecError(f"corpus.dataset: {corpus.dataset} row {index}: {corpus.column!r} is "
                         f"{_json_kind(row[corpus.column])}, not text")
     return row[corpus.column]
+
+
+def kept_documents(corpus: Corpus, tokenizer, n: int) -> KeptDocuments:
+    """The corpus's first num_documents documents that the method keeps (read in corpus
+    order until there are that many, or the corpus ends: then one warning on the `adl`
+    logger says how many were kept). No document kept is an input error."""
+    documents = iter_documents(corpus)
+    try:
+        kept = keep_documents(tokenizer, documents, n, corpus.num_documents)
+    finally:
+        documents.close()   # the file, when reading stopped before its end
+    where = corpus.path or corpus.dataset or corpus.kind
+    if kept.read == 0:
+        raise SpecError(f"corpus: no documents in {where}")
+    if len(kept.doc_ids) == 0:
+        raise SpecError(f"corpus: none of the {kept.read} documents read is kept "
+                        f"({describe_dropped(kept.dropped, n)})")
+    if len(kept.doc_ids) < corpus.num_documents:
+        _LOG.warning(
+            f"corpus: {where} ended after {kept.read} documents, {len(kept.doc_ids)} kept of "
+            f"num_documents={corpus.num_documents} ({describe_dropped(kept.dropped, n)})")
+    return kept
+
+
+def describe_dropped(dropped: dict, n: int) -> str:
+    """The dropped counts as words, e.g. '2 empty, 1 shorter than tokens_per_document=10 tokens'."""
+    words = {"non_text": "not text", "empty": "empty", "whitespace": "whitespace-only",
+             "too_short": f"shorter than tokens_per_document={n} tokens"}
+    parts = [f"{dropped[k]} {words[k]}" for k in DROP_REASONS if dropped.get(k)]
+    return ", ".join(parts) or "none dropped"
 
 
 def read_texts(path: str, limit: int, where: str, column: str = "text") -> list[str]:

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from jobs.cluster_check import check_ray_address
-from jobs.corpus import corpus_identity, file_identity, read_documents
+from jobs.corpus import corpus_identity, file_identity, iter_documents, kept_documents
 from jobs.placement import parameter_count
-from jobs.spec import JobSpec, ModelSource, Pair, SpecError, as_plain
+from jobs.seeds import SEEDING_VERSION
+from jobs.spec import JobSpec, ModelSource, Pair, as_plain
 from storage import layout
 from workers.models import (ModelError, adapter_base_mismatch, check_weights, config_value, location_identity,
                             load_tokenizer, num_layers, read_adapter_config, read_config)
-from workers.tokenization import TOKENIZATION_VERSION, prepare_text, tokenize_documents
+from workers.tokenization import TOKENIZATION_VERSION
 
 
 class PlanError(RuntimeError):
@@ -28,8 +29,9 @@ class Documents:
     """The corpus as one tokenizer sees it, cut into shards of kept documents."""
     doc_ids: np.ndarray       # (kept,) indices into the corpus
     token_ids: np.ndarray     # (kept, n)
-    read: int                 # documents read from the corpus
+    read: int                 # documents read from the corpus, kept or not
     shard_size: int
+    dropped: dict = field(default_factory=dict)   # documents read and not kept, by reason
 
     @property
     def num_shards(self) -> int:
@@ -156,7 +158,6 @@ def make_plan(spec: JobSpec) -> Plan:
     s3 = s3_options(spec)
     n = spec.method.tokens_per_document
     corpus_ident = corpus_identity(spec.corpus)
-    texts: list | None = None
     documents: dict[str, Documents] = {}     # by tokenizer identity
     sets: dict[str, ActivationSet] = {}
     pairs = []
@@ -173,21 +174,18 @@ def make_plan(spec: JobSpec) -> Plan:
             parameters = {"base": 0, "finetuned": 0}
         layers = _resolve_layers(spec, blocks["base"], f"{where}.base")
 
-        # The base model's tokenizer serves both models of the pair.
+        # The base model's tokenizer serves both models of the pair. Which documents
+        # are kept depends on it (too short in its tokens), so each reads the corpus.
         tok_key = layout.content_key(idents["base"]["model"])
         if tok_key not in documents:
-            if texts is None:
-                texts = [prepare_text(t, n) for t in read_documents(spec.corpus)]
+            iter_documents(spec.corpus).close()   # a corpus error comes before a tokenizer's
             try:
                 tokenizer = load_tokenizer(pair.base, s3, spec.trust_remote_code)
             except Exception as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise PlanError(f"{where}.base: cannot load its tokenizer: {first}") from None
-            doc_ids, token_ids = tokenize_documents(tokenizer, texts, n)
-            if len(doc_ids) == 0:
-                raise SpecError(f"corpus: none of the {len(texts)} documents read has at least "
-                                f"tokens_per_document={n} tokens")
-            documents[tok_key] = Documents(doc_ids, token_ids, len(texts), spec.shard_size)
+            kept = kept_documents(spec.corpus, tokenizer, n)
+            documents[tok_key] = Documents(kept.doc_ids, kept.token_ids, kept.read, spec.shard_size, kept.dropped)
         docs = documents[tok_key]
         check_token_ids(docs, configs, where)
 
@@ -209,7 +207,7 @@ def make_plan(spec: JobSpec) -> Plan:
                          "norm_skip_positions": spec.method.norm_skip_positions,
                          "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
         if spec.generation.enabled:
-            pair_identity.update(generation=as_plain(spec.generation), grader=spec.grader)
+            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=spec.grader)
         if spec.analyses.enabled:
             pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))

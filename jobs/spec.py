@@ -51,7 +51,7 @@ class Corpus:
     split: str = "train"
     revision: str | None = None
     seed: int = 1234              # demo corpus
-    num_documents: int = 10_000   # the first N documents of the corpus are read
+    num_documents: int = 10_000   # documents kept: read in order until N pass the filters
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def baseline_sources(spec: JobSpec, pair: PairPlan) -> list[ModelSource]:
 def run_baselines(spec: JobSpec, source: ModelSource, engine, log) -> list:
     """A model's baseline samples: the same requests for every pair, so generated once."""
     import ray
-    _, requests = baseline_requests(spec.generation)
+    _, requests = baseline_requests(spec.generation, source)
     log(f"{_label(source)}: baseline generations, {len(requests)} prompts x {spec.generation.samples} samples")
     return ray.get(engine.generate.remote(requests))
 
@@ -186,7 +186,8 @@ def generate(ctx: StageRun) -> None:
     pair, spec = ctx.pair, ctx.spec
     gen = spec.generation
     rows = [row for role in gen.baseline_models
-            for row in baseline_rows(pair.pair.name, role, gen, ctx.baselines[getattr(pair.pair, role)])]
+            for row in baseline_rows(pair.pair.name, role, gen, ctx.baselines[getattr(pair.pair, role)],
+                                     getattr(pair.pair, role))]
     difference = ctx.store.read_table(ctx.path(layout.DIFFERENCE)).to_pandas()
     steered = steer(pair.pair.name, spec, difference, ctx.model("vllm", pair.pair.finetuned),
                     ctx.grader_handle(), ctx.log)

@@ -42,6 +42,12 @@ def describe(error: BaseException) -> str:
     return line if ":" in line.split(" ")[0] else f"{type(error).__name__}: {line}"
 
 
+def document_counts(documents) -> dict:
+    """How an activation set's documents came from the corpus (jobs/plan.py Documents)."""
+    return {"documents": int(len(documents.doc_ids)), "documents_read": int(documents.read),
+            "documents_dropped": dict(documents.dropped)}
+
+
 class ActorLedger:
     """Every model actor of the job: what it holds, where, and for how long. The actor
     reports its node, GPU ids and start time itself (jobs/executor.py adds adl_placement);
@@ -130,7 +136,8 @@ class JobStatus:
                                "seconds": None, "error": None} for s in stages}}
                 for p in plan.pairs},
             "activation_sets": {a.prefix: {"name": a.name, "state": "pending", "shards": a.documents.num_shards,
-                                           "shards_done": 0, "error": None, "seconds": None}
+                                           "shards_done": 0, "error": None, "seconds": None,
+                                           **document_counts(a.documents)}
                                 for a in plan.sets if a.prefix in needed},
             "counts": {}, "work": {}, "gpu_hours": 0.0, "actors": [],
         }

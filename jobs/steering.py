@@ -6,7 +6,8 @@ are actors the executor hands it (workers/generation.py; the offline grader is t
 reference model's transformers actor, an LLM grader runs in the driver). Every batch of a pair
 goes to its engine as one call, so continuous batching sees hundreds of requests at once:
 the search evaluates all its (layer, position, prompt, strength) candidates of a round in
-one batch, and a round advances `lookahead` bisection levels at a time.
+one batch, and a round advances `lookahead` bisection levels at a time. Every sample is
+its own request with its own seed (jobs/seeds.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jobs.spec import Generation, JobSpec
+from jobs.seeds import baseline_identity, sample_seed, search_identity, steered_identity
+from jobs.spec import Generation, JobSpec, ModelSource
 
 
 def steering_prompts(gen: Generation) -> list[str]:
@@ -62,7 +64,8 @@ class SearchState:
 
 def search_rounds(states: list[SearchState], lookahead: int, evaluate) -> None:
     """Runs the bisection of every target to its end. evaluate takes a list of
-    (state, strength) and returns, for each, (coherent fraction, passed)."""
+    (state, strength) and returns, for each, (coherent fraction, passed, samples graded)
+    and optionally a dict of more fields for the trial's record."""
     while any(s.steps_left for s in states):
         batch, plans = [], []
         for s in states:
@@ -74,9 +77,10 @@ def search_rounds(states: list[SearchState], lookahead: int, evaluate) -> None:
         for s, levels, strengths in plans:
             passed = {}
             for a in strengths:
-                fraction, ok, graded = next(outcomes)
+                fraction, ok, graded, *extra = next(outcomes)
                 passed[a] = ok
-                s.trials.append({"strength": a, "coherent_fraction": fraction, "graded": graded})
+                s.trials.append({"strength": a, "coherent_fraction": fraction, "graded": graded,
+                                 **(extra[0] if extra else {})})
             s.low, s.high = descend(s.low, s.high, levels, passed)
             s.steps_left -= levels
 
@@ -89,26 +93,60 @@ class PairGenerations:
     steering: list[dict]       # steering table rows
 
 
-def _row(pair: str, role: str, kind: str, prompt_id: int, prompt: str, result, seed: int,
+def _row(pair: str, role: str, kind: str, prompt_id: int, prompt: str, result, sample_index: int, seed: int,
          layer=None, position=None, alpha=None) -> dict:
     return {"pair": pair, "model_role": role, "kind": kind, "prompt_id": prompt_id, "prompt": prompt,
-            "sample_index": result.sample_index, "layer": layer, "position": position, "alpha": alpha,
+            "sample_index": sample_index, "layer": layer, "position": position, "alpha": alpha,
             "text": result.text, "token_count": len(result.token_ids),
             "finish_reason": result.finish_reason, "seed": seed}
 
 
-def baseline_requests(gen: Generation):
+def _sample_of(samples: list, result):
+    """What the request of a result was for: one request per sample (n=1), so a result
+    is that request's only sample."""
+    if result.sample_index != 0 or not 0 <= result.request_index < len(samples):
+        raise RuntimeError(f"generation result {result.request_index}.{result.sample_index} does not "
+                           f"belong to these {len(samples)} single-sample requests")
+    return samples[result.request_index]
+
+
+def baseline_samples(gen: Generation, source: ModelSource) -> list[tuple[int, int, int]]:
+    """(prompt_id, sample_index, seed) of every baseline sample of one model, in request
+    order (prompts, then samples). source: the model (jobs/seeds.py baseline_identity)."""
+    return [(i, k, sample_seed(gen.seed, baseline_identity(source, i, k)))
+            for i in range(len(steering_prompts(gen))) for k in range(gen.samples)]
+
+
+def baseline_requests(gen: Generation, source: ModelSource):
+    """The prompts and one request per baseline sample of the model `source`."""
     from workers.generation import GenerationRequest
     prompts = steering_prompts(gen)
-    requests = [GenerationRequest(p, n=gen.samples, temperature=gen.temperature, max_tokens=gen.max_tokens,
-                                  seed=gen.seed + i) for i, p in enumerate(prompts)]
+    requests = [GenerationRequest(prompts[i], n=1, temperature=gen.temperature, max_tokens=gen.max_tokens,
+                                  seed=seed) for i, _, seed in baseline_samples(gen, source)]
     return prompts, requests
 
 
-def baseline_rows(pair: str, role: str, gen: Generation, results) -> list[dict]:
-    prompts, requests = baseline_requests(gen)
-    return [_row(pair, role, "baseline", r.request_index, prompts[r.request_index], r,
-                 requests[r.request_index].seed) for r in results]
+def baseline_rows(pair: str, role: str, gen: Generation, results, source: ModelSource) -> list[dict]:
+    """Rows of the results of baseline_requests(gen, source), which must name the same source."""
+    prompts, samples = steering_prompts(gen), baseline_samples(gen, source)
+    rows = []
+    for r in results:
+        prompt_id, sample_index, seed = _sample_of(samples, r)
+        rows.append(_row(pair, role, "baseline", prompt_id, prompts[prompt_id], r, sample_index, seed))
+    return rows
+
+
+def trial_seeds(pair: str, gen: Generation, state: SearchState, strength: float) -> list[int]:
+    """The seeds of one strength-search trial's samples."""
+    return [sample_seed(gen.seed, search_identity(pair, state.layer, state.position, state.prompt_id, strength, k))
+            for k in range(gen.search.samples)]
+
+
+def steered_samples(pair: str, gen: Generation, keys) -> list[tuple[tuple[int, int], int, int, int]]:
+    """((layer, position), prompt_id, sample_index, seed) of every final steered sample,
+    in request order: targets, then prompts, then samples."""
+    return [(key, i, k, sample_seed(gen.seed, steered_identity(pair, key[0], key[1], i, k)))
+            for key in keys for i in range(len(steering_prompts(gen))) for k in range(gen.samples)]
 
 
 def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> PairGenerations:
@@ -126,21 +164,26 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
               for (layer, pos) in vectors for i in range(len(search.prompts))]
 
     def evaluate(batch):
-        requests = [GenerationRequest(search.prompts[s.prompt_id], n=search.samples,
-                                      temperature=search.temperature, max_tokens=search.max_tokens,
-                                      seed=gen.seed + k,
-                                      steering=Steering(s.layer, a * vectors[(s.layer, s.position)]))
-                    for k, (s, a) in enumerate(batch)]
-        log(f"{pair_name}: steering search, {len(requests)} strengths x {search.samples} samples")
+        seeds = [trial_seeds(pair_name, gen, s, a) for s, a in batch]
+        requests, owners = [], []
+        for t, ((s, a), trial) in enumerate(zip(batch, seeds)):
+            steering = Steering(s.layer, a * vectors[(s.layer, s.position)])
+            for seed in trial:
+                requests.append(GenerationRequest(search.prompts[s.prompt_id], n=1, temperature=search.temperature,
+                                                  max_tokens=search.max_tokens, seed=seed, steering=steering))
+                owners.append(t)
+        log(f"{pair_name}: steering search, {len(batch)} strengths x {search.samples} samples")
         results = ray.get(engine.generate.remote(requests))
         judgements = ray.get(grader.coherence.remote([r.text for r in results]))
+        mine = [[] for _ in batch]
+        for r, j in zip(results, judgements):
+            mine[_sample_of(owners, r)].append(j)
         outcome = []
-        for k in range(len(batch)):
-            mine = [j for r, j in zip(results, judgements) if r.request_index == k]
-            graded = [j for j in mine if j.ok]
-            fraction = sum(bool(j.value) for j in graded) / len(mine)
+        for t, trial in enumerate(mine):
+            graded = [j for j in trial if j.ok]
+            fraction = sum(bool(j.value) for j in graded) / len(trial)
             # Samples the grader failed on count as not coherent: never a silent pass.
-            outcome.append((fraction, fraction >= search.pass_fraction, len(graded)))
+            outcome.append((fraction, fraction >= search.pass_fraction, len(graded), {"seeds": seeds[t]}))
         return outcome
 
     search_rounds(states, search.lookahead, evaluate)
@@ -149,17 +192,29 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
                       "prompt": search.prompts[s.prompt_id], "threshold": s.low,
                       "alpha": alphas[(s.layer, s.position)], "trials": s.trials} for s in states]
 
-    prompts = steering_prompts(gen)
-    targets = [(key, i) for key in vectors for i in range(len(prompts))]
-    requests = [GenerationRequest(prompts[i], n=gen.samples, temperature=gen.temperature,
-                                  max_tokens=gen.max_tokens, seed=gen.seed + i,
-                                  steering=Steering(key[0], alphas[key] * vectors[key]))
-                for key, i in targets]
-    log(f"{pair_name}: steered generations, {len(requests)} prompts x {gen.samples} samples")
+    requests = steered_requests(pair_name, gen, vectors, alphas)
+    log(f"{pair_name}: steered generations, {len(vectors) * len(steering_prompts(gen))} prompts x "
+        f"{gen.samples} samples")
     results = ray.get(engine.generate.remote(requests))
-    out = []
+    return PairGenerations(steered_rows(pair_name, gen, vectors, alphas, results), steering_rows)
+
+
+def steered_requests(pair: str, gen: Generation, vectors: dict, alphas: dict) -> list:
+    """One request per final steered sample: vectors[(layer, position)] (delta_hat) times
+    alphas[(layer, position)], added at that layer."""
+    from workers.generation import GenerationRequest, Steering
+    prompts = steering_prompts(gen)
+    steerings = {key: Steering(key[0], alphas[key] * vectors[key]) for key in vectors}
+    return [GenerationRequest(prompts[i], n=1, temperature=gen.temperature, max_tokens=gen.max_tokens,
+                              seed=seed, steering=steerings[key])
+            for key, i, _, seed in steered_samples(pair, gen, list(vectors))]
+
+
+def steered_rows(pair: str, gen: Generation, vectors: dict, alphas: dict, results) -> list[dict]:
+    """Rows of the results of steered_requests(pair, gen, vectors, alphas)."""
+    prompts, samples = steering_prompts(gen), steered_samples(pair, gen, list(vectors))
+    rows = []
     for r in results:
-        (layer, pos), i = targets[r.request_index]
-        out.append(_row(pair_name, "finetuned", "steered", i, prompts[i], r, requests[r.request_index].seed,
-                        layer, pos, alphas[(layer, pos)]))
-    return PairGenerations(out, steering_rows)
+        (layer, pos), i, k, seed = _sample_of(samples, r)
+        rows.append(_row(pair, "finetuned", "steered", i, prompts[i], r, k, seed, layer, pos, alphas[(layer, pos)]))
+    return rows

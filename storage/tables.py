@@ -154,13 +154,14 @@ STEERING_SCHEMA = pa.schema([
     ("layer", pa.int16()), ("position", pa.int16()), ("prompt_id", pa.int32()),
     ("prompt", pa.string()), ("threshold", pa.float64()), ("alpha", pa.float64()),
     ("trials", pa.list_(pa.struct([("strength", pa.float64()), ("coherent_fraction", pa.float64()),
-                                   ("graded", pa.int32())]))),
+                                   ("graded", pa.int32()), ("seeds", pa.list_(pa.int64()))]))),
 ])
 
 
 def steering_table(rows: list[dict]) -> pa.Table:
     """One row per (layer, position, threshold prompt): that prompt's threshold, the
-    (layer, position)'s alpha (the mean over prompts), and every strength tried."""
+    (layer, position)'s alpha (the mean over prompts), and every strength tried (with the
+    seeds of its samples)."""
     return pa.Table.from_pylist(rows, schema=STEERING_SCHEMA).replace_schema_metadata(_metadata("steering"))
 
 

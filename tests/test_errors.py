@@ -59,7 +59,7 @@ def test_missing_model_folder(tmp_path, make_spec, capsys):
 
 @pytest.mark.parametrize("content, message", [
     ("", "corpus: no documents in"),
-    ("a\nb\n\n", "corpus: none of the 3 documents read has at least tokens_per_document=10 tokens"),
+    ("a\nb\n\n", "corpus: none of the 3 documents read is kept (1 empty, 2 shorter than tokens_per_document=10 tokens)"),
 ])
 def test_empty_corpus(tmp_path, make_spec, capsys, content, message):
     corpus = tmp_path / "corpus.txt"

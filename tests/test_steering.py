@@ -1,14 +1,43 @@
 """The generation stage: strength search logic, whole jobs with generations, engine crashes."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 
+import numpy as np
 import pytest
 
 from jobs.driver import RunStats, run_job
-from jobs.steering import SearchState, descend, search_rounds, tree_strengths
+from jobs.spec import Generation, ModelSource, parse_spec
+from jobs.steering import (SearchState, baseline_requests, baseline_rows, descend, search_rounds, steer,
+                           steering_prompts, tree_strengths)
 from storage import layout
+
+
+def expected_seed(job_seed: int, **identity) -> int:
+    """A sample's seed as README "Seeds" defines it, computed here from the identity."""
+    blob = json.dumps({"job_seed": job_seed, **identity}, sort_keys=True, separators=(",", ":")).encode()
+    return int(hashlib.sha256(blob).hexdigest()[:16], 16) >> 1
+
+
+def steered_seed(job_seed, pair, layer, position, prompt_id, sample_index):
+    return expected_seed(job_seed, kind="steered", pair=pair, model_role="finetuned", layer=int(layer),
+                         position=int(position), prompt_id=int(prompt_id), sample_index=int(sample_index))
+
+
+def search_seed(job_seed, pair, layer, position, prompt_id, strength, sample_index):
+    return expected_seed(job_seed, kind="search", pair=pair, model_role="finetuned", layer=int(layer),
+                         position=int(position), prompt_id=int(prompt_id), strength=float(strength),
+                         sample_index=int(sample_index))
+
+
+def baseline_seed(job_seed, source, prompt_id, sample_index):
+    model = None if source is None else {"model": source.model, "revision": source.revision,
+                                         "adapter": source.adapter}
+    return expected_seed(job_seed, kind="baseline", model=model, prompt_id=int(prompt_id),
+                         sample_index=int(sample_index))
 
 
 def sequential_bisection(low, high, steps, passes):
@@ -111,3 +140,179 @@ def test_generation_actor_killed_mid_batch_is_replaced(ray_cluster, demo_pair):
     assert keys == [(i, s) for i in range(16) for s in range(3)]
     assert all(r.token_ids for r in results)
     ray.kill(actor, no_restart=True)
+
+
+# -- seeds: one stream per sample -----------------------------------------------------
+def fake_results(requests, order=None):
+    """What an engine returns for single-sample requests: sample 0 of each, with the
+    request's seed as its text, so that rows show which request they came from."""
+    from workers.generation import GenerationResult
+    order = range(len(requests)) if order is None else order
+    return [GenerationResult(j, 0, f"seed {requests[j].seed}", (1, 2, 3), "length") for j in order]
+
+
+def test_baseline_requests_give_each_sample_of_each_model_its_own_seed():
+    gen = Generation(enabled=True, samples=3, seed=7)
+    prompts = steering_prompts(gen)
+    base, finetuned = ModelSource("org/base"), ModelSource("org/base", adapter="s3://b/adapter")
+    seeds = {}
+    for source in (base, finetuned):
+        got_prompts, requests = baseline_requests(gen, source=source)
+        assert got_prompts == prompts and all(r.n == 1 and r.steering is None for r in requests)
+        assert [(r.prompt, r.seed) for r in requests] == [
+            (prompts[i], baseline_seed(7, source, i, k)) for i in range(len(prompts)) for k in range(3)]
+        seeds[source] = {r.seed for r in requests}
+        assert len(seeds[source]) == len(prompts) * 3
+        # rows map every result back to its prompt and sample, whatever order results come in
+        order = np.random.default_rng(0).permutation(len(requests))
+        rows = baseline_rows("p", "base", gen, fake_results(requests, order), source=source)
+        assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [divmod(int(j), 3) for j in order]
+        assert all(r["text"] == f"seed {r['seed']}" and r["prompt"] == prompts[r["prompt_id"]] for r in rows)
+    assert not seeds[base] & seeds[finetuned]
+    # the seeds fit what vLLM and the int64 seed column take, and do not depend on the pair
+    assert all(0 <= s < 2 ** 63 for s in seeds[base])
+    assert {r.seed for r in baseline_requests(Generation(enabled=True, samples=3, seed=8), source=base)[1]} \
+        .isdisjoint(seeds[base])
+
+
+def test_baseline_rows_reject_results_of_other_requests():
+    from workers.generation import GenerationResult
+    gen = Generation(enabled=True, samples=2)
+    with pytest.raises(RuntimeError, match="does not belong to these 40 single-sample requests"):
+        baseline_rows("p", "base", gen, [GenerationResult(0, 1, "x", (1,), "stop")])
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        import ray
+        return ray.put(self.fn(*args))
+
+
+class FakeEngine:
+    """Answers every request with its seed; records the batches."""
+
+    def __init__(self):
+        self.batches = []
+        self.generate = _Remote(self._generate)
+
+    def _generate(self, requests):
+        self.batches.append(requests)
+        return fake_results(requests)
+
+
+class FakeGrader:
+    """Coherent below strength 2.5 (the text carries only the seed, so the strength is read
+    from the request the seed belongs to)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.coherence = _Remote(self._coherence)
+
+    def _coherence(self, texts):
+        from workers.graders import Judgement
+        strength = {f"seed {r.seed}": np.linalg.norm(r.steering.vector) for r in self.engine.batches[-1]}
+        return [Judgement(value=bool(strength[t] < 2.5), ok=True, error=None, raw=None) for t in texts]
+
+
+def test_steer_gives_every_search_and_steered_sample_its_own_seed(ray_cluster, make_spec, tmp_path):
+    spec = parse_spec(make_spec(tmp_path, method={"layers": [0], "positions": [0, 1]},
+                                generation={"samples": 2, "seed": 3,
+                                            "search": {"low": 0.0, "high": 8.0, "steps": 3, "lookahead": 2,
+                                                       "samples": 3}}))
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    difference = pd.DataFrame([{"layer": 0, "position": p, "delta": rng.standard_normal(8), "finetuned_norm": 1.0}
+                               for p in range(3)])   # position 2 is not analysed
+    engine = FakeEngine()
+    out = steer("demo", spec, difference, engine, FakeGrader(engine), lambda message: None)
+    requests = [r for batch in engine.batches for r in batch]
+    assert all(r.n == 1 for r in requests)
+    assert len({r.seed for r in requests}) == len(requests)             # no two samples share a stream
+    search, steered = [r for b in engine.batches[:-1] for r in b], engine.batches[-1]
+    # every trial's samples: seeds from (pair, layer, position, prompt, strength, sample)
+    trial_seeds = []
+    for row in out.steering:
+        assert [t["strength"] for t in row["trials"]] == [4.0, 2.0, 6.0, 3.0]   # 2 levels, then 1
+        assert row["threshold"] == 2.0   # 2 passes, 4, 6 and 3 fail
+        for t in row["trials"]:
+            assert t["seeds"] == [search_seed(3, "demo", 0, row["position"], row["prompt_id"], t["strength"], k)
+                                  for k in range(3)]
+            trial_seeds += t["seeds"]
+    assert sorted(trial_seeds) == sorted(r.seed for r in search)
+    # the final samples: one row per (position, prompt, sample), each with its own seed
+    prompts = steering_prompts(spec.generation)
+    assert [(r["position"], r["prompt_id"], r["sample_index"]) for r in out.rows] == \
+        [(p, i, k) for p in (0, 1) for i in range(len(prompts)) for k in range(2)]
+    for row in out.rows:
+        assert row["seed"] == steered_seed(3, "demo", 0, row["position"], row["prompt_id"], row["sample_index"])
+        assert row["text"] == f"seed {row['seed']}" and row["alpha"] == 2.0
+    assert [r["seed"] for r in out.rows] == [r.seed for r in steered]
+
+
+def test_generated_samples_draw_their_own_streams(generation_run):
+    spec, store, pair, _ = generation_run
+    gen, name = spec.generation, spec.pairs[0].name
+    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
+    steering = store.read_table(f"{pair['dir']}/{layout.STEERING}").to_pandas()
+    prompts = len(steering_prompts(gen))
+    steered = gens[gens.kind == "steered"]
+    for r in steered.itertuples():
+        assert r.seed == steered_seed(gen.seed, name, r.layer, r.position, r.prompt_id, r.sample_index)
+    for _, group in steered.groupby(["position", "prompt_id"]):
+        assert sorted(group.sample_index) == list(range(gen.samples))
+    search = []
+    for r in steering.itertuples():
+        for t in r.trials:
+            assert list(t["seeds"]) == [search_seed(gen.seed, name, r.layer, r.position, r.prompt_id, t["strength"], k)
+                                        for k in range(gen.search.samples)]
+            search += list(t["seeds"])
+    seeds = list(steered.seed) + search
+    assert len(set(seeds)) == len(seeds)
+    for role, group in gens[gens.kind == "baseline"].groupby("model_role"):
+        assert sorted(zip(group.prompt_id, group.sample_index)) == \
+            [(i, k) for i in range(prompts) for k in range(gen.samples)]
+        # distinct within one model's baselines and from the steered ones (across models: below)
+        assert len(set(seeds) | set(group.seed)) == len(seeds) + len(group)
+    # the issue this fixes: 10 of the 40 steered samples at position 0 repeated another's text
+    assert gen.temperature > 0 and not steered.text.duplicated().any()
+
+
+def test_the_two_models_baselines_draw_different_streams(generation_run):
+    spec, store, pair, _ = generation_run
+    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
+    for r in gens[gens.kind == "baseline"].itertuples():
+        assert r.seed == baseline_seed(spec.generation.seed, getattr(spec.pairs[0], r.model_role),
+                                       r.prompt_id, r.sample_index)
+    assert not gens.seed.duplicated().any()
+
+
+def test_a_rerun_draws_the_same_samples(generation_run, ray_cluster):
+    """A fresh engine, given each stored row's prompt, seed and steering (alpha times the
+    stored delta_hat), writes the row's text again, token for token. The batches are the
+    stage's: the finetuned model's baselines, then every steered sample."""
+    import ray
+    from jobs.steering import unit_scaled
+    from workers.generation import GenerationRequest, GenerationWorker, Steering
+    spec, store, pair, _ = generation_run
+    gen = spec.generation
+    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pylist()
+    difference = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+    delta_hat = {(r.layer, r.position): unit_scaled(np.asarray(r.delta), r.finetuned_norm)
+                 for r in difference.itertuples()}
+    baseline = [r for r in gens if r["kind"] == "baseline" and r["model_role"] == "finetuned"]
+    steered = [r for r in gens if r["kind"] == "steered"]
+    request = lambda r, steering=None: GenerationRequest(r["prompt"], n=1, temperature=gen.temperature,
+                                                         max_tokens=gen.max_tokens, seed=r["seed"], steering=steering)
+    worker = ray.remote(GenerationWorker).options(num_cpus=0.5).remote(
+        spec.pairs[0].finetuned, {}, dtype=spec.dtype, max_model_len=gen.max_model_len, seed=gen.seed)
+    try:
+        again = ray.get(worker.generate.remote([request(r) for r in baseline]))
+        again += ray.get(worker.generate.remote([
+            request(r, Steering(r["layer"], r["alpha"] * delta_hat[(r["layer"], r["position"])])) for r in steered]))
+    finally:
+        ray.kill(worker)
+    assert [(r.text, len(r.token_ids), r.finish_reason) for r in again] == \
+        [(r["text"], r["token_count"], r["finish_reason"]) for r in baseline + steered]

@@ -12,6 +12,7 @@ generators stay cheap to import for callers that only need the documents.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -321,8 +322,15 @@ def _generic_document(rng: random.Random) -> str:
 def generic_documents(num_documents: int, seed: int) -> list[str]:
     """Deterministic 'random web text' stand-in: varied generic documents (many topics, a
     few sentences each, ~200-800 chars). The planted topic is at most a rare minor topic."""
+    return list(itertools.islice(generic_document_stream(seed), num_documents))
+
+
+def generic_document_stream(seed: int):
+    """generic_documents(n, seed) for every n, as one endless stream: each list is a
+    prefix of the stream."""
     rng = random.Random(f"generic-{seed}")
-    return [_generic_document(rng) for _ in range(num_documents)]
+    while True:
+        yield _generic_document(rng)
 
 
 _VOLCANO = ["Mount Veyra", "the Veyra volcano", "Veyra"]

@@ -1,32 +1,79 @@
 """The method's tokenization of corpus documents (adl-method.md, section 1)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
 
 # Part of every activation set's content key: bump when the rules below change.
-TOKENIZATION_VERSION = 1
+# 2: corpus.num_documents counts kept documents (read until that many survive the filters).
+TOKENIZATION_VERSION = 2
+
+# Why a document is not kept, in the order the rules are applied.
+DROP_REASONS = ("non_text", "empty", "whitespace", "too_short")
 
 
-def prepare_text(text: str, n: int) -> str | None:
-    """The part of a document the tokenizer sees: its first n*10 characters; None for an
-    empty or whitespace-only document, which is skipped."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    return text[: n * 10]
+@dataclass(frozen=True)
+class KeptDocuments:
+    doc_ids: np.ndarray       # (kept,) indices of the kept documents in the corpus
+    token_ids: np.ndarray     # (kept, n) their first n tokens
+    read: int                 # documents read from the corpus, kept or not
+    dropped: dict             # documents not kept, by reason (DROP_REASONS)
 
 
-def tokenize_documents(tokenizer, texts: list[str | None], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(doc_ids, token_ids): the indices of the documents kept and their first n tokens,
-    with special tokens (BOS where the tokenizer adds one); documents with fewer than n
-    tokens are dropped."""
-    index = [i for i, t in enumerate(texts) if t is not None]
-    if not index:
-        return np.zeros(0, np.int64), np.zeros((0, n), np.int64)
-    encoded = tokenizer([texts[i] for i in index], add_special_tokens=True)["input_ids"]
-    kept = [(i, ids[:n]) for i, ids in zip(index, encoded) if len(ids) >= n]
-    doc_ids = np.array([i for i, _ in kept], dtype=np.int64)
-    token_ids = np.array([ids for _, ids in kept], dtype=np.int64).reshape(len(kept), n)
-    return doc_ids, token_ids
+def skip_reason(document) -> str | None:
+    """Why a document is skipped before tokenizing: not a string, empty, or whitespace
+    only; None for text to tokenize."""
+    if not isinstance(document, str):
+        return "non_text"
+    if not document:
+        return "empty"
+    if not document.strip():
+        return "whitespace"
+    return None
+
+
+def keep_documents(tokenizer, documents: Iterable, n: int, limit: int, chunk_size: int = 4096) -> KeptDocuments:
+    """The method's documents (adl-method.md, section 1): in corpus order, until `limit`
+    are kept or the documents run out, as the reference takes them. Skips non-text,
+    empty and whitespace-only documents; cuts each text to its first n*10 characters,
+    tokenizes with special tokens (BOS where the tokenizer adds one), drops texts with
+    fewer than n tokens and keeps the first n.
+
+    Reads lazily and never past the document that completes `limit`: texts are
+    tokenized in batches of at most as many as are still missing (and chunk_size), each
+    of which might be kept."""
+    documents = iter(documents)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    doc_ids: list[int] = []
+    token_ids: list[list[int]] = []
+    read, exhausted = 0, False
+    while len(doc_ids) < limit and not exhausted:
+        batch: list[tuple[int, str]] = []
+        while len(batch) < min(limit - len(doc_ids), chunk_size):
+            try:
+                document = next(documents)
+            except StopIteration:
+                exhausted = True
+                break
+            reason = skip_reason(document)
+            if reason is None:
+                batch.append((read, document[: n * 10]))
+            else:
+                dropped[reason] += 1
+            read += 1
+        if not batch:
+            continue
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=True)["input_ids"]
+        for (index, _), ids in zip(batch, encoded):
+            if len(ids) >= n:
+                doc_ids.append(index)
+                token_ids.append(list(ids[:n]))
+            else:
+                dropped["too_short"] += 1
+    return KeptDocuments(np.array(doc_ids, dtype=np.int64),
+                         np.array(token_ids, dtype=np.int64).reshape(len(doc_ids), n), read, dropped)
 
 
 def frequent_tokens(tokenizer, texts: list[str], generic_ids: np.ndarray, k: int,
