@@ -34,6 +34,8 @@ class RunStats:
     failed: dict = field(default_factory=dict)     # pair name -> error, for pairs that failed
     loads: Counter = field(default_factory=Counter)    # ModelKey -> times loaded
     reloads: list = field(default_factory=list)        # (ModelKey, why it had been released)
+    decisions: list = field(default_factory=list)      # the scheduler's (jobs/scheduler.py)
+    max_alive: int = 0                                 # model actors alive at once, at most
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:
@@ -179,8 +181,11 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             _stop_on_sigterm()
             backend = RayBackend(plan, store, status, stats, log, grader=_llm_grader(spec))
             scheduler = Scheduler(units, backend.requests, backend, log, _on_change(plan, units, store, status, stats))
-            scheduler.run()
-            stats.reloads.extend((str(k), why) for k, why in scheduler.reloads)
+            try:
+                scheduler.run()
+            finally:
+                stats.reloads.extend((str(k), why) for k, why in scheduler.reloads)
+                stats.decisions, stats.max_alive = scheduler.decisions, scheduler.max_alive
         for pair in pending:   # every stage complete from earlier runs: only the manifest was missing
             if not any(u.pair == pair.pair.name for u in units):
                 _pair_done(store, pair, status, stats)

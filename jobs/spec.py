@@ -72,7 +72,6 @@ class Storage:
 
 @dataclass(frozen=True)
 class Compute:
-    num_workers: int = 1          # extraction actors per model
     gpus_per_worker: float = 0    # 0 where there are no GPUs
     cpus_per_worker: float = 1
     ray_address: str | None = None    # None: an embedded local Ray
@@ -465,10 +464,9 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                      {"root": "str", "endpoint_url": "str", "region": "str"})
     check_location(storage.root, "storage.root", "storage")
     compute = _build(Compute, data.get("compute"), "compute",
-                     {"num_workers": "int", "gpus_per_worker": "number", "cpus_per_worker": "number",
+                     {"gpus_per_worker": "number", "cpus_per_worker": "number",
                       "ray_address": "str", "gpu_memory_gb": "number"},
-                     [("num_workers", lambda v: v >= 1, "must be >= 1"),
-                      ("gpu_memory_gb", lambda v: v is None or v > 0, "must be > 0"),
+                     [("gpu_memory_gb", lambda v: v is None or v > 0, "must be > 0"),
                       ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
                       ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
     from workers.graders import check_grader_config

@@ -243,7 +243,7 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_sh
             f"{marker['documents']} documents in {marker['seconds']:.1f} s)")
     store.write_json(layout.manifest(aset.prefix), {
         "identity": aset.identity, "layers": list(aset.layers), "shards": docs.num_shards,
-        "documents": int(len(docs.doc_ids)), "documents_read": docs.read})
+        "documents": int(len(docs.doc_ids)), "documents_read": docs.read, "documents_dropped": docs.dropped})
     return extracted
 
 

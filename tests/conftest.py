@@ -94,6 +94,18 @@ def make_spec(demo_pair):
     return make
 
 
+def generation_spec(make_spec, demo_pair, root) -> dict:
+    """The demo pair with generations and the analyses, scaled down for 2 cores."""
+    spec = make_spec(root, corpus={"num_documents": 1000}, shard_size=500,
+                     method={"layers": [0.5], "positions": [0, 1, 2, 3, 4]},
+                     generation={"samples": 2, "max_tokens": 48,
+                                 "search": {"high": 10.0, "steps": 6, "samples": 4, "max_tokens": 32}},
+                     grader={"kind": "offline", "threshold": 5000},
+                     analyses={})
+    spec["pairs"][0].update(description=demo_pair.description, finetune_data=str(demo_pair.finetune_texts))
+    return spec
+
+
 @pytest.fixture(scope="session")
 def generation_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     """One whole job on the demo pair with generations and the analyses (vLLM on 2 cores:
@@ -103,14 +115,7 @@ def generation_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     from jobs.spec import parse_spec
     from storage.store import Store
     root = tmp_path_factory.mktemp("gen")
-    spec = make_spec(root, corpus={"num_documents": 1000}, shard_size=500,
-                     method={"layers": [0.5], "positions": [0, 1, 2, 3, 4]},
-                     generation={"samples": 2, "max_tokens": 48,
-                                 "search": {"high": 10.0, "steps": 6, "samples": 4, "max_tokens": 32}},
-                     grader={"kind": "offline", "threshold": 5000},
-                     analyses={})
-    spec["pairs"][0].update(description=demo_pair.description, finetune_data=str(demo_pair.finetune_texts))
-    spec = parse_spec(spec)
+    spec = parse_spec(generation_spec(make_spec, demo_pair, root))
     stats = RunStats()
     store = Store(str(root))
     record = store.read_json(run_job(spec, stats))

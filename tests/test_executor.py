@@ -1,0 +1,204 @@
+"""The model-centric executor: the scheduler (jobs/scheduler.py) on simulated actors and
+on a real local Ray, and the one home of model loading (workers/models.py)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jobs.scheduler import ModelKey, NodeResources, Request, Scheduler, SchedulingError, Unit
+from jobs.simulation import SimulatedBackend
+
+
+class Watched(SimulatedBackend):
+    """A simulated backend that checks, at every start, what the scheduler promised."""
+
+    def __init__(self, nodes, load_s=lambda k: 1.0, work_s=lambda u, a: 1.0):
+        super().__init__(nodes, load_s, work_s)
+        self.alive, self.started, self.peak = set(), [], 0
+
+    def create(self, key, slot):
+        assert key not in self.alive, f"two actors of {key}"
+        self.alive.add(key)
+        self.peak = max(self.peak, len(self.alive))
+        return super().create(key, slot)
+
+    def release(self, key, handle):
+        self.alive.discard(key)
+        super().release(key, handle)
+
+    def start(self, unit, actors):
+        assert all(d.state == "done" for d in unit.deps), f"{unit.name} started before its dependencies"
+        assert set(actors) == set(unit.needs) and set(actors) <= self.alive, unit.name
+        self.started.append(unit.name)
+        super().start(unit, actors)
+
+
+def random_job(rng: random.Random, pairs: int, bases: int):
+    """Units shaped like a job's: extractions, then per pair stages needing 0-3 actors of
+    its own models, a shared base's and a shared embedder's."""
+    units = []
+    embedder = ModelKey("embedder", "e")
+    extracted = {}
+    for p in range(pairs):
+        base, ft = f"base{p % bases}", f"ft{p}"
+        tf = {m: ModelKey("transformers", m) for m in (base, ft)}
+        for m in (base, ft):
+            if m not in extracted:
+                extracted[m] = Unit(f"extract {m}", "extract", (tf[m],), group=p)
+                units.append(extracted[m])
+        reduce = Unit(f"reduce {p}", "reduce", (), [extracted[base], extracted[ft]], group=p)
+        lens = Unit(f"lens {p}", "lens", (tf[ft],), [reduce], group=p)
+        scope = Unit(f"patchscope {p}", "patchscope", (tf[ft], tf[base]), [reduce], group=p)
+        gen = Unit(f"generate {p}", "generate", (ModelKey("vllm", ft), tf[ft]), [reduce], group=p)
+        sim = Unit(f"similarity {p}", "similarity", (embedder,), [gen], group=p)
+        units += [reduce, lens, scope, gen, sim]
+    return units
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_job_finishes_within_the_cluster_and_loads_once_per_use(seed):
+    rng = random.Random(seed)
+    pairs, bases = rng.randint(1, 30), rng.randint(1, 5)
+    slots = rng.randint(2, 6)
+    units = random_job(rng, pairs, bases)
+    backend = Watched([NodeResources("node", slots * 0.5, 0)],
+                      load_s=lambda k: rng.uniform(1, 5), work_s=lambda u, a: rng.uniform(0.1, 3))
+    scheduler = Scheduler(units, lambda key: Request(cpus=0.5, gpus=0), backend)
+    scheduler.run()
+    assert all(u.state == "done" for u in units)
+    assert backend.peak <= slots and scheduler.max_alive == backend.peak
+    assert sorted(backend.started) == sorted(u.name for u in units)
+    distinct = {k for u in units for k in u.needs}
+    assert set(scheduler.loads) == distinct
+    assert sum(scheduler.loads.values()) == len(distinct) + len(scheduler.reloads)   # every reload counted
+    assert all("released" in why or "no work" in why for _, why in scheduler.reloads)
+
+
+def test_many_pairs_on_two_slots_share_the_base_and_fail_nothing():
+    """The issue's hang: graders and engines held every slot. Here 12 pairs over one base
+    and 2 actor slots finish; the base's actor is loaded once while its pairs' work runs."""
+    units = random_job(random.Random(0), 12, 1)
+    backend = Watched([NodeResources("node", 2.0, 0)])
+    scheduler = Scheduler(units, lambda key: Request(cpus=1, gpus=0), backend)
+    scheduler.run()
+    assert all(u.state == "done" for u in units) and backend.peak == 2
+
+
+def test_gpu_actors_pack_by_fraction_and_whole_gpus():
+    big, small = ModelKey("vllm", "big"), ModelKey("transformers", "small")
+    requests = {big: Request(1, 2.0), small: Request(1, 0.25)}
+    units = [Unit(f"u{i}", "x", (small,)) for i in range(3)] + [Unit("g", "x", (big,))]
+    backend = Watched([NodeResources("a", 16, 1), NodeResources("b", 16, 2)])
+    scheduler = Scheduler(units, requests.__getitem__, backend)
+    scheduler.run()
+    slots = {a.key: a.slot for a in backend.actors}
+    assert slots[big].node_id == "b" and slots[big].gpus == (0, 1)   # the only node with 2 free GPUs
+    assert slots[small].node_id == "a" and slots[small].gpus == (0,)
+
+
+def test_work_that_can_never_fit_is_a_one_line_error():
+    a, b = ModelKey("transformers", "a", "org/a"), ModelKey("transformers", "b", "org/b")
+    units = [Unit("patchscope p", "patchscope", (a, b))]
+    scheduler = Scheduler(units, lambda key: Request(cpus=0, gpus=1.0), Watched([NodeResources("n", 8, 1)]))
+    with pytest.raises(SchedulingError) as e:
+        scheduler.run()
+    assert str(e.value) == (
+        "compute: patchscope p needs 2 model actor(s) at once (org/a (transformers), org/b (transformers)), "
+        "more than the cluster holds (1 node(s), 8 CPUs, 1 GPUs); give actors less (compute.cpus_per_worker, "
+        "compute.gpus_per_worker, or compute.gpu_memory_gb so that models share a GPU)")
+
+
+def test_a_failed_unit_fails_what_depends_on_it_and_frees_its_actors():
+    a = ModelKey("transformers", "a")
+    first = Unit("extract a", "extract", (a,))
+    after = Unit("lens a", "lens", (a,), [first])
+    other = Unit("other", "x", (ModelKey("transformers", "b"),))
+
+    class Failing(Watched):
+        def wait(self):
+            return [(u, "boom" if u is first else None) for u, _ in super().wait()]
+
+    backend = Failing([NodeResources("n", 1, 0)])
+    Scheduler([first, after, other], lambda key: Request(1, 0), backend).run()
+    assert (first.state, after.state, after.error, other.state) == ("failed", "failed", "boom", "done")
+    assert backend.alive == set()
+
+
+# -- the same decisions, simulated and real ------------------------------------------------
+def test_the_simulation_runs_the_schedulers_decisions_on_a_real_ray(ray_cluster, make_spec, demo_pair,
+                                                                      lora_adapter, tmp_path):
+    """Two pairs sharing a base, one an adapter, on two actor slots: the real job's
+    scheduler and the same code on simulated actors create the same actors for the same
+    work, and hold as many at once."""
+    from jobs.driver import RunStats, job_units, log, run_job
+    from jobs.executor import ActorRequests
+    from jobs.plan import make_plan
+    from jobs.spec import parse_spec
+    from storage.store import Store
+    raw = make_spec(tmp_path / "real", compute={"cpus_per_worker": 1})
+    raw["pairs"].append({"name": "lora", "base": str(demo_pair.base_dir), "finetuned": {"adapter": str(lora_adapter)}})
+    spec = parse_spec(raw)
+    plan = make_plan(spec)
+    units, _ = job_units(spec, list(plan.pairs), Store(str(tmp_path / "empty")), log)
+    simulated = Watched([NodeResources("node", 2.0, 0)])   # what ray_cluster offers: 2 CPUs
+    sim = Scheduler(units, ActorRequests(plan), simulated)
+    sim.run()
+    stats = RunStats()
+    run_job(spec, stats)
+
+    creates = lambda decisions: [d for d in decisions if d[0] == "create"]
+    assert creates(stats.decisions) == creates(sim.decisions) == [
+        ("create", "demo-3-seed0/base (transformers)", "extract demo-3-seed0/base"),
+        ("create", "demo-3-seed0/finetuned (transformers)", "extract demo-3-seed0/finetuned"),
+        ("create", f"{lora_adapter.parent.name}/adapter (transformers)", f"extract {lora_adapter.parent.name}/adapter")]
+    assert stats.max_alive == sim.max_alive == 2
+    started = lambda decisions: sorted(d[1] for d in decisions if d[0] == "start")
+    assert started(stats.decisions) == started(sim.decisions)
+
+
+# -- one home for loading --------------------------------------------------------------------
+def test_every_runtime_loads_the_pinned_revision(demo_pair, lora_adapter, monkeypatch):
+    """A stand-in records what the real loaders receive: transformers (with PEFT on top),
+    the tokenizer and vLLM all get the source's revision and trust_remote_code."""
+    import transformers
+    import peft
+    from jobs.spec import ModelSource
+    from workers.models import engine_arguments, load_model, load_tokenizer
+
+    seen = []
+
+    def recorder(name, real):
+        def record(*args, **kwargs):
+            seen.append((name, kwargs.get("revision"), kwargs.get("trust_remote_code")))
+            kwargs.pop("revision", None)
+            return real(*args, **kwargs)
+        return record
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        recorder("model", transformers.AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        recorder("tokenizer", transformers.AutoTokenizer.from_pretrained))
+    source = ModelSource(str(demo_pair.base_dir), revision="0123abcd", adapter=str(lora_adapter))
+    model = load_model(source, dtype="float32", s3={}, trust_remote_code=True)
+    assert isinstance(model, peft.PeftModel)
+    load_tokenizer(source, {}, trust_remote_code=True)
+    assert seen == [("model", "0123abcd", True), ("tokenizer", "0123abcd", True)]
+
+    import vllm
+    from workers import generation
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kwargs):
+        seen.append(("vllm", kwargs.get("revision"), kwargs.get("trust_remote_code"),
+                     kwargs.get("tokenizer_revision"), kwargs.get("model")))
+        raise Stop
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    args = engine_arguments(source, {}, trust_remote_code=True)
+    assert args["lora_adapter"] == str(lora_adapter) and args["revision"] == "0123abcd"
+    with pytest.raises(Stop):
+        generation.GenerationEngine(dtype="float32", **args)
+    assert seen[-2] == ("tokenizer", "0123abcd", True)
+    assert seen[-1] == ("vllm", "0123abcd", True, "0123abcd", str(demo_pair.base_dir))

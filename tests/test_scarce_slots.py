@@ -1,0 +1,91 @@
+"""Many pairs with generation and the analyses on a cluster with room for few model
+actors: every job finishes, each pair's tables equal the same pair run alone, and a
+model shared by many pairs is loaded once per runtime."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import generation_spec
+from jobs.driver import RunStats, run_job
+from jobs.spec import parse_spec
+from storage import layout
+from storage.store import Store
+
+PAIR_TABLES = (layout.DIFFERENCE, layout.LOGIT_LENS, layout.GENERATIONS, layout.STEERING, layout.PATCHSCOPE,
+               layout.SIMILARITY)
+# What does not depend on the pair's name (its samples' seeds do): the same weights give
+# the same difference, lens and patchscope.
+SEEDLESS = (layout.DIFFERENCE, layout.LOGIT_LENS, layout.PATCHSCOPE)
+
+
+@pytest.fixture(scope="module")
+def twins(demo_pair, tmp_path_factory):
+    """Seven copies of the demo's finetuned model: distinct models (their own folders,
+    activation sets and actors) with the same weights."""
+    folder = tmp_path_factory.mktemp("twins")
+    out = []
+    for i in range(7):
+        shutil.copytree(demo_pair.finetuned_dir, folder / f"twin{i}" / "finetuned")
+        out.append(folder / f"twin{i}" / "finetuned")
+    return out
+
+
+def spec_with_twins(make_spec, demo_pair, twins, root, cpus_per_worker):
+    raw = generation_spec(make_spec, demo_pair, root)
+    raw["compute"] = {"cpus_per_worker": cpus_per_worker}
+    demo = raw["pairs"][0]
+    raw["pairs"] += [{**demo, "name": f"twin{i}", "finetuned": str(folder)} for i, folder in enumerate(twins)]
+    return raw
+
+
+def pair_table(store: Store, record: dict, name: str, table: str):
+    entry = next(p for p in record["pairs"] if p["name"] == name)
+    return store.read_table(f"{entry['dir']}/{table}")
+
+
+def check_job(generation_run, stats, root, names):
+    """Every pair done; the demo pair's tables equal the demo pair run alone; each twin's
+    seedless tables equal the demo pair's; every load accounted for."""
+    _, alone_store, alone, _ = generation_run
+    store = Store(str(root))
+    record = store.read_json(layout.run_record("test"))
+    status = store.read_json(layout.run_status("test"))
+    assert stats.failed == {} and status["state"] == "done", status.get("error")
+    assert [p["name"] for p in record["pairs"]] == names
+    for table in PAIR_TABLES:
+        got = pair_table(store, record, "demo", table)
+        assert got.equals(alone_store.read_table(f"{alone['dir']}/{table}")), table
+    for name in names[1:]:
+        for table in SEEDLESS:
+            assert pair_table(store, record, name, table).equals(pair_table(store, record, "demo", table)), (name, table)
+    distinct = {(key.runtime, key.label) for key in stats.loads}
+    assert len(distinct) == 2 * (len(names) + 1) + 1   # every model in both runtimes, one embedder
+    assert stats.model_loads == len(distinct) + len(stats.reloads)
+    assert all("released to make room for" in why for _, why in stats.reloads)
+    assert status["loads"] and sum(e["loads"] for e in status["loads"]) == stats.model_loads
+
+
+def test_two_pairs_with_generation_on_the_default_compute(ray_cluster, make_spec, demo_pair, twins,
+                                                          generation_run, tmp_path):
+    """compute.cpus_per_worker 1 (the default): room for 2 actors on 2 CPUs."""
+    root = tmp_path / "out"
+    stats = RunStats()
+    run_job(parse_spec(spec_with_twins(make_spec, demo_pair, twins[:1], root, 1)), stats)
+    check_job(generation_run, stats, root, ["demo", "twin0"])
+    assert stats.max_alive == 2
+
+
+def test_eight_pairs_over_nine_models_on_four_slots(ray_cluster, make_spec, demo_pair, twins, generation_run,
+                                                    tmp_path):
+    """8 pairs, 9 models, generation and analyses; cpus_per_worker 0.5: room for 4 actors.
+    The base, shared by all 8 pairs, is loaded once in each runtime."""
+    root = tmp_path / "out"
+    stats = RunStats()
+    run_job(parse_spec(spec_with_twins(make_spec, demo_pair, twins, root, 0.5)), stats)
+    check_job(generation_run, stats, root, ["demo"] + [f"twin{i}" for i in range(7)])
+    assert stats.max_alive <= 4
+    base = {key.runtime: n for key, n in stats.loads.items() if key.label == "demo-3-seed0/base"}
+    assert base == {"transformers": 1, "vllm": 1}
+    assert stats.reloads == []
