@@ -64,7 +64,11 @@ def _run(spec, report: bool = False) -> int:
     try:
         record = run_job(spec, stats)
     except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: run_job said what is complete
-        return 143 if isinstance(e, Terminated) else 130
+        # and stopped the job's actors and Ray; threads of the job may still be waiting
+        # inside Ray, so the process ends now rather than wait for them at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143 if isinstance(e, Terminated) else 130)
     store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
     log(f"done: {store.uri(record)}")
     print(run_summary(store, record))

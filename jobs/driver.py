@@ -83,6 +83,25 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, terminate)
 
 
+def _ignore_signals() -> None:
+    import signal
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _stop_private_ray(grace_s: float = 5.0) -> None:
+    """Shuts down the Ray this process started; if that does not end within grace_s
+    (threads of the interrupted job may still be inside Ray), its processes are killed."""
+    import ray
+    node = getattr(ray._private.worker, "_global_node", None)
+    stopper = threading.Thread(target=ray.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(grace_s)
+    if stopper.is_alive() and node is not None:
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
 def log(message: str) -> None:
     print(f"[adl {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -190,9 +209,11 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             if not any(u.pair == pair.pair.name for u in units):
                 _pair_done(store, pair, status, stats)
     except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if interrupted:
+            _ignore_signals()   # a second Ctrl-C must not cut the clean-up short
         if backend is not None:
             backend.kill_all()
-        interrupted = isinstance(e, KeyboardInterrupt)
         status.finish(error="interrupted" if interrupted else describe(e))
         if interrupted:
             done = sum(p["state"] == "done" for p in status.record["pairs"].values())
@@ -200,8 +221,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             log(f"interrupted: {done} of {len(plan.pairs)} pairs and {sets} activation sets are complete; "
                 f"rerun the same spec to resume from there")
         if private:
-            import ray
-            ray.shutdown()
+            _stop_private_ray()
         raise
     key = write_run_record(plan, store)
     status.catalog = write_catalog(store, key)

@@ -75,6 +75,7 @@ class Unit:
     subject: Any = None          # the activation set, model source or pair plan it works on
     pair: str | None = None
     group: Any = None            # units of one group (a pair's) are consecutive in plan order
+    group_key: Any = None        # the scheduler's: group, or the unit alone
     state: str = "waiting"       # waiting, running, done, failed
     error: str | None = None
 
@@ -179,11 +180,11 @@ class Scheduler:
         self._order = {id(u): i for i, u in enumerate(self.units)}
         # A group is a pair's units (with the extractions and baselines made for it):
         # consecutive in plan order. Its end is the order of its last unit.
-        self._group_end: dict[int, int] = {}
+        self._members: dict = {}
         for i, u in enumerate(self.units):
-            group = u.group if u.group is not None else i
-            self._group_end[id(u)] = max(j for j, v in enumerate(self.units)
-                                         if (v.group if v.group is not None else j) == group)
+            u.group_key = u.group if u.group is not None else ("unit", i)
+            self._members.setdefault(u.group_key, []).append(u)
+        self._group_end = {id(u): max(self._order[id(v)] for v in self._members[u.group_key]) for u in self.units}
         self._release_reason: dict[ModelKey, str] = {}
 
     # -- what is left ------------------------------------------------------------------
@@ -231,6 +232,8 @@ class Scheduler:
         """Starts the unit if its missing actors fit, releasing idle actors that only later
         work needs (only when that makes them fit). relaxed: any idle actor may go."""
         missing = [k for k in dict.fromkeys(unit.needs) if k not in self.live]
+        if not relaxed and not self._admissible(unit):
+            return False
         trial = self.cluster.copy()
         victims: list[LiveActor] = []
         # Only actors that later work alone needs make room (later than the unit's whole
@@ -272,6 +275,25 @@ class Scheduler:
         self.on_change(unit)
         self.backend.start(unit, handles)
         return True
+
+    def _admissible(self, unit: Unit) -> bool:
+        """A group's first unit starts only if the actors its whole group will need fit
+        beside those that the groups under way still have to load: groups are admitted
+        only as far as they can finish without pushing each other out."""
+        members = self._members[unit.group_key]
+        if any(u.state != "waiting" for u in members):
+            return True
+        first = self._order[id(members[0])]
+        if any(all(u.state == "waiting" for u in us) and self._order[id(us[0])] < first
+               for us in self._members.values()):
+            return False   # groups are admitted in plan order: none jumps an earlier one
+        under_way = [g for g, us in self._members.items()
+                     if any(u.state != "waiting" for u in us) and any(u.state in ("waiting", "running") for u in us)]
+        reserved = {k for g in under_way for u in self._members[g] if u.state == "waiting"
+                    for k in u.needs if k not in self.live}
+        wanted = {k for u in members for k in u.needs if k not in self.live}
+        trial = self.cluster.copy()
+        return all(trial.take(self.request_of(k)) is not None for k in sorted(reserved | wanted, key=str))
 
     def step(self) -> None:
         self.cluster.update(self.backend.nodes())
