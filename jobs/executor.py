@@ -172,8 +172,10 @@ class RayBackend:
             if unit.kind == "extract":
                 error = f"activations {unit.subject.name} failed: {error}"
         finally:
+            seconds = time.time() - start
             if error is None:
-                self.log(f"{unit.name}: done in {time.time() - start:.1f} s")
+                self.log(f"{unit.name}: done in {seconds:.1f} s")
+            self.status.unit_ended(unit.name, unit.kind, seconds, error)
             self._events.put((unit, error))
 
     def _extract(self, unit: Unit, actors: dict) -> None:

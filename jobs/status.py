@@ -139,7 +139,7 @@ class JobStatus:
                                            "shards_done": 0, "error": None, "seconds": None,
                                            **document_counts(a.documents)}
                                 for a in plan.sets if a.prefix in needed},
-            "counts": {}, "work": {}, "gpu_hours": 0.0, "actors": [],
+            "counts": {}, "work": {}, "gpu_hours": 0.0, "actors": [], "units": [],
         }
         self.stats = None
         self.catalog = None
@@ -206,6 +206,12 @@ class JobStatus:
         with self._lock:
             entry.update(state="done", seconds=round(time.time() - start, 3))
         self.write(force=True)
+
+    def unit_ended(self, name: str, kind: str, seconds: float, error: str | None) -> None:
+        """Every unit of work that ran (jobs/scheduler.py), with its own time."""
+        with self._lock:
+            self.record["units"].append({"name": name, "kind": kind, "seconds": round(seconds, 3),
+                                         "state": "failed" if error else "done", "error": error})
 
     def finish(self, error: str | None = None) -> None:
         with self._lock:

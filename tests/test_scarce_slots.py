@@ -32,8 +32,18 @@ def twins(demo_pair, tmp_path_factory):
     return out
 
 
-def spec_with_twins(make_spec, demo_pair, twins, root, cpus_per_worker):
+def cheap_spec(make_spec, demo_pair, root) -> dict:
+    """generation_spec made cheaper still: the eight-pair job starts nine vLLM engines."""
     raw = generation_spec(make_spec, demo_pair, root)
+    raw.update(corpus={"kind": "demo", "num_documents": 300}, shard_size=300)
+    raw["method"]["positions"] = [0, 1]
+    raw["generation"] = {"samples": 1, "max_tokens": 16,
+                         "search": {"high": 10.0, "steps": 2, "samples": 2, "max_tokens": 16}}
+    raw["analyses"] = {"patchscope_scales": [1.0, 10.0, 40.0], "embedding_texts": 50}
+    return raw
+
+
+def spec_with_twins(raw: dict, twins, cpus_per_worker):
     raw["compute"] = {"cpus_per_worker": cpus_per_worker}
     demo = raw["pairs"][0]
     raw["pairs"] += [{**demo, "name": f"twin{i}", "finetuned": str(folder)} for i, folder in enumerate(twins)]
@@ -45,10 +55,10 @@ def pair_table(store: Store, record: dict, name: str, table: str):
     return store.read_table(f"{entry['dir']}/{table}")
 
 
-def check_job(generation_run, stats, root, names):
-    """Every pair done; the demo pair's tables equal the demo pair run alone; each twin's
-    seedless tables equal the demo pair's; every load accounted for."""
-    _, alone_store, alone, _ = generation_run
+def check_job(alone_store, alone, stats, root, names):
+    """Every pair done; the demo pair's tables equal the demo pair run alone (its run
+    record entry `alone` on alone_store); each twin's seedless tables equal the demo
+    pair's; every load accounted for."""
     store = Store(str(root))
     record = store.read_json(layout.run_record("test"))
     status = store.read_json(layout.run_status("test"))
@@ -72,19 +82,21 @@ def test_two_pairs_with_generation_on_the_default_compute(ray_cluster, make_spec
     """compute.cpus_per_worker 1 (the default): room for 2 actors on 2 CPUs."""
     root = tmp_path / "out"
     stats = RunStats()
-    run_job(parse_spec(spec_with_twins(make_spec, demo_pair, twins[:1], root, 1)), stats)
-    check_job(generation_run, stats, root, ["demo", "twin0"])
+    run_job(parse_spec(spec_with_twins(generation_spec(make_spec, demo_pair, root), twins[:1], 1)), stats)
+    _, alone_store, alone, _ = generation_run
+    check_job(alone_store, alone, stats, root, ["demo", "twin0"])
     assert stats.max_alive == 2
 
 
-def test_eight_pairs_over_nine_models_on_four_slots(ray_cluster, make_spec, demo_pair, twins, generation_run,
-                                                    tmp_path):
+def test_eight_pairs_over_nine_models_on_four_slots(ray_cluster, make_spec, demo_pair, twins, tmp_path):
     """8 pairs, 9 models, generation and analyses; cpus_per_worker 0.5: room for 4 actors.
     The base, shared by all 8 pairs, is loaded once in each runtime."""
+    alone_store = Store(str(tmp_path / "alone"))
+    alone = alone_store.read_json(run_job(parse_spec(cheap_spec(make_spec, demo_pair, tmp_path / "alone"))))
     root = tmp_path / "out"
     stats = RunStats()
-    run_job(parse_spec(spec_with_twins(make_spec, demo_pair, twins, root, 0.5)), stats)
-    check_job(generation_run, stats, root, ["demo"] + [f"twin{i}" for i in range(7)])
+    run_job(parse_spec(spec_with_twins(cheap_spec(make_spec, demo_pair, root), twins, 0.5)), stats)
+    check_job(alone_store, alone["pairs"][0], stats, root, ["demo"] + [f"twin{i}" for i in range(7)])
     assert stats.max_alive <= 4
     base = {key.runtime: n for key, n in stats.loads.items() if key.label == "demo-3-seed0/base"}
     assert base == {"transformers": 1, "vllm": 1}

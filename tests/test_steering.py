@@ -179,7 +179,7 @@ def test_baseline_rows_reject_results_of_other_requests():
     from workers.generation import GenerationResult
     gen = Generation(enabled=True, samples=2)
     with pytest.raises(RuntimeError, match="does not belong to these 40 single-sample requests"):
-        baseline_rows("p", "base", gen, [GenerationResult(0, 1, "x", (1,), "stop")])
+        baseline_rows("p", "base", gen, [GenerationResult(0, 1, "x", (1,), "stop")], ModelSource("/m"))
 
 
 class _Remote:

@@ -856,6 +856,9 @@ def check_grader_config(config: dict | None) -> dict:
         if key not in schema:
             raise SpecError(f"grader.{key}: unknown key (allowed for kind {kind}: kind, "
                             f"{', '.join(schema)})")
+    if kind == "offline" and "device" in params:
+        raise SpecError("grader.device: the offline grader runs on its reference model's actor, on "
+                        "that actor's device; leave device out")
     if kind == "openai":
         for key in ("base_url", "model"):
             if key not in params:
