@@ -99,6 +99,7 @@ def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     data.relevance_status = store.read_json_or_none(f"{d}/{layout.TOKEN_RELEVANCE_JSON}")
     data.agent = _table(store, f"{d}/{layout.AGENT}")
     if data.agent is not None:
+        data.agent = data.agent.astype(object).where(data.agent.notna(), None)   # nulls as None, not NaN
         for path in data.agent.transcript.dropna():
             data.transcripts[path] = store.read_json_or_none(f"{d}/{path}")
     elif spec.get("agent", {}).get("enabled"):
@@ -487,7 +488,8 @@ def index_section(pairs: list[PairData]) -> str:
 
 # -- the interpretability agent ------------------------------------------------------------
 AGENT_LABELS = {"adl": "ADL agent", "blackbox": "black-box agent"}
-MESSAGE_CLIP = 4000     # characters of a transcript message shown
+MESSAGE_CLIP = 4000     # characters shown of a group's system prompt and first message
+TURN_CLIP = 1500        # ... of each later message of a transcript
 
 
 def _agent_groups(df: pd.DataFrame) -> list[tuple[str, int, pd.DataFrame]]:
@@ -564,27 +566,38 @@ def agent_index_section(pairs: list[PairData], spec: dict) -> str:
             f"{agent_chart(with_agent)}</section>")
 
 
-def _message(message: dict) -> str:
+def _message(message: dict, clip: int = MESSAGE_CLIP) -> str:
     content = str(message.get("content", ""))
-    shown = content if len(content) <= MESSAGE_CLIP else content[:MESSAGE_CLIP]
-    more = (f'<p class="none">… {len(content) - MESSAGE_CLIP} more characters in the transcript file</p>'
-            if len(content) > MESSAGE_CLIP else "")
+    more = (f'<p class="none">… {len(content) - clip} more characters in the transcript file</p>'
+            if len(content) > clip else "")
     return (f'<div class="msg {esc(message.get("role", ""))}"><b>{esc(message.get("role", "?"))}</b>'
-            f'<pre>{esc(shown)}</pre>{more}</div>')
+            f'<pre>{esc(content[:clip])}</pre>{more}</div>')
 
 
-def transcript_section(data: PairData, path: str) -> str:
+def _opening(record) -> list:
+    """A transcript's system prompt and first message (the same for every run of an
+    agent and budget of a pair): shown once per group."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    return messages[:2] if isinstance(messages, list) and len(messages) >= 2 else []
+
+
+def transcript_section(data: PairData, path: str, opening: list) -> str:
     record = data.transcripts.get(path)
     uri = f"{data.uri}/{path}"
     if not isinstance(record, dict):
         return f'<p class="none">transcript not readable: {esc(uri)}</p>'
-    messages = record.get("messages") or []
+    messages = [m for m in record.get("messages") or [] if isinstance(m, dict)]
+    shared = bool(opening) and messages[:2] == opening
+    shown = messages[2:] if shared else messages
     grading = record.get("grading") or {}
     answers = "".join(f"<h5>grading {i + 1}</h5>" + "".join(
         f'<pre>{esc(a.get("answer") or "")}</pre>' + (note(a["error"]) if a.get("error") else "")
-        for a in attempts) for i, attempts in enumerate(grading.get("attempts") or []))
+        for a in attempts if isinstance(a, dict)) for i, attempts in enumerate(grading.get("attempts") or []))
     return (f'<details class="transcript"><summary>transcript ({len(messages)} messages)</summary>'
-            f'<p class="uri">{esc(uri)}</p>{"".join(_message(m) for m in messages if isinstance(m, dict))}'
+            f'<p class="uri">{esc(uri)}</p>'
+            + ('<p class="none">system prompt and first message: as shown above for this agent and budget</p>'
+               if shared else "")
+            + "".join(_message(m, TURN_CLIP) for m in shown)
             + (f"<details><summary>the grader's answers</summary>{answers}</details>" if answers else "")
             + "</details>")
 
@@ -596,17 +609,23 @@ def agent_pair_section(data: PairData) -> str:
     out = [head]
     for agent, budget, group in _agent_groups(data.agent):
         mean, sd, _, _, n = _spread(group)
-        out.append(f"<h4>{esc(AGENT_LABELS.get(agent, agent))}, budget {budget}: mean grade {fmt(mean, 2)} "
-                   f"± {fmt(sd, 2)} <small>({n} of {len(group)} runs graded)</small></h4>")
+        grade = f"mean grade {fmt(mean, 2)} ± {fmt(sd, 2)}" if mean is not None else "no grade"
+        out.append(f"<h4>{esc(AGENT_LABELS.get(agent, agent))}, budget {budget}: {grade} "
+                   f"<small>({n} of {len(group)} runs graded)</small></h4>")
+        opening = next((o for o in (_opening(data.transcripts.get(p)) for p in group.transcript) if o), [])
+        if opening:
+            out.append("<details><summary>system prompt and first message</summary>"
+                       + "".join(_message(m) for m in opening) + "</details>")
         rows = []
         for r in group.itertuples():
-            grades = ", ".join("–" if g is None else str(int(g)) for g in (r.grades if r.grades is not None else []))
+            grades = ", ".join("–" if g is None or g != g else str(int(g))   # g != g: NaN, a failed grading
+                               for g in (r.grades if r.grades is not None else []))
             outcome = esc(r.status) + (f": {esc(r.reason)}" if r.reason else "")
             grading = esc(r.grading or "") + (f": {esc(r.grading_reason)}" if r.grading_reason else "")
             description = (f'<div class="sample">{esc(r.description)}</div>' if r.description
                            else '<p class="none">no description</p>')
             rows.append(f"<tr><td>{int(r.run)}</td><td>{outcome}</td><td>{description}"
-                        f"{transcript_section(data, r.transcript)}</td><td>{esc(grades) or '–'}<br><small>{grading}"
+                        f"{transcript_section(data, r.transcript, opening)}</td><td>{esc(grades) or '–'}<br><small>{grading}"
                         f"</small></td><td>{fmt(r.mean_grade, 2)}</td><td>{int(r.llm_calls)} calls, "
                         f"{int(r.interactions_used)} interactions, {int(r.total_tokens)} tokens</td></tr>")
         out.append('<table class="runs"><tr><th>run</th><th>outcome</th><th>description</th><th>grades</th>'

@@ -517,3 +517,45 @@ def test_agent_settings_key_the_pair_only_when_present(demo_pair, make_spec, tmp
     other = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "runs": 2}})).pairs[0].out_dir
     off = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "enabled": False}})).pairs[0].out_dir
     assert plain == off and keyed != plain and faster == keyed and other != keyed
+
+
+def test_catalog_means_only_graded_runs():
+    import pandas as pd
+    from jobs.catalog import agent_summary
+    table = pd.DataFrame({"agent": ["blackbox", "adl", "adl", "adl", "adl"], "budget": [5, 5, 5, 5, 0],
+                          "mean_grade": [None, 4.0, 2.0, None, 3.5]})
+    assert agent_summary(table) == [
+        {"agent": "adl", "budget": 0, "runs": 1, "graded": 1, "mean_grade": 3.5},
+        {"agent": "adl", "budget": 5, "runs": 3, "graded": 2, "mean_grade": 3.0},
+        {"agent": "blackbox", "budget": 5, "runs": 1, "graded": 0, "mean_grade": None}]
+
+
+def test_report_of_a_hand_written_agent_table(tmp_path):
+    """Failed gradings show as –, a missing transcript is said plainly, HTML stays text,
+    and a job whose spec has the section but a pair without the table says why."""
+    from jobs.report import build_report
+    from storage.tables import agent_table
+    store = Store(str(tmp_path))
+    hostile = "<img src=x onerror=alert(1)>"
+    spec = {"name": "toy", "agent": {"enabled": True}, "pairs": [{"name": "a"}, {"name": "b"}]}
+    store.write_json("runs/toy/run.json", {"job": "toy", "spec": spec, "pairs": [
+        {"name": "a", "dir": "pairs/a-0"}, {"name": "b", "dir": "pairs/b-0"}]})
+    row = dict(agent="adl", budget=5, run=0, status="done", description=hostile, grades=[4, None, 2], mean_grade=3.0,
+               grading="partial", grading_reason="1 of 3 gradings failed", llm_calls=3, interactions_used=5,
+               total_tokens=30, transcript=layout.agent_transcript("adl", 5, 0))
+    store.write_table(f"pairs/a-0/{layout.AGENT}", agent_table([
+        row, {**row, "run": 1, "status": "failed", "description": None, "grades": None, "mean_grade": None,
+              "grading": "skipped", "transcript": layout.agent_transcript("adl", 5, 1)}]))
+    store.write_json(f"pairs/a-0/{layout.agent_transcript('adl', 5, 0)}", {"messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": hostile},
+        {"role": "assistant", "content": f'FINAL(description: "{hostile}")'}], "grading": {"attempts": [[{
+            "answer": f"{hostile}\nSCORE: 4", "error": None}]]}})
+    page = build_report(store, "runs/toy/run.json")
+    assert hostile not in page and html_escape(hostile) in page
+    assert "4, –, 2" in page and "transcript not readable" in page and "did not run: no agent.parquet" in page
+    assert "3.00 ± 0.00" in page and "(1/2)" in page
+
+
+def html_escape(text: str) -> str:
+    import html
+    return html.escape(text, quote=True)
