@@ -498,6 +498,11 @@ def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list
                     f"TOOL_ERROR: {tool.name}: {e}. No model interactions were used.\n"
                     f"Budgets: {_budgets(remaining, calls_left)}")})
                 continue
+            except Exception as e:   # the tool's backend failed (an engine died): not the agent's doing
+                from jobs.status import describe
+                turn.update(outcome="backend_error", error=describe(e))
+                result.status, result.reason = "incomplete", f"tool backend: {tool.name}: {describe(e)}"
+                return result
             remaining -= cost
             result.interactions_used += cost
             turn.update(outcome="tool", cost=cost, tool_seconds=round(time.monotonic() - started, 3))

@@ -20,9 +20,9 @@ graded, as `agent.parquet` with one transcript per run beside it (README, "Table
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from jobs.agent import AGENTS, Tool, Usage, endpoint, run_agent
@@ -71,15 +71,8 @@ class PairAgents:
     def run_one(self, key: tuple[str, int, int], chat, grader: HypothesisGrader) -> dict:
         agent, budget, run = key
         s = self.settings
-        try:
-            result = run_agent(agent, budget, run, self.first_messages[agent], self.tools[agent], chat,
-                               s.max_llm_calls, context={"pair": self.pair})
-        except Exception as e:   # a tool whose engine failed: the run is incomplete, the others go on
-            from jobs.status import describe
-            record = {"agent": agent, "budget": budget, "run": run, "status": "incomplete",
-                      "reason": f"tool backend: {describe(e)}", "messages": [], "turns": []}
-            self.log(f"{self.pair}: agent {agent} b{budget} r{run}: incomplete: {record['reason']}")
-            return record
+        result = run_agent(agent, budget, run, self.first_messages[agent], self.tools[agent], chat,
+                           s.max_llm_calls, context={"pair": self.pair})
         grading = Grading(status="skipped")
         if result.status == "done":
             if self.description and self.description.strip():
@@ -123,9 +116,36 @@ class PairAgents:
             save(key, record)
             return record
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(keys), s.concurrency)),
-                                thread_name_prefix=f"adl-agent-{self.pair}") as pool:
-            return list(pool.map(one, keys))
+        return parallel(one, list(keys), min(len(keys), s.concurrency), f"adl-agent-{self.pair}")
+
+
+def parallel(fn, items: list, workers: int, name: str) -> list:
+    """[fn(item) for item in items] on `workers` daemon threads (the first error is raised
+    after all have stopped). Daemon threads, unlike a ThreadPoolExecutor's, do not keep an
+    interrupted `adl run` alive until every agent run has finished."""
+    results: list = [None] * len(items)
+    errors: list = []
+    todo = iter(enumerate(items))
+    lock = threading.Lock()
+
+    def work():
+        while not errors:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            try:
+                results[item[0]] = fn(item[1])
+            except BaseException as e:
+                errors.append(e)
+    threads = [threading.Thread(target=work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def table_row(record: dict) -> dict:
@@ -175,6 +195,9 @@ def agent_stage(ctx) -> None:
         store.write_json(path(key), record)
 
     ctx.log(f"{pair.pair.name}: agent, {len(keys)} runs ({', '.join(a for a in AGENTS)}) on {s.model}")
+    for where, name in (("agent.api_key_env", s.api_key_env), ("agent.grader.api_key_env", s.grader.api_key_env)):
+        if name and not os.environ.get(name):   # fine for a local server; a hosted one will refuse
+            ctx.log(f"{pair.pair.name}: {where}: ${name} is not set, requests go without a key")
     start = time.monotonic()
     try:
         records = agents.run_all(keys, reuse, save)

@@ -517,6 +517,8 @@ def test_agent_settings_key_the_pair_only_when_present(demo_pair, make_spec, tmp
     other = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "runs": 2}})).pairs[0].out_dir
     off = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "enabled": False}})).pairs[0].out_dir
     assert plain == off and keyed != plain and faster == keyed and other != keyed
+    from jobs.driver import pair_stages
+    assert "agent" not in pair_stages(parse_spec(raw)) and pair_stages(parse_spec(with_agent))[-1] == "agent"
 
 
 def test_catalog_means_only_graded_runs():
@@ -559,3 +561,49 @@ def test_report_of_a_hand_written_agent_table(tmp_path):
 def html_escape(text: str) -> str:
     import html
     return html.escape(text, quote=True)
+
+
+def test_refused_and_failing_requests(server):
+    """HTTP 400 (e.g. a conversation too long for the model) fails the run; a 5xx after
+    the client's retries leaves it incomplete, for a rerun to redo."""
+    settings = _settings(server.url, budgets=[], baseline_budgets=[0], runs=1)
+    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": []}, None, None, log=lambda line: None)
+    server.respond(lambda body: Reply(status=400, body=b'{"error": {"message": "context length exceeded"}}'))
+    [record] = agents.run_all(runs_of(settings))
+    assert record["status"] == "failed" and "refused" in record["reason"] and "context length" in record["reason"]
+    server.respond(lambda body: Reply(status=503, body=b'{"error": {"message": "overloaded"}}'))
+    [record] = agents.run_all(runs_of(settings))
+    assert record["status"] == "incomplete" and "InternalServerError" in record["reason"]
+
+
+def test_a_prompt_the_engine_rejects_is_a_tool_error_and_a_dead_engine_is_not(ray_cluster, server):
+    from jobs.agent_tools import EngineModels
+    from jobs.spec import AgentGeneration
+
+    @ray_cluster.remote(num_cpus=0)
+    class Engine:
+        def __init__(self, error):
+            self.error = error
+
+        def generate(self, requests):
+            raise self.error("The decoder prompt (length 9999) is longer than the maximum model length of 512.")
+
+    rejecting = Engine.remote(ValueError)
+    models = EngineModels(rejecting, rejecting, 0, AgentGeneration(8, 1.0), AgentGeneration(8, 1.0))
+    replies = iter(['CALL(ask_model: {"prompts": ["a very long prompt"]})', 'FINAL(description: "x")'])
+    server.respond(lambda body: chat_reply(next(replies)))
+    settings = _settings(server.url, budgets=[], baseline_budgets=[3], runs=1)
+    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": [ask_model_tool(models)]}, None, None,
+                        log=lambda line: None)
+    [record] = agents.run_all(runs_of(settings))
+    assert record["status"] == "done" and record["interactions_used"] == 0
+    assert record["turns"][0]["outcome"] == "tool_error"
+    assert record["messages"][3]["content"].startswith("TOOL_ERROR: ask_model:") and \
+        "longer than the maximum model length" in record["messages"][3]["content"]
+
+    dying = Engine.remote(RuntimeError)
+    models = EngineModels(dying, dying, 0, AgentGeneration(8, 1.0), AgentGeneration(8, 1.0))
+    server.respond(lambda body: chat_reply('CALL(ask_model: {"prompts": ["hi"]})'))
+    agents.tools = {"blackbox": [ask_model_tool(models)]}
+    [record] = agents.run_all(runs_of(settings))
+    assert record["status"] == "incomplete" and record["reason"].startswith("tool backend:")
