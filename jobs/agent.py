@@ -378,10 +378,11 @@ def endpoint(base_url: str, api_key_env: str, concurrency: int, requests_per_sec
              max_retries: int, timeout_s: float) -> ChatEndpoint:
     """The process's one ChatEndpoint for these settings: every pair's agent stage of a
     job shares its requests in flight and its rate limit."""
-    key = (base_url, api_key_env, concurrency, requests_per_second, max_retries, timeout_s)
+    settings = (base_url, api_key_env, concurrency, requests_per_second, max_retries, timeout_s)
+    key = settings + (os.environ.get(api_key_env),)   # a changed key gets a new client (in memory only)
     with _ENDPOINTS_LOCK:
         if key not in _ENDPOINTS:
-            _ENDPOINTS[key] = ChatEndpoint(*key)
+            _ENDPOINTS[key] = ChatEndpoint(*settings)
         return _ENDPOINTS[key]
 
 

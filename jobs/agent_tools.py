@@ -222,7 +222,8 @@ def ask_model_tool(models) -> Tool:
 
 def adl_tools(evidence: PairEvidence, models, settings) -> list[Tool]:
     def lens_check(args):
-        args = _check_args(args, {"layer": None, "positions": None, "k": 20}, ("layer", "positions"))
+        args = _check_args(args, {"layer": None, "positions": None, "k": min(20, evidence.lens_top_k)},
+                           ("layer", "positions"))
         return {"layer": _layer(args["layer"], evidence), "positions": _positions(args["positions"], evidence),
                 "k": _k(args["k"], evidence.lens_top_k)}
 
@@ -260,7 +261,7 @@ def adl_tools(evidence: PairEvidence, models, settings) -> list[Tool]:
         return {"layer": layer, "position": position, "prompts": _prompts(args["prompts"]), "n": n}
 
     lens = Tool("get_logitlens_details", f"""\
-  Args: {{"layer": int, "positions": [int, ...], "k": int (default 20, at most {evidence.lens_top_k})}}
+  Args: {{"layer": int, "positions": [int, ...], "k": int (default {min(20, evidence.lens_top_k)}, at most {evidence.lens_top_k})}}
   Returns: per position, the top-k logit-lens tokens of the difference with probabilities.""", lens_check,
                 lambda a, c: {"layer": a["layer"], "positions": {
                     str(p): evidence.lens_tokens(a["layer"], p, a["k"]) for p in a["positions"]}})

@@ -354,6 +354,9 @@ def test_grades_catalog_status_and_report(agent_job):
         {"agent": "adl", "budget": 3, "mean_grade": 4.0, "runs": 2, "graded": 2},
         {"agent": "blackbox", "budget": 2, "mean_grade": None, "runs": 2, "graded": 0}]
 
+    from jobs.summary import run_summary
+    assert "adl budget 3 4.00 (2/2), blackbox budget 2 - (0/2)" in run_summary(job.store, job.record_key)
+
     page = build_report(job.store, job.record_key)
     assert 'id="agent"' in page and "Interpretability agent" in page
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
