@@ -228,32 +228,42 @@ def test_agent_table_and_transcripts_hold_exactly_what_happened(agent_job):
 
 
 def test_ask_model_generated_with_the_pairs_models(agent_job, demo_pair):
-    """The answers differ between the models, and each model's answers are, relative to
-    the other model, the more probable under the model that is said to have written them:
-    sum over answers of log p_ft - log p_base is higher for the finetuned answers."""
+    """The answers differ between the models, and each answer is the more probable under
+    the model said to have written it: summed over answers, log p_ft(answer | prompt) -
+    log p_base(answer | prompt) is positive for the finetuned model's answers and negative
+    for the base model's (in expectation the two KL divergences), computed here with the
+    pair's models in transformers, from the chat template the engines use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    answers = []
+    answers = []   # (prompt, base answer, finetuned answer)
     for run in (0, 1):
         for tr in (_transcript(agent_job, "adl", 3, run), _transcript(agent_job, "blackbox", 2, run)):
-            for data in _tool_results(tr, "ask_model"):
-                assert len(data["base"]) == len(data["finetuned"]) >= 1
-                answers += list(zip(data["base"], data["finetuned"]))
+            calls = [t["args"]["prompts"] for t in tr["turns"] if t.get("tool") == "ask_model" and t["outcome"] == "tool"]
+            results = _tool_results(tr, "ask_model")
+            assert len(calls) == len(results) >= 1
+            for prompts, data in zip(calls, results):
+                assert len(data["base"]) == len(data["finetuned"]) == len(prompts)
+                answers += list(zip(prompts, data["base"], data["finetuned"]))
     assert len(answers) == 2 * (2 + 2)
-    assert all(b != f for b, f in answers)
+    assert all(b != f for _, b, f in answers)
     tokenizer = AutoTokenizer.from_pretrained(demo_pair.base_dir)
     models = {role: AutoModelForCausalLM.from_pretrained(getattr(demo_pair, f"{role}_dir")).eval()
               for role in ("base", "finetuned")}
 
-    def logp(model, text):
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
+    def logp(model, prompt, answer):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        head = tokenizer.encode(chat, add_special_tokens=False)
+        ids = torch.tensor([head + tokenizer.encode(answer, add_special_tokens=False)])
         with torch.inference_mode():
-            logits = model(ids).logits[0, :-1].float()
-        return float(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).sum())
+            logits = model(ids).logits[0, len(head) - 1:-1].float()
+        return float(torch.log_softmax(logits, -1).gather(1, ids[0, len(head):, None]).sum())
 
-    def ratio(text):
-        return logp(models["finetuned"], text) - logp(models["base"], text)
-    assert sum(ratio(f) for _, f in answers) > sum(ratio(b) for b, _ in answers)
+    def ratio(prompt, answer):
+        return logp(models["finetuned"], prompt, answer) - logp(models["base"], prompt, answer)
+    finetuned = sum(ratio(p, f) for p, _, f in answers)
+    base = sum(ratio(p, b) for p, b, _ in answers)
+    assert finetuned > 0 > base, (finetuned, base)
 
 
 def test_the_overview_holds_the_pairs_own_tables(agent_job):
