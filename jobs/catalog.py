@@ -3,7 +3,7 @@ finished pair of the job in one table, one row per pair x layer x analysed posit
 analysts comparing many pairs (schema: storage.tables.CATALOG_SCHEMA, README "Tables").
 
 Built from the pairs' own tables after the job; optional tables (steering, similarity,
-token relevance) fill their columns when present and leave them null otherwise.
+token relevance, agent) fill their columns when present and leave them null otherwise.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def pair_rows(store: Store, pair: dict, positions: list[int]) -> list[dict]:
         for m in metrics.get("metrics", []):
             if m.get("source") == "logit_lens":
                 relevant[(m["layer"], m["position"])] = m["fraction_relevant"]
+    agent_grades = None
+    if store.exists(f"{d}/{layout.AGENT}"):
+        agent_grades = agent_summary(store.read_table(f"{d}/{layout.AGENT}").to_pandas())
     rows = []
     for r in diff:
         key = (r["layer"], r["position"])
@@ -54,8 +57,21 @@ def pair_rows(store: Store, pair: dict, positions: list[int]) -> list[dict]:
         rows.append({"pair": pair["name"], "pair_dir": d, "base": pair.get("base_activations"),
                      "finetuned": pair.get("finetuned_activations"), **r,
                      "top_tokens": tokens, "top_probabilities": probs, "alpha": alpha.get(key),
-                     "fraction_relevant": relevant.get(key), "similarities": similarities.get(key)})
+                     "fraction_relevant": relevant.get(key), "similarities": similarities.get(key),
+                     "agent_grades": agent_grades})
     return rows
+
+
+def agent_summary(table) -> list[dict]:
+    """Per (agent, budget) of an agent table (pandas): the mean over its runs' mean grades
+    (runs without a grade left out), the runs and how many were graded."""
+    out = []
+    for (agent, budget), group in table.groupby(["agent", "budget"], sort=True):
+        graded = group.mean_grade.dropna()
+        out.append({"agent": agent, "budget": int(budget), "runs": int(len(group)), "graded": int(len(graded)),
+                    "mean_grade": float(graded.mean()) if len(graded) else None})
+    order = {"adl": 0, "blackbox": 1}
+    return sorted(out, key=lambda r: (order.get(r["agent"], 2), r["agent"], r["budget"]))
 
 
 def build_catalog(store: Store, record: dict) -> pa.Table:

@@ -165,8 +165,9 @@ class RayBackend:
                 self.baselines[unit.subject] = run_baselines(self.spec, unit.subject, engine, self.log)
             else:
                 with self.status.stage(unit.pair, unit.kind):
-                    self._stages[unit.kind].run(StageRun(self._pairs[unit.pair], self.spec, self.store, actors,
-                                                         self.log, self.grader, self.baselines))
+                    self._stages[unit.kind].run(StageRun(
+                        self._pairs[unit.pair], self.spec, self.store, actors, self.log, self.grader, self.baselines,
+                        spend=lambda usage, u=unit: self.status.llm_spend(u.pair, u.kind, usage)))
         except BaseException as e:
             error = describe(e)
             if unit.kind == "extract":

@@ -154,6 +154,19 @@ def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
     return {**as_plain(spec.analyses), "description": pair.description, "files": files}
 
 
+# What does not change an agent run's outcome stays out of the pair's key: how many
+# requests go at once, how fast, how long to wait, and where the key lives.
+AGENT_TRANSPORT = ("concurrency", "requests_per_second", "max_retries", "timeout_s", "api_key_env")
+
+
+def agent_identity(spec: JobSpec, pair: Pair) -> dict:
+    """The agent settings (endpoints and models, budgets, runs, sampling, the grader), the
+    pair's description and organism type."""
+    settings = {k: v for k, v in as_plain(spec.agent).items() if k not in AGENT_TRANSPORT}
+    settings["grader"] = {k: v for k, v in settings["grader"].items() if k != "api_key_env"}
+    return {**settings, "description": pair.description, "organism_type": pair.organism_type}
+
+
 def make_plan(spec: JobSpec) -> Plan:
     s3 = s3_options(spec)
     n = spec.method.tokens_per_document
@@ -210,5 +223,7 @@ def make_plan(spec: JobSpec) -> Plan:
             pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=spec.grader)
         if spec.analyses.enabled:
             pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
+        if spec.agent.enabled:   # only then: pairs of jobs without the section keep their keys
+            pair_identity.update(agent=agent_identity(spec, pair))
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
     return Plan(spec, tuple(sets.values()), tuple(pairs))

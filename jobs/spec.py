@@ -40,6 +40,7 @@ class Pair:
     finetune_data: str | None = None     # finetuning texts (file), for analyses
     generic_chat: str | None = None      # generic chat answers (file), the embedding control
     allow_vocab_mismatch: bool = False   # run although the models' vocab_size differ (README)
+    organism_type: str | None = None     # the hypothesis grader's rubric (ORGANISM_TYPES); None: generic
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,56 @@ class Analyses:
     embedding_batch_size: int = 64
 
 
+# The hypothesis grader's rubrics (jobs/hypothesis.py), one per kind of model organism.
+ORGANISM_TYPES = ("false_fact", "emergent_misalignment", "subliminal", "taboo", "domain_adaptation", "generic")
+
+
+@dataclass(frozen=True)
+class AgentGeneration:
+    """How a budgeted agent tool samples from the pair's models."""
+    max_tokens: int = 512
+    temperature: float = 0.8
+
+
+@dataclass(frozen=True)
+class HypothesisGrading:
+    """The LLM that scores the agents' descriptions 1..5 against the pair's description.
+    base_url, model and api_key_env left out: the agent's own."""
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    repeats: int = 3                  # gradings per description, all kept, and their mean
+    max_tokens: int = 10000
+    temperature: float | None = None  # None: the endpoint's default
+    max_retries: int = 3              # re-asks after an answer without a 'SCORE: <1..5>' line
+
+
+@dataclass(frozen=True)
+class Agent:
+    """The interpretability agent, its black-box baseline and the hypothesis grader (off
+    unless the spec has this section; needs the generation and analyses sections)."""
+    enabled: bool = False
+    base_url: str | None = None       # an OpenAI-compatible chat endpoint (required)
+    model: str | None = None          # (required)
+    api_key_env: str = "OPENAI_API_KEY"   # the key's environment variable; the key is never stored
+    budgets: tuple[int, ...] = (0, 5)             # model interactions of the ADL agent
+    baseline_budgets: tuple[int, ...] = (0, 5, 50)  # model interactions of the black-box agent
+    runs: int = 5                     # repetitions per (agent, budget)
+    max_llm_calls: int = 16           # agent LLM calls per run, the last a forced final answer
+    max_tokens: int = 10000           # per agent LLM call
+    temperature: float = 0.7
+    concurrency: int = 8              # chat requests in flight per endpoint, across the job
+    requests_per_second: float | None = None
+    max_retries: int = 4              # the openai client's retries of a failed request
+    timeout_s: float = 600.0
+    overview_top_k: int = 10          # logit-lens and patchscope tokens per position in the overview
+    sample_chars: int = 200           # characters of each sample in the first message
+    details_sample_chars: int = 1000  # ... in get_steering_samples
+    ask_model: AgentGeneration = AgentGeneration(512, 0.8)
+    generate_steered: AgentGeneration = AgentGeneration(512, 1.0)
+    grader: HypothesisGrading = HypothesisGrading()
+
+
 @dataclass(frozen=True)
 class JobSpec:
     name: str
@@ -154,6 +205,7 @@ class JobSpec:
     generation: Generation = Generation()
     analyses: Analyses = Analyses()
     grader: dict | None = None    # None: the offline grader (workers/graders.py)
+    agent: Agent = Agent()
 
     def to_dict(self) -> dict:
         return as_plain(self)
@@ -220,12 +272,14 @@ def _build(cls, raw: Any, where: str, kinds: dict[str, str], checks=None):
 
 _OPTIONAL = {
     ModelSource: ("revision", "adapter"),
-    Pair: ("description", "finetune_data", "generic_chat"),
+    Pair: ("description", "finetune_data", "generic_chat", "organism_type"),
     Corpus: ("path", "dataset", "revision"),
     Storage: ("endpoint_url", "region"),
     Compute: ("ray_address", "gpu_memory_gb"),
     Generation: ("max_model_len",),
     Analyses: ("embedding_model",),
+    Agent: ("base_url", "model", "requests_per_second"),
+    HypothesisGrading: ("base_url", "model", "api_key_env", "temperature"),
 }
 
 
@@ -292,6 +346,11 @@ def _pair(raw: Any, where: str) -> Pair:
                 if data.get(k) is not None}
     for k in ("finetune_data", "generic_chat"):
         check_location(optional.get(k), f"{where}.{k}", "file")
+    if data.get("organism_type") is not None:
+        kind = _check(data["organism_type"], "str", f"{where}.organism_type")
+        if kind not in ORGANISM_TYPES:
+            raise SpecError(f"{where}.organism_type: must be one of {', '.join(ORGANISM_TYPES)}, got {kind!r}")
+        optional["organism_type"] = kind
     if data.get("allow_vocab_mismatch") is not None:
         optional["allow_vocab_mismatch"] = _check(data["allow_vocab_mismatch"], "bool",
                                                   f"{where}.allow_vocab_mismatch")
@@ -425,6 +484,69 @@ def _analyses(raw: Any) -> Analyses:
     return replace(a, **lists)
 
 
+def _budgets(raw: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: expected a list of model-interaction budgets (integers >= 0), got {raw!r}")
+    out = tuple(_check(v, "int", f"{where}[{i}]") for i, v in enumerate(raw))
+    for i, v in enumerate(out):
+        if v < 0:
+            raise SpecError(f"{where}[{i}]: must be >= 0, got {v}")
+        if out.index(v) != i:
+            raise SpecError(f"{where}[{i}]: duplicate budget {v}")
+    return out
+
+
+def _agent(raw: Any) -> Agent:
+    if raw is None:
+        return Agent()
+    data = dict(_mapping(raw, "agent", {f.name for f in fields(Agent)}))
+    nested = {}
+    for name in ("ask_model", "generate_steered"):
+        if name in data:
+            default = getattr(Agent, name)
+            g = _build(AgentGeneration, {**as_plain(default), **(_mapping(data.pop(name), f"agent.{name}",
+                                                                          {"max_tokens", "temperature"}))},
+                       f"agent.{name}", {"max_tokens": "int", "temperature": "number"},
+                       [("max_tokens", lambda v: v >= 1, "must be >= 1"),
+                        ("temperature", lambda v: v >= 0, "must be >= 0")])
+            nested[name] = g
+    if "grader" in data:
+        nested["grader"] = _build(HypothesisGrading, data.pop("grader"), "agent.grader",
+                                  {"base_url": "str", "model": "str", "api_key_env": "str", "repeats": "int",
+                                   "max_tokens": "int", "temperature": "number", "max_retries": "int"},
+                                  [("repeats", lambda v: v >= 1, "must be >= 1"),
+                                   ("max_tokens", lambda v: v >= 1, "must be >= 1"),
+                                   ("temperature", lambda v: v is None or v >= 0, "must be >= 0"),
+                                   ("max_retries", lambda v: v >= 0, "must be >= 0")])
+    for name in ("budgets", "baseline_budgets"):
+        if name in data:
+            nested[name] = _budgets(data.pop(name), f"agent.{name}")
+    a = _build(Agent, {"enabled": True, **data}, "agent",
+               {"enabled": "bool", "base_url": "str", "model": "str", "api_key_env": "str", "runs": "int",
+                "max_llm_calls": "int", "max_tokens": "int", "temperature": "number", "concurrency": "int",
+                "requests_per_second": "number", "max_retries": "int", "timeout_s": "number",
+                "overview_top_k": "int", "sample_chars": "int", "details_sample_chars": "int"},
+               [(name, lambda v: v >= 1, "must be >= 1") for name in
+                ("runs", "max_llm_calls", "max_tokens", "concurrency", "overview_top_k", "sample_chars",
+                 "details_sample_chars")]
+               + [("temperature", lambda v: v >= 0, "must be >= 0"),
+                  ("requests_per_second", lambda v: v is None or v > 0, "must be > 0"),
+                  ("max_retries", lambda v: v >= 0, "must be >= 0"),
+                  ("timeout_s", lambda v: v > 0, "must be > 0")])
+    a = replace(a, **nested)
+    if a.enabled:
+        for name in ("base_url", "model"):
+            if getattr(a, name) is None:
+                raise SpecError(f"agent.{name}: required (an OpenAI-compatible chat endpoint and its model)")
+        for name, value in (("agent.base_url", a.base_url), ("agent.grader.base_url", a.grader.base_url)):
+            if value is not None and not value.startswith(("http://", "https://")):
+                raise SpecError(f"{name}: expected an http:// or https:// URL, got {value!r}")
+        if not a.budgets and not a.baseline_budgets:
+            raise SpecError("agent.budgets: at least one budget of agent.budgets or agent.baseline_budgets "
+                            "is required")
+    return a
+
+
 def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     data = _mapping(raw, "", {f.name for f in fields(JobSpec)})
     if not data.get("pairs"):
@@ -470,13 +592,20 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                       ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
                       ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
     from workers.graders import check_grader_config
+    generation, analyses, agent = _generation(data.get("generation")), _analyses(data.get("analyses")), \
+        _agent(data.get("agent"))
+    if agent.enabled and not (generation.enabled and analyses.enabled):
+        missing = " and ".join(name for name, section in (("generation", generation), ("analyses", analyses))
+                               if not section.enabled)
+        raise SpecError(f"agent: needs the {missing} section{'s' if ' and ' in missing else ''} (the agent reads "
+                        f"the steering samples, the strength search and patchscope)")
     spec = JobSpec(name=top.name, pairs=pairs, corpus=_corpus(data.get("corpus")),
                    method=_method(data.get("method")), dtype=top.dtype, batch_size=top.batch_size,
                    shard_size=top.shard_size, storage=storage, compute=compute,
                    trust_remote_code=top.trust_remote_code,
-                   generation=_generation(data.get("generation")),
-                   analyses=_analyses(data.get("analyses")),
-                   grader=check_grader_config(data.get("grader")) if data.get("grader") is not None else None)
+                   generation=generation, analyses=analyses,
+                   grader=check_grader_config(data.get("grader")) if data.get("grader") is not None else None,
+                   agent=agent)
     return _resolve_paths(spec, base_dir) if base_dir else spec
 
 

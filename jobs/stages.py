@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jobs import analyses
+from jobs.agent_stage import agent_stage
 from jobs.plan import ActivationSet, PairPlan
 from jobs.scheduler import ModelKey
 from jobs.spec import JobSpec, ModelSource
@@ -75,6 +76,7 @@ class StageRun:
     log: Callable[[str], None]
     grader: Any = None                   # an LLM grader in the driver (LocalActor); None: offline
     baselines: dict = field(default_factory=dict)   # ModelSource -> baseline GenerationResults
+    spend: Callable[[dict], None] | None = None     # a stage's LLM calls and tokens -> the status record
 
     def model(self, runtime: str, source: ModelSource):
         return self.actors[ModelKey(runtime, source)]
@@ -267,6 +269,8 @@ PAIR_STAGES: tuple[Stage, ...] = (
     Stage("similarity", (layout.SIMILARITY,),
           lambda spec: spec.analyses.enabled and spec.generation.enabled, ("generate",),
           lambda spec, pair: (embedder(spec),), analyses.similarity),
+    Stage("agent", (layout.AGENT,), lambda spec: spec.agent.enabled, ("logit_lens", "patchscope", "generate"),
+          lambda spec, pair: (vllm(pair.pair.base), vllm(pair.pair.finetuned)), agent_stage),
 )
 
 

@@ -213,6 +213,18 @@ class JobStatus:
             self.record["units"].append({"name": name, "kind": kind, "seconds": round(seconds, 3),
                                          "state": "failed" if error else "done", "error": error})
 
+    def llm_spend(self, pair: str, stage: str, usage: dict) -> None:
+        """A stage's chat-endpoint spend ({"calls", "prompt_tokens", "completion_tokens",
+        "total_tokens", ...}): kept on the stage and summed over the job under "llm"."""
+        with self._lock:
+            entry = self.record["pairs"][pair]["stages"].setdefault(
+                stage, {"state": "pending", "seconds": None, "error": None})
+            entry["llm"] = dict(usage)
+            total = self.record.setdefault("llm", {})
+            for name, value in usage.items():
+                total[name] = total.get(name, 0) + value
+        self.write(force=True)
+
     def finish(self, error: str | None = None) -> None:
         with self._lock:
             failed = [p for p in self.record["pairs"].values() if p["state"] != "done"]

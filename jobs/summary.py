@@ -31,7 +31,7 @@ def read_run_record(store: Store, key: str) -> dict:
         if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in ("name", "dir")):
             raise StorageError(f"{where}: pairs[{i}] must be an object with \"name\" and \"dir\" strings")
     spec = record["spec"]
-    for section in ("method", "generation", "analyses"):
+    for section in ("method", "generation", "analyses", "agent"):
         if not isinstance(spec.get(section, {}), dict):
             raise StorageError(f"{where}: spec.{section} must be an object, got {_json_type(spec[section])}")
     if not isinstance(spec.get("pairs", []), list) or not all(isinstance(p, dict) for p in spec.get("pairs", [])):
@@ -118,6 +118,13 @@ def _analyses_lines(store: Store, pair_dir: str, top: int) -> list[str]:
         for (layer, pos), group in to_ft.groupby(["layer", "position"]):
             values = "  ".join(f"{r.set_a} {r.similarity:.3f}" for r in group.itertuples())
             lines.append(f"    layer {layer} pos {pos}: {values}")
+    if store.exists(f"{pair_dir}/{layout.AGENT}"):
+        from jobs.catalog import agent_summary
+        groups = agent_summary(store.read_table(f"{pair_dir}/{layout.AGENT}").to_pandas())
+        lines.append("  interpretability agent, mean grade 1-5 (graded/runs): " + ", ".join(
+            f"{g['agent']} budget {g['budget']} "
+            f"{'-' if g['mean_grade'] is None else format(g['mean_grade'], '.2f')} ({g['graded']}/{g['runs']})"
+            for g in groups))
     return lines
 
 
@@ -162,6 +169,10 @@ def status_lines(status: dict, where: str = "") -> list[str]:
             runtimes[entry["runtime"]] = runtimes.get(entry["runtime"], 0) + entry["loads"]
         lines.append("  model loads by runtime: " + ", ".join(f"{r} {n}" for r, n in sorted(runtimes.items()))
                      + f" ({len(loads)} distinct model and runtime pairs)")
+    llm = status.get("llm") or {}
+    if llm:
+        lines.append(f"  LLM endpoint (agent stages): {llm.get('calls', 0)} calls "
+                     f"({llm.get('grader_calls', 0)} grading), {llm.get('total_tokens', 0)} tokens")
     for reload in status.get("reloads") or []:
         lines.append(f"  reloaded {reload['model']}: it had been {reload['why']}")
     for name, pair in status.get("pairs", {}).items():

@@ -12,6 +12,8 @@
     pairs/<pair>/token_relevance.parquet       graded logit-lens and patchscope tokens
     pairs/<pair>/token_relevance.json          the relevance stage's status and metrics (last)
     pairs/<pair>/similarity.parquet            embedding similarity of text sets
+    pairs/<pair>/agent/<agent>-b<budget>-r<run>.json   one interpretability-agent run's transcript
+    pairs/<pair>/agent.parquet                 every agent run's description and grades (last)
     pairs/<pair>/manifest.json                 the pair's results are complete
     runs/<job>/run.json                        what a job ran and where its results are
     runs/<job>/report.html                     the analysts' page (`adl report`)
@@ -87,3 +89,9 @@ PATCHSCOPE = "patchscope.parquet"
 TOKEN_RELEVANCE = "token_relevance.parquet"
 TOKEN_RELEVANCE_JSON = "token_relevance.json"
 SIMILARITY = "similarity.parquet"
+AGENT = "agent.parquet"
+
+
+def agent_transcript(agent: str, budget: int, run: int) -> str:
+    """Relative to the pair's folder."""
+    return f"agent/{agent}-b{int(budget)}-r{int(run)}.json"

@@ -206,6 +206,23 @@ def similarity_table(rows: list[dict], **metadata) -> pa.Table:
         _metadata("similarity", **metadata))
 
 
+# -- the interpretability agent ---------------------------------------------------------
+AGENT_SCHEMA = pa.schema([
+    ("agent", pa.string()), ("budget", pa.int32()), ("run", pa.int32()), ("status", pa.string()),
+    ("reason", pa.string()), ("description", pa.string()), ("grades", pa.list_(pa.int32())),
+    ("mean_grade", pa.float64()), ("grading", pa.string()), ("grading_reason", pa.string()),
+    ("llm_calls", pa.int32()), ("interactions_used", pa.int32()), ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()), ("total_tokens", pa.int64()), ("grader_calls", pa.int32()),
+    ("grader_tokens", pa.int64()), ("seconds", pa.float64()), ("transcript", pa.string()),
+])
+
+
+def agent_table(rows: list[dict], **metadata) -> pa.Table:
+    """One row per (agent, budget, run): the run's outcome, its description and grades,
+    and what it spent; `transcript` is its JSON's path in the pair's folder."""
+    return pa.Table.from_pylist(rows, schema=AGENT_SCHEMA).replace_schema_metadata(_metadata("agent", **metadata))
+
+
 # -- the catalog ----------------------------------------------------------------------
 CATALOG_SCHEMA = pa.schema([
     ("pair", pa.string()), ("pair_dir", pa.string()), ("base", pa.string()), ("finetuned", pa.string()),
@@ -215,11 +232,15 @@ CATALOG_SCHEMA = pa.schema([
     ("alpha", pa.float64()), ("fraction_relevant", pa.float64()),
     ("similarities", pa.list_(pa.struct([("set_a", pa.string()), ("set_b", pa.string()),
                                          ("similarity", pa.float64())]))),
+    ("agent_grades", pa.list_(pa.struct([("agent", pa.string()), ("budget", pa.int32()),
+                                         ("mean_grade", pa.float64()), ("runs", pa.int32()),
+                                         ("graded", pa.int32())]))),
 ])
 
 
 def catalog_table(rows: list[dict], job: str) -> pa.Table:
     """One row per pair x layer x analysed position across a job's finished pairs; alpha,
-    fraction_relevant and similarities are null where the pair has no such results."""
+    fraction_relevant, similarities and agent_grades (the pair's, on each of its rows) are
+    null where the pair has no such results."""
     return pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).replace_schema_metadata(
         _metadata("catalog", **{"adl.job": job}))
