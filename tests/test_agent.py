@@ -16,10 +16,8 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import re
-import threading
 import uuid
 from pathlib import Path
 

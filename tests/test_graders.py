@@ -75,6 +75,17 @@ class ChatServer:
                     state.seen.append(seen)
                     state.in_flight += 1
                     state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                answered = False
+
+                def answering():
+                    # Counted out of flight before any byte of the answer goes back: the
+                    # client cannot send its next request before that, so the count is exact.
+                    nonlocal answered
+                    if not answered:
+                        answered = True
+                        with server.lock:
+                            state.in_flight -= 1
+                            seen.done = time.monotonic()
                 try:
                     reply = state.responder(body) if self.path == "/v1/chat/completions" \
                         else Reply(status=404, body=b"not found")
@@ -84,6 +95,7 @@ class ChatServer:
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": reply.content}}],
                     }).encode()
+                    answering()
                     self.send_response(reply.status)
                     for key, value in {"Content-Type": "application/json", **reply.headers}.items():
                         self.send_header(key, value)
@@ -93,9 +105,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout): expected
                 finally:
-                    with server.lock:
-                        state.in_flight -= 1
-                        seen.done = time.monotonic()
+                    answering()
 
             def log_message(self, *args):
                 pass
