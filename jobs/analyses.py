@@ -5,8 +5,8 @@ patchscope, token relevance and the embedding evaluation, when the spec has an
 Each stage decides what to compute and writes one table; the models (the pair's
 transformers actors, the embedder) and the grader are actors that the executor hands it
 in a StageRun (jobs/stages.py declares the stages). A stage whose output already exists
-is not run again: the pair's folder is content-keyed, so what is there was computed with
-these settings.
+(and verifies against its marker) is not run again: the pair's folder is content-keyed, so
+what is there was computed with these settings.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def patchscope(ctx) -> None:
     pair, spec, store = ctx.pair, ctx.spec, ctx.store
     out = ctx.path(layout.PATCHSCOPE)
     a = spec.analyses
-    table = store.read_table(ctx.path(layout.DIFFERENCE))
+    table = ctx.read_table(layout.DIFFERENCE)
     layers = table.column("layer").to_numpy()
     positions = table.column("position").to_numpy()
     norms = table.column("finetuned_norm").to_numpy()
@@ -110,9 +110,9 @@ def token_relevance(ctx) -> None:
                                a.min_generic_ratio)
     frequent_ids = {i for i, _ in frequent}
 
-    lens = store.read_table(f"{pair.out_dir}/{layout.LOGIT_LENS}").to_pandas()
+    lens = ctx.read_table(layout.LOGIT_LENS).to_pandas()
     lens = lens[(lens.variant == "delta") & (lens["rank"] < a.relevance_top_k)]
-    scope = store.read_table(f"{pair.out_dir}/{layout.PATCHSCOPE}").to_pandas()
+    scope = ctx.read_table(layout.PATCHSCOPE).to_pandas()
     scope = scope[(scope.variant == "delta") & scope.chosen & (scope["rank"] < a.relevance_top_k)]
     lists = []   # (layer, position, source, rows sorted by rank)
     for source, df in (("logit_lens", lens), ("patchscope", scope)):
@@ -165,7 +165,7 @@ def similarity(ctx) -> None:
     pair, spec, store = ctx.pair, ctx.spec, ctx.store
     out = ctx.path(layout.SIMILARITY)
     a = spec.analyses
-    gens = store.read_table(f"{pair.out_dir}/{layout.GENERATIONS}").to_pandas()
+    gens = ctx.read_table(layout.GENERATIONS).to_pandas()
     baseline = gens[gens.kind == "baseline"]
     sets = {"unsteered": list(baseline[baseline.model_role == "finetuned"].text),
             "base": list(baseline[baseline.model_role == "base"].text),
