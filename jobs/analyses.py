@@ -7,6 +7,12 @@ transformers actors, the embedder) and the grader are actors that the executor h
 in a StageRun (jobs/stages.py declares the stages). A stage whose output already exists
 (and verifies against its marker) is not run again: the pair's folder is content-keyed, so
 what is there was computed with these settings.
+
+A stage whose work failed raises (GradingFailed): it writes nothing and its pair fails.
+Patchscope fails when the grader chose a best scale for no (layer, position, variant);
+where it failed on some, those have no chosen row and the log counts them. Token
+relevance fails when the grader labelled no token at all; tokens it failed on count as
+not relevant and are counted per list (`failed`).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from storage import layout
 from storage.store import Store
 from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_table,
                             similarity_table, token_relevance_table)
+from workers.graders import GradingFailed
 
 # Patchscope's vectors, and the model each is read in (the controls as in the reference:
 # the base mean in the base model, both scaled to the finetuned norm).
@@ -62,6 +69,14 @@ def patchscope(ctx) -> None:
     scales = list(a.patchscope_scales)
     judgements = ray.get(ctx.grader_handle().best_scales.remote(
         [{s: list(g[4][i]) for i, s in enumerate(scales)} for g in groups]))
+    failed = [j for j in judgements if not j.ok]
+    if judgements and len(failed) == len(judgements):
+        # The stage's work failed (an unreachable grader, say): no table, the pair fails.
+        raise GradingFailed(f"patchscope: the grader chose no best scale for any of the {len(judgements)} "
+                            f"(layer, position, variant): {failed[0].error}")
+    if failed:
+        ctx.log(f"{pair.pair.name}: patchscope: {len(failed)} of {len(judgements)} (layer, position, variant) "
+                f"have no best scale (the grader failed on them; no row of theirs is chosen)")
     out_rows = []
     for (layer, pos, variant, ids, tokens, probs), j in zip(groups, judgements):
         chosen = j.value["scale"] if j.ok else None
@@ -126,6 +141,15 @@ def token_relevance(ctx) -> None:
     except GraderError as e:   # raised in the actor: Ray's message carries the remote traceback
         reason = str(e).strip().splitlines()[-1].split("GraderError: ", 1)[-1]
         return _skip_relevance(store, pair, reason, log)
+    every = [j for judgements in judged for j in judgements]
+    failed = [j for j in every if not j.ok]
+    if every and len(failed) == len(every):
+        # Not one token labelled (an unreachable grader): the stage failed, not a result.
+        raise GradingFailed(f"token_relevance: the grader labelled none of the {len(every)} tokens: "
+                            f"{failed[0].error}")
+    if failed:
+        log(f"{pair.pair.name}: token relevance: the grader failed on {len(failed)} of {len(every)} tokens "
+            f"(counted as not relevant, recorded per list as 'failed')")
 
     rows, metrics = [], []
     for (layer, pos, source, group), judgements in zip(lists, judged):

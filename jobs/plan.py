@@ -5,6 +5,7 @@ with the inputs is found here, before anything is written.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -154,6 +155,19 @@ def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
     return {**as_plain(spec.analyses), "description": pair.description, "files": files}
 
 
+def check_grader_key(spec: JobSpec) -> None:
+    """A grader the job will use (an LLM grader, with generation or analyses) whose spec
+    names `api_key_env` needs that variable set: without it every request would fail.
+    (Without api_key_env no key is sent: local servers need none.)"""
+    grader = spec.grader or {}
+    if grader.get("kind") != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
+        return
+    name = grader.get("api_key_env")
+    if name is not None and not os.environ.get(name):
+        raise PlanError(f"grader.api_key_env: the environment variable {name} is not set "
+                        f"(it must hold the grader's API key)")
+
+
 def make_plan(spec: JobSpec) -> Plan:
     s3 = s3_options(spec)
     n = spec.method.tokens_per_document
@@ -161,6 +175,7 @@ def make_plan(spec: JobSpec) -> Plan:
     documents: dict[str, Documents] = {}     # by tokenizer identity
     sets: dict[str, ActivationSet] = {}
     pairs = []
+    check_grader_key(spec)
     check_ray_address(spec)
     for i, pair in enumerate(spec.pairs):
         where = f"pairs[{i}]"
