@@ -270,6 +270,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     backend = None
     leases = Leases(store, spec.name, log)
     try:
+        _stop_on_sigterm()   # a run waiting for another's work stops cleanly too
         with leases:
             todo = pending
             while todo:
@@ -280,6 +281,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                         status.stage_skipped(name, stage)
                 for pair in outcome["finished"]:
                     log(f"{pair.pair.name}: results completed by another run")
+                    for stage in pair_stages(spec):
+                        status.stage_skipped(pair.pair.name, stage)
                     status.pair_state(pair.pair.name, "done")
                 if units:
                     private = ensure_ray(spec) or private

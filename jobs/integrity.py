@@ -54,8 +54,9 @@ class SetCheck:
 
 
 def check_set(store: Store, aset, deep: bool = True) -> SetCheck:
-    """Which shards of the activation set are present and verified. deep=False checks
-    sizes against the listing only (no reads): enough to decide whether to claim it."""
+    """Which shards of the activation set are present and verified. deep=False compares
+    the shards' sizes with the listing only (no shard is read): enough to decide whether
+    the set looks complete."""
     prefix, n = aset.prefix, aset.documents.num_shards
     sizes = store.sizes(prefix)
     key = layout.manifest(prefix)

@@ -393,12 +393,14 @@ class Store:
         whose first attempt did land also gets 412: callers tell theirs by its content."""
         path = self._path(key)
         if self.is_s3:
-            from botocore.exceptions import ClientError
+            from botocore.exceptions import BotoCoreError, ClientError
             bucket, name = self._bucket_key(key)
             try:
                 response = self._s3().put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
                 meta = response.get("ResponseMetadata", {})
                 created = True
+            except BotoCoreError as e:   # the endpoint did not answer, after boto3's retries
+                raise StorageError(f"{self.uri(key)}: cannot create: {_first_line(e)}") from None
             except ClientError as e:
                 meta = e.response.get("ResponseMetadata", {})
                 code = str(e.response.get("Error", {}).get("Code", ""))
