@@ -158,7 +158,7 @@ def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
 def check_grader_key(spec: JobSpec) -> None:
     """A grader the job will use (an LLM grader, with generation or analyses) whose spec
     names `api_key_env` needs that variable set: without it every request would fail.
-    (Without api_key_env no key is sent: local servers need none.)"""
+    (Without api_key_env, $OPENAI_API_KEY is sent if set, else no key: local servers need none.)"""
     grader = spec.grader or {}
     if grader.get("kind") != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
         return

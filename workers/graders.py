@@ -487,7 +487,7 @@ class OpenAIGrader:
         self.timeout_s = timeout_s
         self.backoff_base_s = backoff_base_s
         # Local servers need no key, so a missing variable just sends no header (a job
-        # whose spec names api_key_env refuses to start without it: jobs/plan.py).
+        # whose spec names api_key_env does not start without it: jobs/plan.py).
         self._api_key = os.environ.get(api_key_env) or None
         register(self._api_key)   # never shown: error text is masked (jobs/redact.py)
         self._slots = threading.BoundedSemaphore(concurrency)
