@@ -5,8 +5,14 @@ patchscope, token relevance and the embedding evaluation, when the spec has an
 Each stage decides what to compute and writes one table; the models (the pair's
 transformers actors, the embedder) and the grader are actors that the executor hands it
 in a StageRun (jobs/stages.py declares the stages). A stage whose output already exists
-is not run again: the pair's folder is content-keyed, so what is there was computed with
-these settings.
+(and verifies against its marker) is not run again: the pair's folder is content-keyed, so
+what is there was computed with these settings.
+
+A stage whose work failed raises (GradingFailed): it writes nothing and its pair fails.
+Patchscope fails when the grader chose a best scale for no (layer, position, variant);
+where it failed on some, those have no chosen row and the log counts them. Token
+relevance fails when the grader labelled no token at all; tokens it failed on count as
+not relevant and are counted per list (`failed`).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from storage import layout
 from storage.store import Store
 from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_table,
                             similarity_table, token_relevance_table)
+from workers.graders import GradingFailed
 
 # Patchscope's vectors, and the model each is read in (the controls as in the reference:
 # the base mean in the base model, both scaled to the finetuned norm).
@@ -35,7 +42,7 @@ def patchscope(ctx) -> None:
     pair, spec, store = ctx.pair, ctx.spec, ctx.store
     out = ctx.path(layout.PATCHSCOPE)
     a = spec.analyses
-    table = store.read_table(ctx.path(layout.DIFFERENCE))
+    table = ctx.read_table(layout.DIFFERENCE)
     layers = table.column("layer").to_numpy()
     positions = table.column("position").to_numpy()
     norms = table.column("finetuned_norm").to_numpy()
@@ -62,6 +69,14 @@ def patchscope(ctx) -> None:
     scales = list(a.patchscope_scales)
     judgements = ray.get(ctx.grader_handle().best_scales.remote(
         [{s: list(g[4][i]) for i, s in enumerate(scales)} for g in groups]))
+    failed = [j for j in judgements if not j.ok]
+    if judgements and len(failed) == len(judgements):
+        # The stage's work failed (an unreachable grader, say): no table, the pair fails.
+        raise GradingFailed(f"patchscope: the grader chose no best scale for any of the {len(judgements)} "
+                            f"(layer, position, variant): {failed[0].error}")
+    if failed:
+        ctx.log(f"{pair.pair.name}: patchscope: {len(failed)} of {len(judgements)} (layer, position, variant) "
+                f"have no best scale (the grader failed on them; no row of theirs is chosen)")
     out_rows = []
     for (layer, pos, variant, ids, tokens, probs), j in zip(groups, judgements):
         chosen = j.value["scale"] if j.ok else None
@@ -110,9 +125,9 @@ def token_relevance(ctx) -> None:
                                a.min_generic_ratio)
     frequent_ids = {i for i, _ in frequent}
 
-    lens = store.read_table(f"{pair.out_dir}/{layout.LOGIT_LENS}").to_pandas()
+    lens = ctx.read_table(layout.LOGIT_LENS).to_pandas()
     lens = lens[(lens.variant == "delta") & (lens["rank"] < a.relevance_top_k)]
-    scope = store.read_table(f"{pair.out_dir}/{layout.PATCHSCOPE}").to_pandas()
+    scope = ctx.read_table(layout.PATCHSCOPE).to_pandas()
     scope = scope[(scope.variant == "delta") & scope.chosen & (scope["rank"] < a.relevance_top_k)]
     lists = []   # (layer, position, source, rows sorted by rank)
     for source, df in (("logit_lens", lens), ("patchscope", scope)):
@@ -126,6 +141,15 @@ def token_relevance(ctx) -> None:
     except GraderError as e:   # raised in the actor: Ray's message carries the remote traceback
         reason = str(e).strip().splitlines()[-1].split("GraderError: ", 1)[-1]
         return _skip_relevance(store, pair, reason, log)
+    every = [j for judgements in judged for j in judgements]
+    failed = [j for j in every if not j.ok]
+    if every and len(failed) == len(every):
+        # Not one token labelled (an unreachable grader): the stage failed, not a result.
+        raise GradingFailed(f"token_relevance: the grader labelled none of the {len(every)} tokens: "
+                            f"{failed[0].error}")
+    if failed:
+        log(f"{pair.pair.name}: token relevance: the grader failed on {len(failed)} of {len(every)} tokens "
+            f"(counted as not relevant, recorded per list as 'failed')")
 
     rows, metrics = [], []
     for (layer, pos, source, group), judgements in zip(lists, judged):
@@ -165,7 +189,7 @@ def similarity(ctx) -> None:
     pair, spec, store = ctx.pair, ctx.spec, ctx.store
     out = ctx.path(layout.SIMILARITY)
     a = spec.analyses
-    gens = store.read_table(f"{pair.out_dir}/{layout.GENERATIONS}").to_pandas()
+    gens = ctx.read_table(layout.GENERATIONS).to_pandas()
     baseline = gens[gens.kind == "baseline"]
     sets = {"unsteered": list(baseline[baseline.model_role == "finetuned"].text),
             "base": list(baseline[baseline.model_role == "base"].text),

@@ -20,27 +20,32 @@ TOP_TOKENS = 10
 
 
 def pair_rows(store: Store, pair: dict, positions: list[int]) -> list[dict]:
-    """pair: a run record's pair entry (name, dir, ...). [] until the pair is complete."""
+    """pair: a run record's pair entry (name, dir, ...). [] until the pair is complete.
+    Every table is checked against the digest the pair's manifest records for it."""
     d = pair["dir"]
     if not store.exists(layout.manifest(d)):
         return []
+    files = store.read_json(layout.manifest(d)).get("files") or {}
     diff = store.read_table(f"{d}/{layout.DIFFERENCE}", columns=[
-        "layer", "position", "num_documents", "delta_norm", "finetuned_norm"]).to_pylist()
-    lens = store.read_table(f"{d}/{layout.LOGIT_LENS}").to_pandas()
+        "layer", "position", "num_documents", "delta_norm", "finetuned_norm"],
+        digest=files.get(layout.DIFFERENCE)).to_pylist()
+    lens = store.read_table(f"{d}/{layout.LOGIT_LENS}", digest=files.get(layout.LOGIT_LENS)).to_pandas()
     lens = lens[(lens.variant == "delta") & (lens["rank"] < TOP_TOKENS)].sort_values("rank")
     top = {key: (list(g.token), [float(p) for p in g.probability])
            for key, g in lens.groupby(["layer", "position"])}
     alpha = {}
     if store.exists(f"{d}/{layout.STEERING}"):
-        for r in store.read_table(f"{d}/{layout.STEERING}", columns=["layer", "position", "alpha"]).to_pylist():
+        for r in store.read_table(f"{d}/{layout.STEERING}", columns=["layer", "position", "alpha"],
+                                  digest=files.get(layout.STEERING)).to_pylist():
             alpha[(r["layer"], r["position"])] = r["alpha"]
     similarities: dict = {}
     if store.exists(f"{d}/{layout.SIMILARITY}"):
-        for r in store.read_table(f"{d}/{layout.SIMILARITY}").to_pylist():
+        for r in store.read_table(f"{d}/{layout.SIMILARITY}", digest=files.get(layout.SIMILARITY)).to_pylist():
             similarities.setdefault((r["layer"], r["position"]), []).append(
                 {"set_a": r["set_a"], "set_b": r["set_b"], "similarity": r["similarity"]})
     relevant = {}
-    metrics = store.read_json_or_none(f"{d}/{layout.TOKEN_RELEVANCE_JSON}")
+    key = f"{d}/{layout.TOKEN_RELEVANCE_JSON}"
+    metrics = store.read_json(key, digest=files.get(layout.TOKEN_RELEVANCE_JSON)) if store.exists(key) else None
     if metrics and metrics.get("status") == "done":
         for m in metrics.get("metrics", []):
             if m.get("source") == "logit_lens":

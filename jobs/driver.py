@@ -3,8 +3,15 @@ model (jobs/scheduler.py) on Ray actors (jobs/executor.py), then the run record 
 catalog.
 
 Every unit whose output is complete is left out, so a rerun does only what is missing:
-an activation set's manifest, a stage's tables and a pair's manifest are their completion
-records, all content-keyed.
+an activation set's manifest, a stage's marker and a pair's manifest are their completion
+records, all content-keyed, and complete means present and verified: every file they
+list matches its recorded digest (jobs/integrity.py). What does not verify is done again,
+and the log says why.
+
+Two runs on one storage root share the work through leases (jobs/leases.py): a pair, and
+an activation set to extract, is claimed before its units are made; work another run
+holds is waited for (its lease given back, or its holder dead), then looked at again, by
+which time it is usually complete.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from dataclasses import dataclass, field
 
 from jobs.catalog import write_catalog
 from jobs.executor import RayBackend, pair_manifest
+from jobs.integrity import check_pair, check_set, check_stage, set_manifest
+from jobs.leases import Leases
 from jobs.plan import Plan, PairPlan, make_plan
 from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec
@@ -29,7 +38,8 @@ from storage.store import Store
 @dataclass
 class RunStats:
     shards_extracted: int = 0
-    pairs_reduced: int = 0
+    pairs_reduced: int = 0                             # pairs completed (their manifests written)
+    stages_run: int = 0                                # pair stages run to their marker
     gpu_ids: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)     # pair name -> error, for pairs that failed
     loads: Counter = field(default_factory=Counter)    # ModelKey -> times loaded
@@ -133,81 +143,188 @@ def pair_order(pairs: list[PairPlan]) -> list[PairPlan]:
     return [p for group in sorted(groups.values(), key=lambda g: -len(g)) for p in group]
 
 
-def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, log=log) -> tuple[list[Unit], dict]:
+def _set_unit(aset, store: Store, claim, release, verified: dict, log) -> "Unit | None | bool":
+    """An activation set's extraction unit, None when the set is complete (present and
+    verified, or made so by writing its manifest again), False when another run holds it."""
+    if check_set(store, aset, deep=False).complete:   # looks complete: verify without a lease
+        check = check_set(store, aset)
+        if check.complete:
+            log(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
+            return None
+    if not claim(aset.prefix):
+        return False
+    check = check_set(store, aset)   # under the lease: another run may have finished it
+    if check.complete:
+        release(aset.prefix)
+        log(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
+        return None
+    if check.manifest_problem not in (None, "absent"):
+        log(f"{aset.name}: manifest {store.uri(layout.manifest(aset.prefix))}: {check.manifest_problem}")
+    for index, why in sorted(check.problems.items()):
+        if why:
+            log(f"{aset.name}: shard {index} {why}; extracting it again")
+    if len(check.good) == aset.documents.num_shards:   # every shard verifies: only the manifest was bad
+        store.write_json(layout.manifest(aset.prefix), set_manifest(aset, check.good))
+        release(aset.prefix)
+        log(f"{aset.name}: every shard verifies; manifest written again, no extraction")
+        return None
+    verified[aset.prefix] = check.good
+    return Unit(f"extract {aset.name}", "extract", (transformers(aset.source),), subject=aset)
+
+
+def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, log=log, leases: Leases | None = None,
+              verified: dict | None = None, outcome: dict | None = None) -> tuple[list[Unit], dict]:
     """The units of work the pending pairs still need, in plan order (each pair's
     activation sets, then its stages, a model's baselines before the first generation
-    that reads them), and each pair's stages already complete. A stage whose tables all
-    exist, and an activation set with a manifest, is complete and gets no unit."""
+    that reads them), and each pair's stages already complete. A stage whose marker
+    verifies (jobs/integrity.py), and an activation set whose manifest and shards verify,
+    is complete and gets no unit; activation sets are looked at only for pairs whose
+    reduce is still to run.
+
+    With leases, a pair is claimed first (then looked at again: another run may just have
+    finished it), and an activation set to extract too; what another run holds gets no
+    unit. outcome, when given, receives "blocked" (pairs left for later: another run
+    holds them or their activations), "waiting" (the prefixes another run holds) and
+    "finished" (pairs found complete once claimed).
+    verified receives, per activation set to extract, the shards already verified."""
+    claim = leases.claim if leases is not None else (lambda prefix: True)
+    release = leases.release if leases is not None else (lambda prefix: None)
+    verified = {} if verified is None else verified
+    outcome = {} if outcome is None else outcome
+    for key in ("blocked", "waiting", "finished"):
+        outcome.setdefault(key, [])
     units: list[Unit] = []
-    extraction: dict[str, Unit | None] = {}
+    extraction: dict[str, "Unit | None | bool"] = {}
     baselines: dict = {}
     complete: dict[str, list[str]] = {}
+    stages = enabled_stages(spec)
     for pair in pair_order(pending):
-        for aset in (pair.base, pair.finetuned):
-            if aset.prefix in extraction:
+        name = pair.pair.name
+        if not claim(pair.out_dir):
+            outcome["blocked"].append(pair)
+            outcome["waiting"].append(pair.out_dir)
+            continue
+        if leases is not None and check_pair(store, pair, stages) is None:
+            release(pair.out_dir)   # finished by another run since this run looked
+            outcome["finished"].append(pair)
+            continue
+        complete[name], todo = [], []
+        for stage in stages:
+            files, why = check_stage(store, pair, stage)
+            if files is not None:
+                complete[name].append(stage.name)
                 continue
-            if store.exists(layout.manifest(aset.prefix)):
-                log(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
-                extraction[aset.prefix] = None
-                continue
-            extraction[aset.prefix] = Unit(f"extract {aset.name}", "extract", (transformers(aset.source),),
-                                           subject=aset, group=pair.pair.name)
-            units.append(extraction[aset.prefix])
+            if why:
+                log(f"{name}: stage {stage.name}: {why}; running it again")
+            todo.append(stage)
+        sets: list[Unit] = []
+        if any(stage.name == "reduce" for stage in todo):
+            for aset in (pair.base, pair.finetuned):
+                if aset.prefix not in extraction:
+                    extraction[aset.prefix] = _set_unit(aset, store, claim, release, verified, log)
+                    if extraction[aset.prefix] is False:
+                        outcome["waiting"].append(aset.prefix)
+                    if extraction[aset.prefix]:
+                        extraction[aset.prefix].group = name
+                        units.append(extraction[aset.prefix])
+                if extraction[aset.prefix] is False:
+                    sets = None
+                    break
+                if extraction[aset.prefix]:
+                    sets.append(extraction[aset.prefix])
+        if sets is None:   # its activations are another run's work now: later
+            release(pair.out_dir)
+            del complete[name]
+            outcome["blocked"].append(pair)
+            continue
         mine: dict[str, Unit] = {}
-        complete[pair.pair.name] = []
-        for stage in enabled_stages(spec):
-            if all(store.exists(f"{pair.out_dir}/{name}") for name in stage.writes):
-                complete[pair.pair.name].append(stage.name)
-                continue
-            deps = [mine[name] for name in stage.after if name in mine]
+        for stage in todo:
+            deps = [mine[s] for s in stage.after if s in mine]
             if stage.name == "reduce":
-                deps += [u for u in (extraction[pair.base.prefix], extraction[pair.finetuned.prefix]) if u]
+                deps += sets
             if stage.name == "generate":
                 for source in baseline_sources(spec, pair):
                     if source not in baselines:
                         baselines[source] = Unit(f"baselines {vllm(source).label}", "baselines",
-                                                 (vllm(source),), subject=source, group=pair.pair.name)
+                                                 (vllm(source),), subject=source, group=name)
                         units.append(baselines[source])
                     deps.append(baselines[source])
-            mine[stage.name] = Unit(f"{stage.name} {pair.pair.name}", stage.name, stage.needs(spec, pair),
-                                    deps, subject=pair, pair=pair.pair.name, group=pair.pair.name)
+            mine[stage.name] = Unit(f"{stage.name} {name}", stage.name, stage.needs(spec, pair),
+                                    deps, subject=pair, pair=name, group=name)
             units.append(mine[stage.name])
     return units, complete
 
 
+def pending_pairs(plan: Plan, store: Store, log=log) -> list[PairPlan]:
+    """The pairs whose results are not complete (present and verified), saying why for
+    those whose manifest is there but does not verify."""
+    stages = enabled_stages(plan.spec)
+    pending = []
+    for pair in plan.pairs:
+        why = check_pair(store, pair, stages)
+        if why is None:
+            continue
+        if why:
+            log(f"{pair.pair.name}: {why}; redoing what does not verify")
+        pending.append(pair)
+    return pending
+
+
 def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     """Runs the job; returns the run record's key under the storage root. A pair that
-    fails is recorded (stats.failed, the status record) and does not stop the others."""
+    fails is recorded (stats.failed, the status record) and does not stop the others.
+    Work another run on the same root holds is waited for, then taken up if still needed."""
     stats = stats or RunStats()
     store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+    store.log = log
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
-    pending = [p for p in plan.pairs if not store.exists(layout.manifest(p.out_dir))]
+    pending = pending_pairs(plan, store)
     for pair in plan.pairs:
         if pair not in pending:
             log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
     status = JobStatus(store, plan, pending, pair_stages(spec), log)
     status.stats = stats
-    units, complete = job_units(spec, pending, store)
-    for name, stages in complete.items():
-        for stage in stages:
-            status.stage_skipped(name, stage)
     private = False
     backend = None
+    leases = Leases(store, spec.name, log)
     try:
-        if units:
-            private = ensure_ray(spec)
-            _stop_on_sigterm()
-            backend = RayBackend(plan, store, status, stats, log, grader=_llm_grader(spec))
-            scheduler = Scheduler(units, backend.requests, backend, log, _on_change(plan, units, store, status, stats))
-            try:
-                scheduler.run()
-            finally:
-                stats.reloads.extend((str(k), why) for k, why in scheduler.reloads)
-                stats.decisions, stats.max_alive = scheduler.decisions, scheduler.max_alive
-        for pair in pending:   # every stage complete from earlier runs: only the manifest was missing
-            if not any(u.pair == pair.pair.name for u in units):
-                _pair_done(store, pair, status, stats)
+        _stop_on_sigterm()   # a run waiting for another's work stops cleanly too
+        with leases:
+            todo = pending
+            while todo:
+                verified, outcome = {}, {}
+                units, complete = job_units(spec, todo, store, log, leases, verified, outcome)
+                for name, stages in complete.items():
+                    for stage in stages:
+                        status.stage_skipped(name, stage)
+                for pair in outcome["finished"]:
+                    log(f"{pair.pair.name}: results completed by another run")
+                    for stage in pair_stages(spec):
+                        status.stage_skipped(pair.pair.name, stage)
+                    status.pair_state(pair.pair.name, "done")
+                if units:
+                    private = ensure_ray(spec) or private
+                    _stop_on_sigterm()
+                    backend = RayBackend(plan, store, status, stats, log, grader=_llm_grader(spec),
+                                         verified=verified)
+                    scheduler = Scheduler(units, backend.requests, backend, log,
+                                          _on_change(plan, units, store, status, stats, leases))
+                    try:
+                        scheduler.run()
+                    finally:
+                        stats.reloads.extend((str(k), why) for k, why in scheduler.reloads)
+                        stats.decisions += scheduler.decisions
+                        stats.max_alive = max(stats.max_alive, scheduler.max_alive)
+                blocked = {p.out_dir for p in outcome["blocked"]}
+                for pair in todo:   # every stage complete from earlier runs: only the manifest was missing
+                    if pair.pair.name in complete and not any(u.pair == pair.pair.name for u in units):
+                        _pair_done(store, pair, status, stats, spec)
+                        leases.release(pair.out_dir)
+                leases.release_all()
+                todo = [p for p in todo if p.out_dir in blocked]
+                if todo:   # another run holds them, or the activations they need
+                    leases.wait(outcome["waiting"])
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         if interrupted:
@@ -226,6 +343,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     key = write_run_record(plan, store)
     status.catalog = write_catalog(store, key)
     status.finish()
+    if store.retries:
+        log(f"storage: {store.retries} retries in this run")
     return key
 
 
@@ -237,15 +356,18 @@ def _llm_grader(spec: JobSpec):
     return LocalActor(GraderService(make_grader(spec.grader)))
 
 
-def _pair_done(store: Store, pair: PairPlan, status: JobStatus, stats: RunStats) -> None:
-    pair_manifest(store, pair)
+def _pair_done(store: Store, pair: PairPlan, status: JobStatus, stats: RunStats, spec: JobSpec) -> None:
+    pair_manifest(store, pair, enabled_stages(spec))
     stats.add("pairs_reduced")
     status.pair_state(pair.pair.name, "done")
 
 
-def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, stats: RunStats):
+def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, stats: RunStats,
+               leases: Leases | None = None):
     """A pair's state follows its units: running with the first, failed with the first
-    failure, done (its manifest written) when the last is done."""
+    failure, done (its manifest written) when the last is done. Leases go back as soon
+    as their work has ended: an activation set's with its extraction, a pair's with the
+    last of its units."""
     pairs = {p.pair.name: p for p in plan.pairs}
     by_pair: dict[str, list[Unit]] = {}
     for u in units:
@@ -253,16 +375,22 @@ def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, s
             by_pair.setdefault(u.pair, []).append(u)
 
     def changed(unit: Unit) -> None:
+        if leases is not None and unit.kind == "extract" and unit.state in ("done", "failed"):
+            leases.release(unit.subject.prefix)
         name = unit.pair
-        if name is None or name in stats.failed:
+        if name is None:
             return
-        if unit.state == "running" and status.record["pairs"][name]["state"] == "pending":
-            status.pair_state(name, "running")
-        elif unit.state == "failed":
-            stats.failed[name] = unit.error
-            status.pair_state(name, "failed", unit.error)
-        elif unit.state == "done" and all(u.state == "done" for u in by_pair[name]):
-            _pair_done(store, pairs[name], status, stats)
+        ended = all(u.state in ("done", "failed") for u in by_pair[name])
+        if name not in stats.failed:
+            if unit.state == "running" and status.record["pairs"][name]["state"] == "pending":
+                status.pair_state(name, "running")
+            elif unit.state == "failed":
+                stats.failed[name] = unit.error
+                status.pair_state(name, "failed", unit.error)
+            elif unit.state == "done" and all(u.state == "done" for u in by_pair[name]):
+                _pair_done(store, pairs[name], status, stats, plan.spec)
+        if leases is not None and ended:
+            leases.release(pairs[name].out_dir)
     return changed
 
 

@@ -3,8 +3,9 @@
 jobs/scheduler.py decides which actors live and which units run; this module makes those
 decisions happen on Ray and is the one wrapper around every unit of work: it marks the
 status record (running, then done or failed with the error as one line), times it, logs
-it, and in a `finally` reports the unit's end to the scheduler, which then frees or
-releases the unit's actors.
+it, writes a pair stage's marker when the stage returned (the digests of every file it
+wrote: what makes it complete), and in a `finally` reports the unit's end to the
+scheduler, which then frees or releases the unit's actors.
 
 An actor is pinned (softly: if its node dies, Ray restarts it elsewhere) to the node the
 scheduler packed it on, asks Ray for exactly the resources the scheduler counted, and is
@@ -72,10 +73,12 @@ class ActorRequests:
 
 
 class RayBackend:
-    def __init__(self, plan: Plan, store: Store, status: JobStatus, stats, log, grader=None):
+    def __init__(self, plan: Plan, store: Store, status: JobStatus, stats, log, grader=None,
+                 verified: dict | None = None):
         self.plan, self.spec, self.store, self.status, self.stats, self.log = \
             plan, plan.spec, store, status, stats, log
         self.grader = grader                  # an LLM grader in the driver (LocalActor), or None
+        self.verified = verified if verified is not None else {}   # set prefix -> {shard: digest} checked
         self.requests = ActorRequests(plan)
         self.baselines: dict = {}             # ModelSource -> that model's baseline results
         self.handles: dict[int, tuple] = {}   # id(handle) -> (key, handle): the live actors
@@ -165,9 +168,7 @@ class RayBackend:
                 self.baselines[unit.subject] = run_baselines(self.spec, unit.subject, engine, self.log)
             else:
                 with self.status.stage(unit.pair, unit.kind):
-                    self._stages[unit.kind].run(StageRun(
-                        self._pairs[unit.pair], self.spec, self.store, actors, self.log, self.grader, self.baselines,
-                        spend=lambda usage, u=unit: self.status.llm_spend(u.pair, u.kind, usage)))
+                    self._stage(unit, actors)
         except BaseException as e:
             error = describe(e)
             if unit.kind == "extract":
@@ -179,6 +180,21 @@ class RayBackend:
             self.status.unit_ended(unit.name, unit.kind, seconds, error)
             self._events.put((unit, error))
 
+    def _stage(self, unit: Unit, actors: dict) -> None:
+        """A pair's stage, then its marker: the digests of every file it wrote in the
+        pair's folder (what makes it complete; jobs/integrity.py check_stage)."""
+        stage, pair = self._stages[unit.kind], self._pairs[unit.pair]
+        store = self.store.session(record=True)
+        stage.run(StageRun(pair, self.spec, store, actors, self.log, self.grader, self.baselines,
+                           spend=lambda usage: self.status.llm_spend(unit.pair, unit.kind, usage)))
+        folder = pair.out_dir.strip("/") + "/"
+        files = {key[len(folder):]: d for key, d in store.written.items() if key.startswith(folder)}
+        missing = [name for name in stage.writes if name not in files]
+        if missing:
+            raise RuntimeError(f"{stage.name}: the stage wrote no {', '.join(missing)}")
+        store.write_json(layout.stage_marker(pair.out_dir, stage.name), {"stage": stage.name, "files": files})
+        self.stats.add("stages_run")
+
     def _extract(self, unit: Unit, actors: dict) -> None:
         aset = unit.subject
         self.status.set_state(aset.prefix, "running")
@@ -188,15 +204,20 @@ class RayBackend:
                 with self.stats._lock:
                     self.stats.gpu_ids.extend(marker["gpu_ids"])
                 self.status.shards(aset.prefix, finished)
-            extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard)
+            extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard,
+                    verified=self.verified.get(aset.prefix))
         except BaseException as e:
             self.status.set_state(aset.prefix, "failed", describe(e))
             raise
         self.status.set_state(aset.prefix, "done")
 
 
-def pair_manifest(store: Store, pair) -> None:
-    """Written last: marks the pair's results complete."""
+def pair_manifest(store: Store, pair, stages) -> None:
+    """Written last: marks the pair's results complete, listing every file its stages
+    wrote with its digest (from the stage markers, complete and verified by now)."""
+    files = {}
+    for stage in stages:
+        files.update(store.read_json(layout.stage_marker(pair.out_dir, stage.name))["files"])
     store.write_json(layout.manifest(pair.out_dir), {
         "pair": pair.pair.name, "layers": list(pair.layers),
-        "base": pair.base.prefix, "finetuned": pair.finetuned.prefix})
+        "base": pair.base.prefix, "finetuned": pair.finetuned.prefix, "files": files})

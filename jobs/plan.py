@@ -5,6 +5,7 @@ with the inputs is found here, before anything is written.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -166,6 +167,18 @@ def agent_identity(spec: JobSpec, pair: Pair) -> dict:
     settings["grader"] = {k: v for k, v in settings["grader"].items() if k != "api_key_env"}
     return {**settings, "description": pair.description, "organism_type": pair.organism_type}
 
+def check_grader_key(spec: JobSpec) -> None:
+    """A grader the job will use (an LLM grader, with generation or analyses) whose spec
+    names `api_key_env` needs that variable set: without it every request would fail.
+    (Without api_key_env, $OPENAI_API_KEY is sent if set, else no key: local servers need none.)"""
+    grader = spec.grader or {}
+    if grader.get("kind") != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
+        return
+    name = grader.get("api_key_env")
+    if name is not None and not os.environ.get(name):
+        raise PlanError(f"grader.api_key_env: the environment variable {name} is not set "
+                        f"(it must hold the grader's API key)")
+
 
 def make_plan(spec: JobSpec) -> Plan:
     s3 = s3_options(spec)
@@ -174,6 +187,7 @@ def make_plan(spec: JobSpec) -> Plan:
     documents: dict[str, Documents] = {}     # by tokenizer identity
     sets: dict[str, ActivationSet] = {}
     pairs = []
+    check_grader_key(spec)
     check_ray_address(spec)
     for i, pair in enumerate(spec.pairs):
         where = f"pairs[{i}]"

@@ -2,6 +2,11 @@
 enables it, the stages it comes after, the model actors it needs, and one run function
 taking a StageRun. Adding a stage is one function and one entry in PAIR_STAGES.
 
+A run function writes through ctx.store and reads earlier stages' tables through
+ctx.read_table (checked against the digests their markers record); the executor writes
+the stage's marker when it returns. A stage whose work failed raises: no marker, so the
+rerun does it again.
+
 Two kinds of work are not a pair's: an activation set's extraction and a model's
 baseline generations (shared by every pair that uses the set or the model). They are
 units of the same scheduler (jobs/scheduler.py) with their own functions here.
@@ -89,6 +94,22 @@ class StageRun:
     def path(self, name: str) -> str:
         return f"{self.pair.out_dir}/{name}"
 
+    def read_table(self, name: str, columns: list[str] | None = None):
+        """A table of this pair's folder that an earlier stage wrote, checked against the
+        digest that stage's marker records (storage.store.IntegrityError if it differs)."""
+        from jobs.integrity import read_record
+        digest = None
+        for stage in PAIR_STAGES:
+            marker, _ = read_record(self.store, layout.stage_marker(self.pair.out_dir, stage.name))
+            files = marker.get("files") if marker else None
+            if isinstance(files, dict) and name in files:
+                digest = files[name]
+                break
+        if digest is None:
+            from storage.store import IntegrityError
+            raise IntegrityError(f"{self.store.uri(self.path(name))}: no stage marker of the pair records it")
+        return self.store.read_table(self.path(name), columns=columns, digest=digest)
+
 
 class LocalActor:
     """A driver-side object called like a Ray actor handle: `handle.method.remote(...)`
@@ -107,7 +128,8 @@ class LocalActor:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    writes: tuple[str, ...]                          # in the pair's folder; all present: done
+    writes: tuple[str, ...]                          # in the pair's folder; complete when the stage's
+                                                     # marker lists them all and they verify
     enabled: Callable[[JobSpec], bool]
     after: tuple[str, ...]                           # stages of the same pair it reads
     needs: Callable[[JobSpec, PairPlan], tuple[ModelKey, ...]]
@@ -115,24 +137,42 @@ class Stage:
 
 
 # -- reduce --------------------------------------------------------------------------------
+def _shard_sums(store: Store, *args, **kwargs):
+    """workers.reduce.shard_sums in a task, with the storage retries it needed."""
+    from workers.reduce import shard_sums
+    return shard_sums(store, *args, **kwargs), store.retries
+
+
 def reduce_pair(ctx: StageRun) -> None:
     import ray
     from safetensors.numpy import save as save_safetensors
-    from workers.reduce import finish, shard_sums
+    from workers.reduce import finish
     pair, spec = ctx.pair, ctx.spec
     shards = pair.base.documents.num_shards
+    # Every shard is checked against the digest its set's manifest records before it is read.
+    listed = [ctx.store.read_json(layout.manifest(a.prefix)).get("files") or {} for a in (pair.base, pair.finetuned)]
+    unlisted = [f"{a.prefix}/{layout.shard_name(i)}" for a, files in zip((pair.base, pair.finetuned), listed)
+                for i in range(shards) if layout.shard_name(i) not in files]
+    if unlisted:
+        from storage.store import IntegrityError
+        raise IntegrityError(f"{ctx.store.uri(unlisted[0])}: its set's manifest records no digest for it")
     ctx.log(f"{pair.pair.name}: reducing {shards} shards")
     # No CPUs asked: model actors may hold every CPU of a small cluster, and these tasks
     # are short reads and sums that must never wait for them.
-    remote = ray.remote(num_cpus=0)(shard_sums)
+    remote = ray.remote(num_cpus=0)(_shard_sums)
     todo, futures, total = deque(range(shards)), [], None
     while todo or futures:   # merge as partial sums arrive, in any order
         while todo and len(futures) < REDUCE_IN_FLIGHT:
-            futures.append(remote.remote(ctx.store, pair.base.prefix, pair.finetuned.prefix, todo.popleft(),
+            i = todo.popleft()
+            futures.append(remote.remote(ctx.store, pair.base.prefix, pair.finetuned.prefix, i,
                                          list(pair.layers), spec.method.tokens_per_document,
-                                         spec.method.norm_skip_positions))
+                                         spec.method.norm_skip_positions,
+                                         tuple(files.get(layout.shard_name(i)) for files in listed)))
         ready, futures = ray.wait(futures, num_returns=1)
-        part = ray.get(ready[0])
+        part, retries = ray.get(ready[0])
+        if retries:
+            ctx.log(f"{pair.pair.name}: a reduce task needed {retries} storage retries")
+            ctx.store.counted(retries)
         total = part if total is None else total + part
     result = finish(total)
     meta = {"adl.pair": pair.pair.name, "adl.base": pair.base.prefix, "adl.finetuned": pair.finetuned.prefix}
@@ -151,7 +191,7 @@ def logit_lens(ctx: StageRun) -> None:
     import ray
     from workers.lens import VARIANTS
     pair, spec = ctx.pair, ctx.spec
-    table = ctx.store.read_table(ctx.path(layout.DIFFERENCE))
+    table = ctx.read_table(layout.DIFFERENCE)
     layers = table.column("layer").to_numpy()
     positions = table.column("position").to_numpy()
     vectors = {name: decode_vectors(table.column(name), "float64") for name in
@@ -190,7 +230,7 @@ def generate(ctx: StageRun) -> None:
     rows = [row for role in gen.baseline_models
             for row in baseline_rows(pair.pair.name, role, gen, ctx.baselines[getattr(pair.pair, role)],
                                      getattr(pair.pair, role))]
-    difference = ctx.store.read_table(ctx.path(layout.DIFFERENCE)).to_pandas()
+    difference = ctx.read_table(layout.DIFFERENCE).to_pandas()
     steered = steer(pair.pair.name, spec, difference, ctx.model("vllm", pair.pair.finetuned),
                     ctx.grader_handle(), ctx.log)
     ctx.store.write_table(ctx.path(layout.GENERATIONS), generations_table(rows + steered.rows),
@@ -199,13 +239,23 @@ def generate(ctx: StageRun) -> None:
 
 
 # -- extraction (an activation set's unit) -------------------------------------------------
-def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_shard=None) -> int:
-    """Every missing shard of the set through its model's actor, SHARDS_IN_FLIGHT at a
-    time; then the set's manifest. Returns the shards extracted."""
+def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_shard=None,
+            verified: dict | None = None) -> int:
+    """Every shard of the set that is not present and verified through its model's actor,
+    SHARDS_IN_FLIGHT at a time; then the set's manifest, with every shard's digest.
+    verified: {shard index: digest} already checked in this run (jobs/integrity.py);
+    None checks them here. Returns the shards extracted."""
     import ray
+    from jobs.integrity import check_set, set_manifest
     docs = aset.documents
-    done = {k for k in store.list(aset.prefix) if k.endswith(".done.json")}
-    todo = deque(i for i in range(docs.num_shards) if layout.shard_marker(aset.prefix, i) not in done)
+    if verified is None:
+        check = check_set(store, aset)
+        for index, why in sorted(check.problems.items()):
+            if why:
+                log(f"{aset.name}: shard {index} {why}; extracting it again")
+        verified = check.good
+    digests = dict(verified)
+    todo = deque(i for i in range(docs.num_shards) if i not in digests)
     if todo:
         log(f"{aset.name}: extracting layers {list(aset.layers)} from {len(docs.doc_ids)} documents "
             f"({len(todo)} of {docs.num_shards} shards to do)")
@@ -239,13 +289,16 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_sh
         submit()
         finished += 1
         extracted += 1
+        digests[marker["shard"]] = marker["digest"]
         if on_shard:
             on_shard(finished, marker)
+        retries = marker.get("storage_retries", 0)
+        if retries:
+            store.counted(retries)
         log(f"{aset.name}: shard {marker['shard']} done ({finished}/{docs.num_shards}, "
-            f"{marker['documents']} documents in {marker['seconds']:.1f} s)")
-    store.write_json(layout.manifest(aset.prefix), {
-        "identity": aset.identity, "layers": list(aset.layers), "shards": docs.num_shards,
-        "documents": int(len(docs.doc_ids)), "documents_read": docs.read, "documents_dropped": docs.dropped})
+            f"{marker['documents']} documents in {marker['seconds']:.1f} s"
+            + (f", {retries} storage retries" if retries else "") + ")")
+    store.write_json(layout.manifest(aset.prefix), set_manifest(aset, digests))
     return extracted
 
 

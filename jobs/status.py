@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from jobs.redact import redact
 from storage import layout
 from storage.store import Store
 
@@ -29,7 +30,12 @@ def _now() -> str:
 
 
 def describe(error: BaseException) -> str:
-    """An exception as one line: Ray's wrappers unwrapped, the last line of a traceback."""
+    """An exception as one line: Ray's wrappers unwrapped, the last line of a traceback,
+    credentials masked (jobs/redact.py)."""
+    return redact(_describe(error))
+
+
+def _describe(error: BaseException) -> str:
     while getattr(error, "cause", None) is not None and error.cause is not error:
         error = error.cause
     text = str(error).strip()

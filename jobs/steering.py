@@ -175,6 +175,11 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
         log(f"{pair_name}: steering search, {len(batch)} strengths x {search.samples} samples")
         results = ray.get(engine.generate.remote(requests))
         judgements = ray.get(grader.coherence.remote([r.text for r in results]))
+        if judgements and not any(j.ok for j in judgements):
+            from workers.graders import GradingFailed
+            error = next(j.error for j in judgements)
+            raise GradingFailed(f"generate: the grader judged none of the {len(judgements)} samples of a "
+                                f"steering search round: {error}")
         mine = [[] for _ in batch]
         for r, j in zip(results, judgements):
             mine[_sample_of(owners, r)].append(j)
@@ -182,7 +187,8 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
         for t, trial in enumerate(mine):
             graded = [j for j in trial if j.ok]
             fraction = sum(bool(j.value) for j in graded) / len(trial)
-            # Samples the grader failed on count as not coherent: never a silent pass.
+            # Samples the grader failed on count as not coherent: never a silent pass (a
+            # round in which it judged none fails the stage, above).
             outcome.append((fraction, fraction >= search.pass_fraction, len(graded), {"seeds": seeds[t]}))
         return outcome
 

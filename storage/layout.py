@@ -1,8 +1,8 @@
 """Where things live under a storage root, and the manifests that mark them complete.
 
     activations/<set>/shard-00000.parquet      activations of one model on one corpus
-    activations/<set>/shard-00000.done.json    that shard's completion marker (written last)
-    activations/<set>/manifest.json            the whole set is complete (written last)
+    activations/<set>/shard-00000.done.json    that shard's marker, with its digest (written last)
+    activations/<set>/manifest.json            the whole set is complete: every shard's digest (last)
     pairs/<pair>/difference.parquet            per (layer, position) means and delta
     pairs/<pair>/difference.safetensors        the same vectors for other tools
     pairs/<pair>/logit_lens.parquet            top tokens of delta, -delta and the means
@@ -13,8 +13,11 @@
     pairs/<pair>/token_relevance.json          the relevance stage's status and metrics (last)
     pairs/<pair>/similarity.parquet            embedding similarity of text sets
     pairs/<pair>/agent/<agent>-b<budget>-r<run>.json   one interpretability-agent run's transcript
-    pairs/<pair>/agent.parquet                 every agent run's description and grades (last)
-    pairs/<pair>/manifest.json                 the pair's results are complete
+    pairs/<pair>/agent.parquet                 every agent run's description and grades
+    pairs/<pair>/<stage>.done.json             a stage's marker: the digests of what it wrote (last)
+    pairs/<pair>/manifest.json                 the pair's results are complete: every file's digest
+    leases/activations/<set>/<n>.json          who is extracting the set now (jobs/leases.py)
+    leases/pairs/<pair>/<n>.json               who is running the pair now
     runs/<job>/run.json                        what a job ran and where its results are
     runs/<job>/report.html                     the analysts' page (`adl report`)
     runs/<job>/status.json                     the job's progress, rewritten as it runs
@@ -23,7 +26,8 @@
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
 there. A marker or manifest is written only after the data it describes, so whatever
-a crash leaves behind is either complete or invisible to a rerun.
+a crash leaves behind is either complete or invisible to a rerun; and it records each
+file's digest (size and CRC-32, storage/store.py), so a file changed since is found out.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import hashlib
 import json
 import re
 
-LAYOUT_VERSION = 1
+# 2: markers and manifests carry digests; stage markers; leases.
+LAYOUT_VERSION = 2
 
 
 def content_key(identity: dict) -> str:
@@ -48,11 +53,25 @@ def activation_set(name: str, identity: dict) -> str:
 
 
 def shard(set_prefix: str, index: int) -> str:
-    return f"{set_prefix}/shard-{index:05d}.parquet"
+    return f"{set_prefix}/{shard_name(index)}"
 
 
 def shard_marker(set_prefix: str, index: int) -> str:
     return f"{set_prefix}/shard-{index:05d}.done.json"
+
+
+def shard_name(index: int) -> str:
+    """A shard's file name within its set (as manifests list it)."""
+    return f"shard-{index:05d}.parquet"
+
+
+def stage_marker(pair_prefix: str, stage: str) -> str:
+    return f"{pair_prefix}/{stage}.done.json"
+
+
+def lease(prefix: str) -> str:
+    """The folder of the leases on an activation set's or a pair's work."""
+    return f"leases/{prefix}"
 
 
 def pair_dir(name: str, identity: dict) -> str:

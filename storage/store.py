@@ -4,16 +4,32 @@ Every write is atomic: a reader sees a whole object or none. Locally that is a w
 to a temporary sibling and a rename; on S3 the object is uploaded in one piece from
 memory, and a single PUT (or a completed multipart upload) appears atomically, so a
 killed writer leaves nothing visible.
+
+Every write returns the object's digest, `{"size": bytes, "crc32": "8 hex digits"}` (zlib's
+CRC-32 of exactly the bytes written), which markers and manifests record; `read_verified`,
+`read_table(..., digest=)` and `verify` check an object against one (IntegrityError names
+the object and what differs). `create_exclusive` writes an object only if none exists
+(O_EXCL-like locally, `If-None-Match: *` on S3): the primitive of jobs/leases.py.
+
+On S3 every request that fails transiently (5xx, SlowDown, a dropped or stalled
+connection) is retried here, up to STORAGE_ATTEMPTS times with exponential back-off and
+bounded timeouts; each retry is counted (`retries`) and, where the store has a `log`,
+logged. pyarrow's and boto3's own retries are off or counted, so every retry shows.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,9 +50,47 @@ PSEUDO_FILESYSTEMS = ("/proc", "/sys")
 # pyarrow's words for a file without Parquet's footer (garbage, truncated, empty).
 NOT_PARQUET = "Could not open Parquet input source"
 
+# S3 requests: attempts per operation (the first and up to 5 retries), back-off between
+# them (base x 2^k, jittered, capped), and timeouts that bound a stalled connection.
+STORAGE_ATTEMPTS = 6
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 5.0
+CONNECT_TIMEOUT_S = 3
+REQUEST_TIMEOUT_S = 30
+# What the AWS SDK (through pyarrow) says about a failure worth retrying: server errors,
+# throttling, and connections that broke (curl 18: partial body, 28: timeout, 52: empty
+# reply, 55/56: send/receive failure). curl 7 (connection refused) only outside check().
+TRANSIENT = re.compile(r"AWS Error (INTERNAL_FAILURE|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|REQUEST_TIMEOUT"
+                       r"|NETWORK_CONNECTION)|HTTP status 5\d\d|curlCode: (18|28|52|55|56)\b")
+REFUSED = re.compile(r"curlCode: 7\b")
+
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class IntegrityError(StorageError):
+    """An object that is missing or does not match the digest its marker or manifest
+    recorded (truncated, corrupted, or another object put in its place)."""
+
+
+def digest_of(data) -> dict:
+    """The digest recorded for an object: its size and the CRC-32 of its bytes."""
+    return {"size": len(memoryview(data).cast("B")), "crc32": f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"}
+
+
+def mismatch(data, expected) -> str | None:
+    """Why data does not match the digest expected (None: it does)."""
+    if not isinstance(expected, dict) or not isinstance(expected.get("size"), int) \
+            or not isinstance(expected.get("crc32"), str):
+        return f"no valid digest recorded for it ({expected!r})"
+    size = len(memoryview(data).cast("B"))
+    if size != expected["size"]:
+        return f"{size} bytes, {expected['size']} recorded (truncated or replaced)"
+    crc = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    if crc != expected["crc32"]:
+        return f"crc32 {crc}, {expected['crc32']} recorded (corrupted or replaced)"
+    return None
 
 
 class Store:
@@ -55,10 +109,27 @@ class Store:
         else:
             self._base = str(Path(os.path.expanduser(self.root)).resolve())
         self._fs: pafs.FileSystem | None = None
+        self._client = None
+        self.log = None            # where retries are reported (the driver sets it); None: counted only
+        self.retries = 0           # S3 requests retried through this store
+        self.written: dict | None = None   # key -> digest of every write, in a session(record=True)
+        self._counter = threading.Lock()
+        self._parent: "Store | None" = None   # a session counts its retries in its store too
 
     # Ray ships a Store to workers: send its configuration, not its live connection.
     def __reduce__(self):
         return (Store, (self.root, self.endpoint_url, self.region))
+
+    def session(self, record: bool = False) -> "Store":
+        """The same store (sharing its connection and log) with its own retry count and,
+        with record, a record of what it writes (`written`: key -> digest)."""
+        other = copy.copy(self)
+        other._fs = self.fs
+        other.retries = 0
+        other.written = {} if record else None
+        other._counter = threading.Lock()
+        other._parent = self
+        return other
 
     def __repr__(self) -> str:
         return f"Store({self.uri()!r})"
@@ -72,8 +143,11 @@ class Store:
     def _make_fs(self) -> pafs.FileSystem:
         if not self.is_s3:
             return pafs.LocalFileSystem()
-        kwargs: dict = dict(connect_timeout=3, request_timeout=30,
-                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+        # One attempt per call: retries are this class's (counted and logged).
+        # allow_delayed_open: an object that fits one part is one PUT, not a multipart upload.
+        kwargs: dict = dict(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+                            allow_delayed_open=True)
         if self.region:
             kwargs["region"] = self.region
         if self.endpoint_url:
@@ -82,6 +156,55 @@ class Store:
             kwargs["scheme"] = scheme or "https"
         # Credentials come from the usual AWS chain (environment, profile, instance role).
         return pafs.S3FileSystem(**kwargs)
+
+    def _s3(self):
+        """A boto3 client for what pyarrow cannot do (conditional PUT); its own retries
+        are counted from each response."""
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                config=Config(retries={"mode": "standard", "max_attempts": STORAGE_ATTEMPTS},
+                              connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S))
+        return self._client
+
+    def _bucket_key(self, key: str) -> tuple[str, str]:
+        bucket, _, rest = self._path(key).partition("/")
+        return bucket, rest
+
+    # -- retries ----------------------------------------------------------------------
+    def counted(self, n: int) -> int:
+        """Adds n retries (made elsewhere, e.g. by a worker's copy of this store, and
+        logged there) to this store's count and its parents'; returns the outermost total."""
+        with self._counter:
+            self.retries += n
+            total = self.retries
+        return self._parent.counted(n) if self._parent is not None else total
+
+    def _count(self, n: int, what: str, key: str, why: str) -> None:
+        total = self.counted(n)
+        if self.log is not None:
+            self.log(f"storage: {what} {self.uri(key)}: {why} [{total} storage retries so far]")
+
+    def _retrying(self, what: str, key: str, fn, refused_is_transient: bool = True):
+        """fn() with S3's transient failures retried (local storage: no retries)."""
+        if not self.is_s3:
+            return fn()
+        for attempt in range(1, STORAGE_ATTEMPTS + 1):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                text = str(e)
+                transient = TRANSIENT.search(text) and (refused_is_transient or not REFUSED.search(text))
+                if attempt == STORAGE_ATTEMPTS or not transient:
+                    raise
+                delay = min(BACKOFF_BASE_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * (0.5 + 0.5 * random.random())
+                self._count(1, what, key, f"attempt {attempt} of {STORAGE_ATTEMPTS} failed "
+                                          f"({_first_line(e)}); retrying in {delay:.1f} s")
+                time.sleep(delay)
 
     def child(self, prefix: str) -> "Store":
         """The store rooted at a sub-prefix (same endpoint)."""
@@ -103,7 +226,8 @@ class Store:
         try:
             if self.is_s3:
                 bucket = self._base.split("/", 1)[0]
-                info = self.fs.get_file_info(bucket)
+                info = self._retrying("checking", "", lambda: self.fs.get_file_info(bucket),
+                                      refused_is_transient=False)
                 if info.type == pafs.FileType.NotFound:
                     raise StorageError(f"storage.root: bucket {bucket!r} does not exist ({self.uri()})")
             else:
@@ -137,15 +261,50 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return self.fs.get_file_info(self._path(key)).type == pafs.FileType.File
+        info = self._retrying("looking up", key, lambda: self.fs.get_file_info(self._path(key)))
+        return info.type == pafs.FileType.File
+
+    def read_buffer(self, key: str) -> pa.Buffer:
+        """The object's bytes as an Arrow buffer (no copy into Python bytes)."""
+        def read():   # a random-access file reads in one piece (a stream copies in chunks)
+            with self.fs.open_input_file(self._path(key)) as f:
+                return f.read_buffer()
+        return self._retrying("reading", key, read)
 
     def read_bytes(self, key: str) -> bytes:
-        with self.fs.open_input_stream(self._path(key)) as f:
-            return f.read()
+        return self.read_buffer(key).to_pybytes()
 
-    def read_json(self, key: str):
-        """The file's JSON value; a file that is not JSON is a StorageError naming it."""
-        data = self.read_bytes(key)
+    def _checked(self, key: str, digest: dict):
+        """(bytes, None) when the object matches digest, else (None, why). On S3 a mismatch
+        is read once more before it counts: a transfer can break too."""
+        for attempt in (1, 2):
+            try:
+                data = self.read_buffer(key)
+            except FileNotFoundError:
+                return None, "missing"
+            why = mismatch(data, digest)
+            if why is None:
+                return data, None
+            if not self.is_s3 or attempt == 2:
+                return None, why
+            self._count(1, "verifying", key, f"{why}; reading it again")
+
+    def read_verified(self, key: str, digest: dict) -> pa.Buffer:
+        """The object's bytes, checked against the digest recorded for it; IntegrityError
+        (naming the object and what differs) when it is missing or does not match."""
+        data, why = self._checked(key, digest)
+        if why is not None:
+            raise IntegrityError(f"{self.uri(key)}: {why}")
+        return data
+
+    def verify(self, key: str, digest: dict) -> str | None:
+        """Why the object does not match digest (None: it does), read in full."""
+        return self._checked(key, digest)[1]
+
+    def read_json(self, key: str, digest: dict | None = None):
+        """The file's JSON value; a file that is not JSON is a StorageError naming it
+        (with digest, checked first: IntegrityError)."""
+        data = (self.read_verified(key, digest) if digest is not None else self.read_buffer(key)).to_pybytes()
         try:
             return json.loads(data)
         except UnicodeDecodeError:
@@ -157,37 +316,55 @@ class Store:
     def read_json_or_none(self, key: str):
         return self.read_json(key) if self.exists(key) else None
 
-    def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, key: str, columns: list[str] | None = None, digest: dict | None = None) -> pa.Table:
         """The Parquet table; a file that is not one (or lacks the columns) is a
-        StorageError naming it."""
+        StorageError naming it. With digest, the bytes are checked first (IntegrityError)."""
+        data = self.read_verified(key, digest) if digest is not None else self.read_buffer(key)
         try:
-            return pq.read_table(self._path(key), filesystem=self.fs, columns=columns)
+            return pq.read_table(pa.BufferReader(data), columns=columns)
         except pa.ArrowInvalid as e:
             if NOT_PARQUET in str(e):
                 raise StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or "
                                    f"another format)") from None
             raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {_first_line(e)}") from None
 
+    def _infos(self, prefix: str):
+        sel = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
+        return self._retrying("listing", prefix, lambda: self.fs.get_file_info(sel))
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all files under prefix (recursive), sorted; [] if there are none."""
-        sel = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
         start = len(self._base) + 1
-        return sorted(i.path[start:] for i in self.fs.get_file_info(sel)
+        return sorted(i.path[start:] for i in self._infos(prefix)
                       if i.type == pafs.FileType.File and ".tmp-" not in i.base_name)
 
     def listing(self, prefix: str = "") -> list[tuple[str, int, int]]:
         """(key, size, mtime_ns) of files under prefix: enough to fingerprint a folder."""
-        sel = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
         start = len(self._base) + 1
-        return sorted((i.path[start:], i.size, i.mtime_ns or 0) for i in self.fs.get_file_info(sel)
+        return sorted((i.path[start:], i.size, i.mtime_ns or 0) for i in self._infos(prefix)
                       if i.type == pafs.FileType.File)
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size} of the files under prefix, from one listing."""
+        return {key: size for key, size, _ in self.listing(prefix) if ".tmp-" not in key.rpartition("/")[2]}
+
     # -- writing ----------------------------------------------------------------------
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes) -> dict:
+        """Writes the object atomically; returns its digest (recorded in a session)."""
+        digest = digest_of(data)
+        self._write(key, data)
+        if self.written is not None:
+            with self._counter:
+                self.written[key.strip("/")] = digest
+        return digest
+
+    def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
         if self.is_s3:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+            def upload():
+                with self.fs.open_output_stream(path) as f:
+                    f.write(data)
+            self._retrying("writing", key, upload)
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -201,17 +378,71 @@ class Store:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def write_json(self, key: str, obj) -> None:
-        self.write_bytes(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    def write_json(self, key: str, obj) -> dict:
+        return self.write_bytes(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
-    def write_table(self, key: str, table: pa.Table, **parquet_options) -> None:
+    def write_table(self, key: str, table: pa.Table, **parquet_options) -> dict:
         buf = io.BytesIO()
         pq.write_table(table, buf, **parquet_options)
-        self.write_bytes(key, buf.getvalue())
+        return self.write_bytes(key, buf.getvalue())
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Writes the object only if no object has that key (whole, atomically); False when
+        one exists. Locally a hard link of a complete temporary file (fails if the name is
+        taken); on S3 `PUT` with `If-None-Match: *` (412 when the key exists). A retried PUT
+        whose first attempt did land also gets 412: callers tell theirs by its content."""
+        path = self._path(key)
+        if self.is_s3:
+            from botocore.exceptions import BotoCoreError, ClientError
+            bucket, name = self._bucket_key(key)
+            try:
+                response = self._s3().put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
+                meta = response.get("ResponseMetadata", {})
+                created = True
+            except BotoCoreError as e:   # the endpoint did not answer, after boto3's retries
+                raise StorageError(f"{self.uri(key)}: cannot create: {_first_line(e)}") from None
+            except ClientError as e:
+                meta = e.response.get("ResponseMetadata", {})
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if meta.get("HTTPStatusCode") not in (409, 412) and code not in (
+                        "PreconditionFailed", "ConditionalRequestConflict"):
+                    raise StorageError(f"{self.uri(key)}: cannot create: {_first_line(e)}") from None
+                created = False
+            if meta.get("RetryAttempts"):
+                self._count(meta["RetryAttempts"], "creating", key,
+                            f"boto3 retried the request {meta['RetryAttempts']} time(s)")
+            return created
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def delete(self, key: str) -> None:
+        """Removes the object if it exists."""
+        if not self.is_s3:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            self._retrying("deleting", key, lambda: self.fs.delete_file(self._path(key)))
+        except FileNotFoundError:
+            pass
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
-            self.fs.delete_file(self._path(key))
+            self.delete(key)
 
     def download_prefix(self, prefix: str, dest: Path) -> None:
         """Copy every file under prefix into the local folder dest (atomically, as a whole)."""

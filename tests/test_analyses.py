@@ -188,7 +188,8 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
     spec = parse_spec(raw)
     [plan] = make_plan(spec).pairs
     store = Store(str(tmp_path))
-    for name in (layout.LOGIT_LENS, layout.PATCHSCOPE):
+    for name in (layout.LOGIT_LENS, layout.PATCHSCOPE, layout.stage_marker("", "logit_lens").lstrip("/"),
+                 layout.stage_marker("", "patchscope").lstrip("/")):   # the tables, and what they verify by
         store.write_bytes(f"{plan.out_dir}/{name}", store0.read_bytes(f"{pair0['dir']}/{name}"))
 
     lists_seen = {}

@@ -60,7 +60,8 @@ class _State:
 
 
 class ChatServer:
-    def __init__(self):
+    def __init__(self, port: int = 0):
+        """On a free loopback port, or on `port` (an endpoint that comes back)."""
         self.lock = threading.Lock()
         self.state = _State(lambda body: answer("ANSWER: COHERENT"))
         server = self
@@ -110,7 +111,7 @@ class ChatServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

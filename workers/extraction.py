@@ -60,14 +60,17 @@ def stored_bits(acts, dtype: str) -> np.ndarray:
 
 def extract_shard(model, store: Store, set_prefix: str, layers: list[int], dtype: str, batch_size: int,
                   index: int, doc_ids: np.ndarray, token_ids: np.ndarray, forward_lock=None) -> dict:
-    """Writes one activation shard and then its marker (each write atomic, so a shard done
-    twice, by a retry or a restarted actor, is harmless). With forward_lock, only the
-    forwards hold it: the encode and write overlap the next call's forward."""
+    """Writes one activation shard and then its marker, which records the shard's digest
+    (size and CRC-32 of the bytes written; each write atomic, so a shard done twice, by a
+    retry or a restarted actor, is harmless). With forward_lock, only the forwards hold
+    it: the encode and write overlap the next call's forward. Returns the marker, with the
+    storage retries this call needed."""
     import contextlib
 
     import ray
     import torch
     start = time.perf_counter()
+    store = store.session()   # this call's own retry count (calls overlap)
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     device = model_device(model)
     with forward_lock or contextlib.nullcontext():
@@ -75,9 +78,9 @@ def extract_shard(model, store: Store, set_prefix: str, layers: list[int], dtype
                  for i in range(0, len(ids), batch_size)]
     acts = np.concatenate(parts)
     table = activation_table(doc_ids, layers, acts, dtype)
-    store.write_table(layout.shard(set_prefix, index), table, **ACTIVATION_PARQUET_OPTIONS)
-    marker = {"shard": index, "documents": int(len(doc_ids)), "rows": table.num_rows,
+    digest = store.write_table(layout.shard(set_prefix, index), table, **ACTIVATION_PARQUET_OPTIONS)
+    marker = {"shard": index, "documents": int(len(doc_ids)), "rows": table.num_rows, "digest": digest,
               "seconds": round(time.perf_counter() - start, 3),
               "gpu_ids": list(ray.get_gpu_ids()) if ray.is_initialized() else []}
     store.write_json(layout.shard_marker(set_prefix, index), marker)
-    return marker
+    return {**marker, "storage_retries": store.retries}

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
+from jobs.redact import redact, register
 from jobs.spec import DTYPES, SpecError
 
 
@@ -45,6 +46,11 @@ OFFLINE_RELEVANCE = ("token relevance needs an LLM grader (grader.kind: openai);
 
 class GraderError(RuntimeError):
     """A question this grader cannot answer at all (not a failure on one item)."""
+
+
+class GradingFailed(RuntimeError):
+    """A stage's grading failed as a whole (every judgement of it failed: an unreachable
+    or refusing endpoint): the stage fails, and its pair with it."""
 
 
 @dataclass(frozen=True)
@@ -480,8 +486,10 @@ class OpenAIGrader:
         self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.backoff_base_s = backoff_base_s
-        # Local servers need no key, so a missing variable just sends no header.
+        # Local servers need no key, so a missing variable just sends no header (a job
+        # whose spec names api_key_env does not start without it: jobs/plan.py).
         self._api_key = os.environ.get(api_key_env) or None
+        register(self._api_key)   # never shown: error text is masked (jobs/redact.py)
         self._slots = threading.BoundedSemaphore(concurrency)
         self._limiter = _RateLimiter(requests_per_second) if requests_per_second else None
         self._random = random.Random()
@@ -627,7 +635,8 @@ class OpenAIGrader:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     return response.read()
             except urllib.error.HTTPError as e:
-                detail = _one_line(e.read(300).decode("utf-8", "replace"))
+                # Masked before it is cut short, so that no piece of a key survives the cut.
+                detail = _one_line(redact(e.read(4096).decode("utf-8", "replace")))
                 if e.code == 429:
                     raise _Transient(f"HTTP 429: {detail}", _retry_after_s(e.headers)) from None
                 if e.code >= 500:
@@ -636,7 +645,7 @@ class OpenAIGrader:
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 # Timeouts (TimeoutError is an OSError), refused or dropped connections.
                 reason = getattr(e, "reason", None) or e
-                raise _Transient(f"{type(reason).__name__}: {reason}") from None
+                raise _Transient(redact(f"{type(reason).__name__}: {reason}")) from None
 
     @staticmethod
     def _content(body: bytes) -> str:

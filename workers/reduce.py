@@ -51,9 +51,14 @@ def _shard_sums(table, n_layers: int, n_pos: int, norm_skip: int | None):
 
 
 def shard_sums(store: Store, base_set: str, finetuned_set: str, index: int, layers: list[int],
-               n_pos: int, norm_skip: int) -> Sums:
-    base = store.read_table(layout.shard(base_set, index))
-    ft = store.read_table(layout.shard(finetuned_set, index))
+               n_pos: int, norm_skip: int, digests: tuple[dict, dict] | None) -> Sums:
+    """digests: the (base, finetuned) shard's digest as its set's manifest records it;
+    each shard is checked against it before it is read (storage.store.IntegrityError when
+    it is missing, truncated, corrupted or another shard). None reads them unchecked (the
+    benchmark's comparison only)."""
+    base_digest, ft_digest = digests if digests is not None else (None, None)
+    base = store.read_table(layout.shard(base_set, index), digest=base_digest)
+    ft = store.read_table(layout.shard(finetuned_set, index), digest=ft_digest)
     # Both sets come from the same tokenized documents, so rows must line up one to one.
     for name in ("doc_id", "layer", "position"):
         if not base.column(name).equals(ft.column(name)):
