@@ -4,7 +4,8 @@ one (a git revision, run from an exported copy), side by side in one run.
 
 Each run is `adl run` in its own process (its own private local Ray) on the demo pair
 with generations and the analyses, scaled down (--documents). Reported per executor:
-wall time (the process, Ray's start included) and CPU time of the driver process, the
+wall time (the process, Ray's start included) and CPU time of the driver process alone (Ray's
+workers are not its children), the
 sum of the units' own times from the status record (activation sets and pair stages;
 the new one's baselines units too), their ratio, and model loads.
 
@@ -79,7 +80,7 @@ def main() -> None:
             wall = common.median([r["wall"] for r in runs])
             cpu = common.median([r["cpu"] for r in runs])
             units = common.median([r["units"] for r in runs])
-            print(f"  {name:22s} wall {wall:6.1f} s (CPU {cpu:6.1f} s), units' own times {units:6.1f} s, "
+            print(f"  {name:22s} wall {wall:6.1f} s (driver process CPU {cpu:5.1f} s), units' own times {units:6.1f} s, "
                   f"wall / units {wall / units:4.2f}, model loads {runs[0]['loads']}")
         ours, before = (results[n] for n in trees)
         print(f"ratio: ours / before wall time = "
