@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from workers.graders import RateLimiter
+
 logger = logging.getLogger("adl.agent")
 
 AGENTS = ("adl", "blackbox")
@@ -300,21 +302,6 @@ class Reply:
     finish_reason: str | None = None
 
 
-class _RateLimiter:
-    """Requests start at least 1/rate apart."""
-
-    def __init__(self, rate: float):
-        self.interval, self._next, self._lock = 1.0 / rate, time.monotonic(), threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            time.sleep(start - now)
-
-
 class ChatEndpoint:
     """One OpenAI-compatible endpoint: the openai client (retries with back-off, honouring
     Retry-After, and timeouts), at most `concurrency` requests in flight whatever the
@@ -330,7 +317,7 @@ class ChatEndpoint:
         self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout_s)
         self.concurrency = concurrency
         self._slots = threading.BoundedSemaphore(concurrency)
-        self._limiter = _RateLimiter(requests_per_second) if requests_per_second else None
+        self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
         self._lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0

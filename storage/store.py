@@ -18,6 +18,7 @@ logged. pyarrow's and boto3's own retries are off or counted, so every retry sho
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -92,6 +93,23 @@ def mismatch(data, expected) -> str | None:
         return f"crc32 {crc}, {expected['crc32']} recorded (corrupted or replaced)"
     return None
 
+
+
+@contextlib.contextmanager
+def _synced_temp(path: str, data: bytes):
+    """data in a temporary file beside path, synced to disk (its folder made), removed
+    after the block: what an atomic local write renames or links into place."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 class Store:
     def __init__(self, root: str, endpoint_url: str | None = None, region: str | None = None):
@@ -366,17 +384,8 @@ class Store:
                     f.write(data)
             self._retrying("writing", key, upload)
             return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with _synced_temp(path, data) as tmp:
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def write_json(self, key: str, obj) -> dict:
         return self.write_bytes(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
@@ -412,20 +421,12 @@ class Store:
                 self._count(meta["RetryAttempts"], "creating", key,
                             f"boto3 retried the request {meta['RetryAttempts']} time(s)")
             return created
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with _synced_temp(path, data) as tmp:
+            try:
+                os.link(tmp, path)   # fails if path exists: the exclusive part
+                return True
+            except FileExistsError:
+                return False
 
     def delete(self, key: str) -> None:
         """Removes the object if it exists."""

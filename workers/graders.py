@@ -437,7 +437,7 @@ def _retry_after_s(headers) -> float | None:
         return None
 
 
-class _RateLimiter:
+class RateLimiter:
     """A token bucket holding one token, refilled at `rate` per second: requests start at
     least 1/rate apart, so no window of any length sees more than rate x length + 1."""
 
@@ -491,7 +491,7 @@ class OpenAIGrader:
         self._api_key = os.environ.get(api_key_env) or None
         register(self._api_key)   # never shown: error text is masked (jobs/redact.py)
         self._slots = threading.BoundedSemaphore(concurrency)
-        self._limiter = _RateLimiter(requests_per_second) if requests_per_second else None
+        self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
         self._random = random.Random()
 
     # -- the three questions --
