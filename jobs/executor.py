@@ -7,10 +7,11 @@ it, writes a pair stage's marker when the stage returned (the digests of every f
 wrote: what makes it complete), and in a `finally` reports the unit's end to the
 scheduler, which then frees or releases the unit's actors.
 
-An actor is pinned (softly: if its node dies, Ray restarts it elsewhere) to the node the
-scheduler packed it on, asks Ray for exactly the resources the scheduler counted, and is
-restarted by Ray with its calls retried if its process dies (every write is atomic, and
-every call is a pure function of its arguments, so a retried call gives the same result).
+An actor is pinned (softly) to the node the scheduler packed it on, asks Ray for exactly
+the resources the scheduler counted, and is restarted by Ray with its calls retried if its
+process dies (every write is atomic, and every call is a pure function of its arguments,
+so a retried call gives the same result). If its node dies, the scheduler ends it and runs
+its units again on a new actor that it packs itself.
 """
 from __future__ import annotations
 
@@ -123,10 +124,14 @@ class RayBackend:
         from workers.embedding import EmbeddingWorker
         return EmbeddingWorker, (spec.analyses.embedding_model, spec.analyses.embedding_batch_size), {}, {}
 
-    def release(self, key: ModelKey, handle) -> None:
+    def release(self, key: ModelKey, handle, lost: bool = False) -> None:
         import ray
-        self.log(f"releasing {key}")
         self.handles.pop(id(handle), None)
+        if lost:   # Ray may be restarting it elsewhere, outside the scheduler's accounting: end it first
+            ray.kill(handle, no_restart=True)
+            self.status.actors.ended(handle)
+            return
+        self.log(f"releasing {key}")
         self.status.actors.ended(handle)
         ray.kill(handle)
 
@@ -204,8 +209,10 @@ class RayBackend:
                 with self.stats._lock:
                     self.stats.gpu_ids.extend(marker["gpu_ids"])
                 self.status.shards(aset.prefix, finished)
+            # What was verified before the first run; a second run (its actor was lost)
+            # checks storage again, so the shards the first one wrote are kept.
             extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard,
-                    verified=self.verified.get(aset.prefix))
+                    verified=self.verified.pop(aset.prefix, None))
         except BaseException as e:
             self.status.set_state(aset.prefix, "failed", describe(e))
             raise

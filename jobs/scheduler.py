@@ -21,6 +21,9 @@ and depending on other units. The scheduler is model-centric and never holds and
   many pairs stays loaded while its pairs' work runs, and the earliest waiting unit can
   always start once what runs has ended: nothing waits for ever.
 - A load of a model that was released before is a reload: counted and logged with why.
+- An actor whose node left the cluster is lost: the backend ends it, and each unit that
+  was using it runs again (up to UNIT_ATTEMPTS times) once a new actor fits; every
+  unit's writes are atomic and pure, so a second run gives what the first would have.
 
 It knows nothing of Ray, models or storage: a Backend creates and releases actors and
 runs units. jobs/executor.py is the real one (Ray actors, a thread per unit); the
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 EPS = 1e-9
+UNIT_ATTEMPTS = 3   # runs of a unit whose actor was lost with its node
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class Unit:
     group_key: Any = None        # the scheduler's: group, or the unit alone
     state: str = "waiting"       # waiting, running, done, failed
     error: str | None = None
+    attempts: int = 0            # runs started
+    lost_actor: bool = False     # an actor of its current run was lost with its node
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ class LiveActor:
 class Backend(Protocol):
     def nodes(self) -> list[NodeResources]: ...
     def create(self, key: ModelKey, slot: Slot) -> Any: ...
-    def release(self, key: ModelKey, handle: Any) -> None: ...
+    def release(self, key: ModelKey, handle: Any, lost: bool = False) -> None:
+        """lost: its node left the cluster (end it before asking it anything)."""
     def start(self, unit: Unit, actors: dict[ModelKey, Any]) -> None: ...
     def wait(self) -> list[tuple[Unit, str | None]]:
         """Units that ended since the last call, with their error (None: done); may
@@ -175,6 +182,7 @@ class Scheduler:
         self.reloads: list[tuple[ModelKey, str]] = []
         self.released: set[ModelKey] = set()
         self.decisions: list[tuple] = []         # ("create", key, unit) / ("release", key, why) / ("start", unit)
+                                                 # / ("lost", key, node)
         self.max_alive = 0
         self._clock = 0
         self._order = {id(u): i for i, u in enumerate(self.units)}
@@ -221,6 +229,26 @@ class Scheduler:
         self._release_reason[key] = why
         self.decisions.append(("release", str(key), why))
         self.backend.release(key, actor.handle)
+
+    def _lose_actors_of_dead_nodes(self) -> None:
+        """Actors packed on a node that left: ended, and their running units marked to run
+        again (their calls fail once the actor is ended, and Ray must not bring it back
+        outside this scheduler's accounting)."""
+        self.cluster.update(self.backend.nodes())
+        for key in sorted(self.live, key=str):
+            actor = self.live[key]
+            if actor.slot.node_id in self.cluster.nodes:
+                continue
+            del self.live[key]
+            self.released.add(key)
+            self._release_reason[key] = "lost with its node"
+            self.decisions.append(("lost", str(key), actor.slot.node_id))
+            self.log(f"{key}: its node {actor.slot.node_id[:12]} left the cluster; "
+                     + (f"running {', '.join(sorted(u.name for u in actor.users))} again on a new actor"
+                        if actor.users else "it will be loaded again where it is needed"))
+            for unit in actor.users:
+                unit.lost_actor = True
+            self.backend.release(key, actor.handle, lost=True)
 
     def _release_unneeded(self) -> None:
         for key in sorted(self.live, key=str):
@@ -270,7 +298,8 @@ class Scheduler:
             actor.users.add(unit)
             actor.last_used = self._clock
             handles[key] = actor.handle
-        unit.state = "running"
+        unit.state, unit.lost_actor = "running", False
+        unit.attempts += 1
         self.decisions.append(("start", unit.name))
         self.on_change(unit)
         self.backend.start(unit, handles)
@@ -296,7 +325,7 @@ class Scheduler:
         return all(trial.take(self.request_of(k)) is not None for k in sorted(reserved | wanted, key=str))
 
     def step(self) -> None:
-        self.cluster.update(self.backend.nodes())
+        self._lose_actors_of_dead_nodes()
         self._fail_orphans()
         self._release_unneeded()
         ready = sorted(self._ready(), key=lambda u: self._order[id(u)])
@@ -308,10 +337,16 @@ class Scheduler:
             self._place(ready[0], relaxed=True)
 
     def finished(self, unit: Unit, error: str | None) -> None:
-        unit.state, unit.error = ("failed", error) if error is not None else ("done", None)
+        if error is not None and unit.state == "running":
+            self._lose_actors_of_dead_nodes()   # was it the node? (before the failure is final)
         for key in unit.needs:
             if key in self.live:
                 self.live[key].users.discard(unit)
+        if error is not None and unit.lost_actor and unit.attempts < UNIT_ATTEMPTS:
+            unit.state = "waiting"
+            self.log(f"{unit.name}: its actor was lost with its node ({error}); it will run again")
+            return
+        unit.state, unit.error = ("failed", error) if error is not None else ("done", None)
         self.on_change(unit)
 
     def check_feasible(self) -> None:

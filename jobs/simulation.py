@@ -46,7 +46,7 @@ class SimulatedBackend:
         self.actors.append(actor)
         return actor
 
-    def release(self, key: ModelKey, handle: SimulatedActor) -> None:
+    def release(self, key: ModelKey, handle: SimulatedActor, lost: bool = False) -> None:
         handle.released = max(self.now, handle.busy_until)
 
     def start(self, unit: Unit, actors: dict) -> None:

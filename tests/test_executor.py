@@ -2,6 +2,7 @@
 on a real local Ray, and the one home of model loading (workers/models.py)."""
 from __future__ import annotations
 
+import heapq
 import random
 
 import pytest
@@ -23,9 +24,9 @@ class Watched(SimulatedBackend):
         self.peak = max(self.peak, len(self.alive))
         return super().create(key, slot)
 
-    def release(self, key, handle):
+    def release(self, key, handle, lost=False):
         self.alive.discard(key)
-        super().release(key, handle)
+        super().release(key, handle, lost)
 
     def start(self, unit, actors):
         assert all(d.state == "done" for d in unit.deps), f"{unit.name} started before its dependencies"
@@ -123,6 +124,47 @@ def test_a_failed_unit_fails_what_depends_on_it_and_frees_its_actors():
     Scheduler([first, after, other], lambda key: Request(1, 0), backend).run()
     assert (first.state, after.state, after.error, other.state) == ("failed", "failed", "boom", "done")
     assert backend.alive == set()
+
+
+def test_work_on_an_actor_lost_with_its_node_runs_again_on_a_new_one():
+    """The node of the finetuned model's actor leaves mid-extraction: that actor is ended
+    (not left for Ray to restart outside the scheduler's accounting), its extraction runs
+    again on a new actor on the node that is left, and the pair finishes."""
+    base, ft = ModelKey("transformers", "base"), ModelKey("transformers", "ft")
+    extract_base = Unit("extract base", "extract", (base,), group=0)
+    extract_ft = Unit("extract ft", "extract", (ft,), group=0)
+    reduce = Unit("reduce", "reduce", (), [extract_base, extract_ft], group=0)
+    lens = Unit("lens", "lens", (ft,), [reduce], group=0)
+
+    class NodeLeaves(Watched):
+        leaves_at, failed = 0.5, {}
+
+        def nodes(self):
+            return [n for n in self._nodes if n.node_id != "b" or self.now < self.leaves_at]
+
+        def release(self, key, handle, lost=False):
+            if lost:   # its calls fail: the units running on it end now, with Ray's error
+                for event in [e for e in self._events if e[2].name in handle.units]:
+                    self._events.remove(event)
+                    self.failed[event[2]] = "ActorDiedError: the actor died unexpectedly"
+                    self._events.append((self.now, event[1], event[2]))
+                heapq.heapify(self._events)
+            super().release(key, handle, lost)
+
+        def wait(self):
+            if self.now < self.leaves_at and self._events and self._events[0][0] > self.leaves_at:
+                self.now = self.leaves_at   # the node leaves before the next unit ends
+                return []
+            return [(u, self.failed.pop(u, None)) for u, _ in super().wait()]
+
+    backend = NodeLeaves([NodeResources("a", 1, 0), NodeResources("b", 1, 0)])
+    scheduler = Scheduler([extract_base, extract_ft, reduce, lens], lambda key: Request(1, 0), backend)
+    scheduler.run()
+    assert [u.state for u in (extract_base, extract_ft, reduce, lens)] == ["done"] * 4
+    assert backend.started.count("extract ft") == 2 and extract_ft.attempts == 2
+    assert ("lost", str(ft), "b") in scheduler.decisions
+    assert scheduler.reloads == [(ft, "lost with its node")]
+    assert {a.slot.node_id for a in backend.actors if a.key == ft} == {"a", "b"}
 
 
 # -- the same decisions, simulated and real ------------------------------------------------
