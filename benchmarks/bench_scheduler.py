@@ -32,11 +32,13 @@ import argparse
 import random
 from collections import Counter
 
+import numpy as np
+
 import common  # noqa: F401  (puts the repository root on sys.path)
 
 from jobs.driver import job_units
 from jobs.executor import ActorRequests
-from jobs.plan import ActivationSet, PairPlan, Plan
+from jobs.plan import ActivationSet, Documents, PairPlan, Plan
 from jobs.scheduler import NodeResources, Scheduler
 from jobs.simulation import SimulatedBackend
 from jobs.spec import Analyses, Compute, Generation, JobSpec, ModelSource, Pair
@@ -88,13 +90,14 @@ def workload(case: str, seed: int = 0):
     else:
         shares, sizes = [10] * 10, [rng.choice(SIZES_B) for _ in range(10)]
     model_sizes, pairs, sets = {}, [], {}
+    documents = Documents(np.arange(10_000), np.zeros((10_000, 1), dtype=np.int64), 10_000, 10_000)   # 1 shard
     for b, (share, size) in enumerate(zip(shares, sizes)):
         base = ModelSource(f"sim/base{b}")
         model_sizes[base.model] = size
         for j in range(share):
             ft = ModelSource(f"sim/ft{b}-{j}")
             model_sizes[ft.model] = size
-            aset = lambda s: sets.setdefault(s, ActivationSet(f"activations/{s.model}", s, (1,), {}, None,
+            aset = lambda s: sets.setdefault(s, ActivationSet(f"activations/{s.model}", s, (1,), {}, documents,
                                                               s.model, int(size * 1e9)))
             pairs.append(PairPlan(Pair(f"pair{b}-{j}", base, ft), (1,), aset(base), aset(ft), f"pairs/{b}-{j}"))
     return model_sizes, pairs, list(sets.values())
@@ -103,6 +106,9 @@ def workload(case: str, seed: int = 0):
 class _NothingStored:
     def exists(self, key: str) -> bool:
         return False
+
+    def sizes(self, prefix: str) -> dict:
+        return {}
 
     def uri(self, key: str) -> str:
         return key

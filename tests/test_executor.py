@@ -244,3 +244,19 @@ def test_every_runtime_loads_the_pinned_revision(demo_pair, lora_adapter, monkey
         generation.GenerationEngine(dtype="float32", **args)
     assert seen[-2] == ("tokenizer", "0123abcd", True)
     assert seen[-1] == ("vllm", "0123abcd", True, "0123abcd", str(demo_pair.base_dir))
+
+
+def test_the_scheduler_benchmark_runs_the_drivers_units():
+    """benchmarks/bench_scheduler.py on its crowded case (40 pairs of 32B models on 8 GPUs):
+    the driver's units on the real scheduler finish, each model loading once. Kept here so
+    that a change to the driver's units cannot leave the benchmark broken unseen."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import bench_scheduler
+    finally:
+        sys.path.pop(0)
+    r = bench_scheduler.simulate("crowded", 8, 80.0, False)
+    assert r["pairs"] == 40 and r["loads"] == r["distinct"] == 101 and r["reloads"] == 0
+    assert 0 < r["util"] <= r["bound_util"] <= 1 and r["total"] >= r["bound"]
