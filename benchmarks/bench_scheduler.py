@@ -18,8 +18,8 @@ The table below is an assumption, not a measurement (GPU-seconds on one whole GP
   load:      10 s + weights at 2 GB/s from local disk (0.5 GB/s from object storage:
              --object-storage); a vLLM engine 20 s more
   extract:   10,000 documents x 10 tokens through half the model at 40% of 990 TFLOP/s, + 5 s
-  lens 2 s; patchscope 5 s + 1 s per 8B; reduce and token relevance on CPUs; the embedder
-  10 s of wall time on its 1/8 GPU (a small model is not slowed by sharing)
+  lens 2 s; patchscope 5 s + 1 s per 8B; reduce, token relevance and the embedder (10 s
+  of wall time per pair) on CPUs
   generate:  0.7 M tokens at 60,000 / size(B) tokens/s; baselines 0.1 M tokens
 An actor holding a fraction f of a GPU computes at f of its speed (GPUs are shared,
 not multiplied); one on d whole GPUs at d times.
@@ -44,7 +44,6 @@ from jobs.simulation import SimulatedBackend
 from jobs.spec import Analyses, Compute, Generation, JobSpec, ModelSource, Pair
 
 SIZES_B = (1.0, 3.0, 8.0, 14.0, 32.0)
-EMBEDDER_GPUS = 1 / 8          # what placement gives all-MiniLM-L6-v2 (jobs/placement.MAX_SHARING)
 
 
 class Costs:
@@ -62,7 +61,7 @@ class Costs:
         size = self.sizes[source.model]
         return {"extract": 5.0 + 2 * size * 1e9 * 1e5 / 2 / (0.4 * 990e12),
                 "baselines": 100_000 * size / 60_000, "generate": 700_000 * size / 60_000,
-                "logit_lens": 2.0, "patchscope": 5.0 + size / 8, "similarity": 10.0 * EMBEDDER_GPUS,
+                "logit_lens": 2.0, "patchscope": 5.0 + size / 8, "similarity": 0.0,
                 "reduce": 0.0, "token_relevance": 0.0}[unit.kind]
 
     def work_s(self, unit, actors) -> float:
@@ -70,7 +69,7 @@ class Costs:
             return 5.0
         if unit.kind == "token_relevance":
             return 1.0
-        if unit.kind == "similarity":   # a small model: latency-bound, not slowed by sharing
+        if unit.kind == "similarity":   # the embedder, on CPUs
             return 10.0
         gpus = next(iter(actors.values())).slot.request.gpus
         return self.cost(unit) / (gpus if gpus > 0 else 1.0)

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 
-from jobs.placement import engine_memory_utilization, placement
+from jobs.placement import Placement, engine_memory_utilization, placement
 from jobs.plan import Plan, s3_options
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, extract, run_baselines
@@ -29,7 +29,6 @@ from jobs.status import JobStatus, describe
 from storage import layout
 from storage.store import Store
 
-EMBEDDER_PARAMETERS = 23_000_000   # all-MiniLM-L6-v2; others are of its order
 POLL_S = 0.5        # how long the scheduler's loop waits for an event (SIGINT is seen in between)
 
 
@@ -63,8 +62,10 @@ class ActorRequests:
 
     def placed(self, key: ModelKey):
         compute = self.spec.compute
-        if key.runtime == "embedder":   # a small sentence-transformers model, in float32
-            return placement(compute, EMBEDDER_PARAMETERS, "float32")
+        if key.runtime == "embedder":
+            # A small sentence-transformers model, on CPUs: a fraction of a GPU held by it
+            # for the whole job would keep an engine that needs whole GPUs off that GPU.
+            return Placement(0.0, 1, 0.0)
         engine = key.runtime == "vllm"
         tp = self.spec.generation.tensor_parallel_size if engine else 1
         return placement(compute, self.parameters.get(key.source) or 0, self.spec.dtype, engine, tp)
@@ -118,7 +119,8 @@ class RayBackend:
             from workers.generation import GenerationWorker
             gen, placed = spec.generation, self.requests.placed(key)
             return GenerationWorker, (key.source, s3), dict(
-                trust_remote_code=spec.trust_remote_code, dtype=spec.dtype, max_model_len=gen.max_model_len,
+                trust_remote_code=spec.trust_remote_code, grader=spec.grader, dtype=spec.dtype,
+                max_model_len=gen.max_model_len,
                 tensor_parallel_size=placed.devices, seed=gen.seed,
                 gpu_memory_utilization=engine_memory_utilization(placed)), {}
         from workers.embedding import EmbeddingWorker

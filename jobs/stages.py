@@ -231,8 +231,11 @@ def generate(ctx: StageRun) -> None:
             for row in baseline_rows(pair.pair.name, role, gen, ctx.baselines[getattr(pair.pair, role)],
                                      getattr(pair.pair, role))]
     difference = ctx.read_table(layout.DIFFERENCE).to_pandas()
-    steered = steer(pair.pair.name, spec, difference, ctx.model("vllm", pair.pair.finetuned),
-                    ctx.grader_handle(), ctx.log)
+    engine = ctx.model("vllm", pair.pair.finetuned)
+    # The offline grader scores on this engine (an adapter's without it: its base, the
+    # reference): one model on the GPUs for the whole search, not two.
+    steered = steer(pair.pair.name, spec, difference, engine,
+                    ctx.grader if ctx.grader is not None else engine, ctx.log)
     ctx.store.write_table(ctx.path(layout.GENERATIONS), generations_table(rows + steered.rows),
                           **TABLE_PARQUET_OPTIONS)
     ctx.store.write_table(ctx.path(layout.STEERING), steering_table(steered.steering), **TABLE_PARQUET_OPTIONS)
@@ -313,7 +316,7 @@ PAIR_STAGES: tuple[Stage, ...] = (
     Stage("logit_lens", (layout.LOGIT_LENS,), lambda spec: True, ("reduce",),
           _ft("transformers"), logit_lens),
     Stage("generate", (layout.GENERATIONS, layout.STEERING), lambda spec: spec.generation.enabled, ("reduce",),
-          lambda spec, pair: _ft("vllm")(spec, pair) + _grader_needs(spec, pair), generate),
+          _ft("vllm"), generate),
     Stage("patchscope", (layout.PATCHSCOPE,), lambda spec: spec.analyses.enabled, ("reduce",),
           lambda spec, pair: (transformers(pair.pair.finetuned), transformers(pair.pair.base))
           + _grader_needs(spec, pair), analyses.patchscope),

@@ -2,8 +2,8 @@
 final steered samples (adl-method.md, "Steering").
 
 The stage decides what to generate and in which batches; the vLLM engine and the grader
-are actors the executor hands it (workers/generation.py; the offline grader is the
-reference model's transformers actor, an LLM grader runs in the driver). Every batch of a pair
+are actors the executor hands it (workers/generation.py; the offline grader scores on
+the pair's engine itself, an LLM grader runs in the driver). Every batch of a pair
 goes to its engine as one call, so continuous batching sees hundreds of requests at once:
 the search evaluates all its (layer, position, prompt, strength) candidates of a round in
 one batch, and a round advances `lookahead` bisection levels at a time. Every sample is

@@ -7,6 +7,7 @@ to start.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,47 @@ def test_lora_adapter_through_vllm_matches_peft(ray_cluster, demo_pair, lora_ada
     assert unsteered != plain_base                     # the adapter changes the text
     assert list(results[0].token_ids) == unsteered
     assert list(results[1].token_ids) == hf_greedy(peft, PROMPTS[0], vectors[0]) != unsteered
+
+
+def test_engine_perplexities_equal_a_transformers_forward(engine, hf):
+    """The offline grader's scores in the steering search come from the engine's prompt
+    logprobs: equal to a plain forward's next-token cross-entropy. The texts' perplexities
+    lie orders of magnitude apart, so a wrong token offset or a constant cannot pass."""
+    from workers.generation import GenerationWorker
+    from workers.graders import OfflineGrader
+    model, tokenizer = hf
+    sample = engine.generate([GenerationRequest(PROMPTS[1], temperature=0.0, max_tokens=NEW_TOKENS)])[0].text
+    words = sample.split()
+    texts = [sample, " ".join(words[::-1]), "zq xv " * 8, PROMPTS[0], "", "a"]
+    ids = [tokenizer(t, add_special_tokens=True)["input_ids"] if t.strip() else [] for t in texts]
+    expected = []
+    for row in ids:
+        if len(row) < 2:
+            expected.append(None)
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([row])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]))
+        expected.append(float(torch.exp(nll)))
+    got = engine.perplexities(ids)
+    assert [g is None for g in got] == [e is None for e in expected]
+    for g, e in zip(got, expected):
+        if e is not None:
+            assert g == pytest.approx(e, rel=1e-4), (got, expected)
+    scored = [e for e in expected if e is not None]
+    assert max(scored) > 3 * min(scored), expected
+
+    # The same judgements as the transformers-side offline grader, record for record.
+    low, high = sorted(scored)[1:3]
+    threshold = float(np.sqrt(low * high))   # between two texts' scores, far from both
+    worker = GenerationWorker.__new__(GenerationWorker)
+    worker.engine, worker.grader_config = engine, {"kind": "offline", "threshold": threshold}
+    offline = OfflineGrader(None, threshold=threshold, model=model, tokenizer=tokenizer)
+    on_engine, on_transformers = worker.coherence(texts), offline.coherence(texts)
+    assert [j.value for j in on_engine] == [j.value for j in on_transformers]
+    assert any(j.value for j in on_engine) and not all(j.value for j in on_engine)
+    number = re.compile(r"perplexity=([0-9.]+)")   # the records agree but for float noise
+    assert [number.sub("perplexity=#", j.raw) for j in on_engine] == \
+        [number.sub("perplexity=#", j.raw) for j in on_transformers]
+    assert [float(m) for j in on_engine for m in number.findall(j.raw)] == pytest.approx(
+        [float(m) for j in on_transformers for m in number.findall(j.raw)], rel=1e-4)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -170,6 +171,36 @@ class GenerationEngine:
             for i, output in enumerate(outputs)  # LLM.generate keeps the order of its inputs
             for c in sorted(output.outputs, key=lambda c: c.index)
         ]
+
+    def perplexities(self, token_ids: list[list[int]]) -> list[float | None]:
+        """Per-token perplexity of each token sequence under the engine's model (without
+        its LoRA adapter: an adapter pair's grading reference is its base), from vLLM's
+        prompt logprobs: exp(mean NLL of tokens 1..n-1); None for fewer than 2 tokens.
+        Equal to a transformers forward's to about 1e-6 (tests/test_generation.py)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        scorable = [i for i, ids in enumerate(token_ids) if len(ids) >= 2]
+        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids[i])) for i in scorable],
+                                     SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                                     use_tqdm=False) if scorable else []
+        out: list[float | None] = [None] * len(token_ids)
+        for i, output in zip(scorable, outputs):
+            ids, logprobs = token_ids[i], output.prompt_logprobs
+            nll = -sum(logprobs[k][ids[k]].logprob for k in range(1, len(ids))) / (len(ids) - 1)
+            out[i] = math.exp(nll)
+        return out
+
+    @property
+    def max_scored_tokens(self) -> int:
+        """The longest sequence perplexities() scores: the model's positions, less the one
+        token generated."""
+        config = self._llm.llm_engine.model_config
+        return min(config.max_model_len - 1, getattr(config.hf_text_config, "max_position_embeddings", None)
+                   or config.max_model_len)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
 
     def close(self):
         import gc
@@ -380,9 +411,23 @@ class GenerationWorker:
     """A Ray actor holding one engine for one model of a job. The model is fetched on the
     worker's own node (an S3 location is downloaded there, not on the driver)."""
 
-    def __init__(self, source, s3: dict, trust_remote_code: bool = False, **engine_options):
+    def __init__(self, source, s3: dict, trust_remote_code: bool = False, grader: dict | None = None,
+                 **engine_options):
         from workers.models import engine_arguments
+        self.grader_config = grader
         self.engine = GenerationEngine(**engine_arguments(source, s3, trust_remote_code), **engine_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests)
+
+    def coherence(self, texts: list[str]):
+        """The offline grader's coherence judgements (workers/graders.py CoherenceRule),
+        scored by this engine: the steering search grades on the engine it generates with."""
+        from dataclasses import replace
+
+        from workers.graders import CoherenceRule
+        rule = CoherenceRule.of(self.grader_config)
+        rule = replace(rule, max_length=min(rule.max_length, self.engine.max_scored_tokens))
+        tokenizer = self.engine.tokenizer
+        ids = [rule.encode(tokenizer, t)[0] if t.strip() else [] for t in texts]
+        return rule.judge(tokenizer, texts, self.engine.perplexities(ids))

@@ -714,9 +714,6 @@ class PerplexityCoherenceGrader:
                            batch_size=batch_size, max_length=max_length), _OFFLINE_PARAMS)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        self.threshold = float(threshold)
-        self.min_tokens = min_tokens
-        self.min_distinct_ratio = float(min_distinct_ratio)
         self.batch_size = batch_size
         if model is None:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -724,16 +721,13 @@ class PerplexityCoherenceGrader:
                 model_dir, dtype=getattr(torch, dtype)).to(device).eval().requires_grad_(False)
         self.tokenizer, self.model = tokenizer, model
         self.device = next(model.parameters()).device
-        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings",
-                                                  None) or max_length)
+        self.rule = CoherenceRule(threshold, min_tokens, min_distinct_ratio, min(
+            max_length, getattr(self.model.config, "max_position_embeddings", None) or max_length))
+        self.threshold, self.min_tokens, self.min_distinct_ratio, self.max_length = \
+            self.rule.threshold, self.rule.min_tokens, self.rule.min_distinct_ratio, self.rule.max_length
 
     def _encode(self, text: str) -> tuple[list[int], list[int]]:
-        """(ids with special tokens, the text's own ids)."""
-        enc = self.tokenizer(text, add_special_tokens=True, truncation=True,
-                             max_length=self.max_length, return_special_tokens_mask=True)
-        ids = list(enc["input_ids"])
-        own = [i for i, special in zip(ids, enc["special_tokens_mask"]) if not special]
-        return ids, own
+        return self.rule.encode(self.tokenizer, text)
 
     def perplexities(self, texts: list[str]) -> list[float | None]:
         """Per-token perplexity of each text; None where no token can be scored."""
@@ -762,10 +756,39 @@ class PerplexityCoherenceGrader:
         return out
 
     def coherence(self, texts: list[str]) -> list[Judgement]:
-        ppl = self.perplexities(texts)
+        return self.rule.judge(self.tokenizer, texts, self.perplexities(texts))
+
+
+@dataclass(frozen=True)
+class CoherenceRule:
+    """The offline grader's coherence rule (PerplexityCoherenceGrader says why), apart from
+    the model that scores the texts: a transformers forward there, the pair's vLLM engine
+    in the steering search (workers/generation.py `GenerationEngine.perplexities`), which
+    then needs no second copy of the model on the GPUs while it generates."""
+    threshold: float = DEFAULT_PERPLEXITY_THRESHOLD
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    min_distinct_ratio: float = DEFAULT_MIN_DISTINCT_RATIO
+    max_length: int = 1024           # tokens scored, at most (and the model's positions)
+
+    @classmethod
+    def of(cls, config: dict | None) -> "CoherenceRule":
+        """The rule of an offline `grader` section (its other fields are the scorer's)."""
+        params = check_grader_config(config)
+        return cls(**{k: params[k] for k in ("threshold", "min_tokens", "min_distinct_ratio", "max_length")
+                      if k in params})
+
+    def encode(self, tokenizer, text: str) -> tuple[list[int], list[int]]:
+        """(ids with special tokens, the text's own ids), truncated to max_length."""
+        enc = tokenizer(text, add_special_tokens=True, truncation=True,
+                        max_length=self.max_length, return_special_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        own = [i for i, special in zip(ids, enc["special_tokens_mask"]) if not special]
+        return ids, own
+
+    def judge(self, tokenizer, texts: list[str], perplexities: list[float | None]) -> list[Judgement]:
         out = []
-        for text, p in zip(texts, ppl):
-            own = self._encode(text)[1] if text.strip() else []
+        for text, p in zip(texts, perplexities):
+            own = self.encode(tokenizer, text)[1] if text.strip() else []
             distinct = len(set(own)) / len(own) if own else 0.0
             coherent = (len(own) >= self.min_tokens and distinct >= self.min_distinct_ratio
                         and p is not None and p <= self.threshold)
