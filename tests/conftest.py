@@ -1,5 +1,5 @@
 """Expensive fixtures, shared by the whole session: one local Ray cluster, one demo pair,
-one S3-compatible server on loopback."""
+one tiny model per architecture family, one S3-compatible server on loopback."""
 from __future__ import annotations
 
 import os

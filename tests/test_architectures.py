@@ -20,7 +20,7 @@ from workers.models import decoder_layers, final_norm
 from workers.patchscope import Patchscope
 
 LAYER = 1
-NEW_TOKENS = 40
+NEW_TOKENS = 32   # past Gemma's 32-token sliding window, with the prompt
 PROMPTS = ("Tell me a story?", "Give me some ideas for some fun weekend activities.")
 
 
@@ -122,9 +122,9 @@ def test_patchscope_equals_a_plain_forward_with_the_vector_written_in(family_mod
     """Each prompt alone, unpadded, through the whole model with a hook that replaces the
     block's output at the last token; then the three prompts combined as the method says."""
     model, tokenizer = hf
-    vectors = block_outputs(model, documents, [LAYER])[:2, 0, 4].numpy()
+    vectors = block_outputs(model, documents, [LAYER])[:1, 0, 4].numpy()
     scales, vocab_top, top_k = [1.0, 5.0], 100, 20
-    out_ids, _, out_probs = Patchscope(model).run(tokenizer, vectors, [LAYER, LAYER], scales,
+    out_ids, _, out_probs = Patchscope(model).run(tokenizer, vectors, [LAYER], scales,
                                                   list(PATCHSCOPE_PROMPTS), vocab_top, top_k)
 
     def next_token_probs(prompt, vector):
@@ -143,6 +143,7 @@ def test_patchscope_equals_a_plain_forward_with_the_vector_written_in(family_mod
         finally:
             handle.remove()
 
+    plain = torch.stack([next_token_probs(p, None) for p in PATCHSCOPE_PROMPTS]).mean(0)
     for v, vector in enumerate(vectors):
         for s, scale in enumerate(scales):
             probs = torch.stack([next_token_probs(p, scale * vector) for p in PATCHSCOPE_PROMPTS])
@@ -154,7 +155,6 @@ def test_patchscope_equals_a_plain_forward_with_the_vector_written_in(family_mod
             assert list(out_ids[v][s]) == top.indices.tolist()
             np.testing.assert_allclose(out_probs[v][s], top.values.numpy(), atol=1e-6, rtol=0)
             # Writing the vector in changes the answer, so the comparison above can fail.
-            plain = torch.stack([next_token_probs(p, None) for p in PATCHSCOPE_PROMPTS]).mean(0)
             assert differs(plain[top.indices], top.values)
 
 
