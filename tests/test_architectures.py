@@ -263,3 +263,35 @@ def test_vllm_lora_adapter_equals_peft(family_model, engine, hf, adapter, vector
     assert unsteered != hf_greedy(hf[0], tokenizer, PROMPTS[0])     # the adapter changes the text
     assert list(results[0].token_ids) == unsteered
     assert list(results[1].token_ids) == hf_greedy(peft, tokenizer, PROMPTS[0], vectors[0]) != unsteered
+
+
+def test_adl_run_completes_on_gemma_and_qwen(ray_cluster, make_spec, tmp_path):
+    """One job whose pairs are Gemma 3's and Qwen 3's model, each with a LoRA finetune of
+    it, through the actors and stages a job uses (Llama: the demo pair, in the other test
+    modules; StableLM is left out to keep the suite's time: about 1 min per pair here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jobs.driver import run_job
+    from jobs.spec import parse_spec
+    from storage import layout
+    from storage.store import Store
+    from workers.architectures import FAMILIES, build_family_model
+    pairs = []
+    for name in ("gemma3", "qwen3"):
+        folder = build_family_model(name)
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        get_peft_model(base, LoraConfig(r=4, target_modules=list(FAMILIES[name].lora_targets),
+                                        init_lora_weights=False)).save_pretrained(tmp_path / name)
+        pairs.append({"name": name, "base": str(folder), "finetuned": {"adapter": str(tmp_path / name)}})
+    spec = parse_spec(make_spec(tmp_path / "store", pairs=pairs, corpus={"num_documents": 100},
+                                method={"layers": [0.5]}))
+    store = Store(str(tmp_path / "store"))
+    record = store.read_json(run_job(spec))
+    assert [p["name"] for p in record["pairs"]] == ["gemma3", "qwen3"]
+    for pair in record["pairs"]:
+        lens = store.read_table(f"{pair['dir']}/{layout.LOGIT_LENS}").to_pandas()
+        assert len(lens) > 0 and np.isfinite(lens.probability).all()
+        difference = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+        assert (np.stack(difference.delta.to_numpy()) != 0).any()     # the adapter changes activations
