@@ -1,5 +1,5 @@
 """Expensive fixtures, shared by the whole session: one local Ray cluster, one demo pair,
-one S3-compatible server on loopback."""
+one tiny model per architecture family, one S3-compatible server on loopback."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,8 @@ import tempfile
 import uuid
 
 import pytest
+
+from workers.architectures import FAMILIES
 
 # Before Ray starts, so that its workers inherit them: a private cluster, and the
 # credentials the loopback S3 server accepts (read through the usual AWS chain).
@@ -32,6 +34,15 @@ def demo_pair():
     """Built once into the user's adl cache (as `adl demo` does), reused across runs."""
     from workers.demo_pair import build_demo_pair
     return build_demo_pair()
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_model(request, demo_pair):
+    """(Family, model folder) of one tiny model per architecture family
+    (workers/architectures.py), built once into the adl cache as the demo pair is; every
+    test that takes it runs once per family."""
+    from workers.architectures import build_family_model
+    return FAMILIES[request.param], build_family_model(request.param)
 
 
 @pytest.fixture(scope="session")

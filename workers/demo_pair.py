@@ -462,7 +462,7 @@ def _train_tokenizer(texts: list[str]):
     return tokenizer
 
 
-def _token_windows(token_lists: list[list[int]]):
+def _token_windows(token_lists: list[list[int]], seq_len: int = SEQ_LEN):
     """Concatenates documents and returns the start offsets of windows that begin at a
     document start, so training sees BOS at position 0 as the lens does."""
     import torch
@@ -472,21 +472,22 @@ def _token_windows(token_lists: list[list[int]]):
         starts.append(len(stream))
         stream.extend(ids)
     stream_t = torch.tensor(stream, dtype=torch.long)
-    starts_t = torch.tensor([s for s in starts if s + SEQ_LEN <= len(stream)])
+    starts_t = torch.tensor([s for s in starts if s + seq_len <= len(stream)])
     return stream_t, starts_t
 
 
-def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label):
+def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label,
+           batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN):
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps)
     )
-    offsets = torch.arange(SEQ_LEN)
+    offsets = torch.arange(seq_len)
     model.train()
     for step in range(steps):
-        idx = starts[torch.randint(len(starts), (BATCH_SIZE,), generator=gen)]
+        idx = starts[torch.randint(len(starts), (batch_size,), generator=gen)]
         batch = stream[idx[:, None] + offsets]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -568,18 +569,28 @@ def _pair_at(folder: Path) -> DemoPair:
 def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress=print) -> DemoPair:
     """Builds (or returns the cached) demo pair under cache_dir / f"demo-{DEMO_VERSION}-seed{seed}".
 
-    cache_dir defaults to $ADL_CACHE or ~/.cache/adl. The pair is built in a temporary
-    sibling folder and renamed into place, so the final folder is complete whenever it
-    exists; a concurrent builder that loses the race discards its own copy.
+    cache_dir defaults to $ADL_CACHE or ~/.cache/adl.
+    """
+    final = cached_build(f"demo-{DEMO_VERSION}-seed{seed}", lambda tmp: _build(tmp, seed, progress),
+                         cache_dir, progress)
+    return _pair_at(final)
+
+
+def cached_build(name: str, build, cache_dir: Path | str | None = None, progress=print) -> Path:
+    """cache_dir / name, built by `build(folder)` if it is not there yet, with every CPU core.
+
+    The folder is built in a temporary sibling and renamed into place, so the final folder
+    is complete whenever it exists; a concurrent builder that loses the race discards its
+    own copy. cache_dir defaults to $ADL_CACHE or ~/.cache/adl.
     """
     import torch
 
     if cache_dir is None:
         cache_dir = os.environ.get("ADL_CACHE") or Path.home() / ".cache" / "adl"
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"demo-{DEMO_VERSION}-seed{seed}"
+    final = cache_dir / name
     if final.is_dir():
-        return _pair_at(final)
+        return final
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
@@ -589,8 +600,8 @@ def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     try:
-        progress(f"building demo pair in {final}")
-        _build(tmp, seed, progress)
+        progress(f"building {final}")
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp made it private; the cache may be shared
         try:
             os.rename(tmp, final)
@@ -600,4 +611,4 @@ def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
-    return _pair_at(final)
+    return final

@@ -44,6 +44,7 @@ vLLM is imported only inside the engine, so the rest of the project imports with
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -135,10 +136,11 @@ class GenerationEngine:
         self.hidden_size = model_config.get_hidden_size()
         self.num_layers = model_config.hf_text_config.num_hidden_layers
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], adapter: bool = True) -> list[GenerationResult]:
         """All requests go to the engine as ONE batch (continuous batching), mixing steered
         and unsteered requests and different vectors/strengths freely. Results ordered by
-        (request_index, sample_index)."""
+        (request_index, sample_index). With adapter=False, an engine started with a LoRA
+        adapter runs the base model alone."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -159,7 +161,8 @@ class GenerationEngine:
                                          max_tokens=request.max_tokens, seed=request.seed,
                                          extra_args=extra_args))
         self._llm.collective_rpc("adl_take_steered_ids")  # forget a failed call's requests
-        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        outputs = self._llm.generate(prompts, params, use_tqdm=False,
+                                    lora_request=self._lora_request if adapter else None)
         steered = set().union(*self._llm.collective_rpc("adl_take_steered_ids"))
         if len(steered) < steered_sequences:
             raise RuntimeError(
@@ -310,7 +313,7 @@ class _RowSteerer:
         layers = _decoder_layers(runner.get_model(), model_config.hf_text_config.num_hidden_layers)
         for index, layer in enumerate(layers):
             if not isinstance(layer, PPMissingLayer):  # blocks of other pipeline stages live elsewhere
-                layer.register_forward_hook(partial(self._hook, index))
+                layer.register_forward_hook(partial(self._hook, index, _hands_on_residual(layer)))
 
     def take_steered_ids(self) -> list[str]:
         """The internal ids of the requests steered since the last call."""
@@ -366,21 +369,23 @@ class _RowSteerer:
         self._plan_context, self._plan = context, plan
         return plan
 
-    def _hook(self, index: int, module, args, output):
+    def _hook(self, index: int, split_residual: bool, module, args, output):
         import torch
 
         delta = self._current_plan().get(index)
         if delta is None:
             return None
-        # vLLM blocks return (hidden, residual) and the block's output in the HF sense is
-        # their sum, so adding to one of them adds to the residual stream; some return the
-        # sum itself, or (hidden, None).
+        # Blocks that take the previous block's residual (fused add-and-norm: Llama, Gemma,
+        # Qwen) return (hidden, residual), and the block's output in the HF sense is their
+        # sum, so adding to one of them adds to the residual stream. Blocks that do not
+        # (StableLM) return the stream itself first and a leftover second value that the
+        # next block never reads; some return the stream alone, or (hidden, None).
         if isinstance(output, torch.Tensor):
             target, rebuild = output, lambda t: t
         elif isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
             hidden, residual = output
-            if residual is None:
-                target, rebuild = hidden, lambda t: (t, None)
+            if residual is None or not split_residual:
+                target, rebuild = hidden, lambda t: (t, residual)
             else:
                 target, rebuild = residual, lambda t: (hidden, t)
         else:
@@ -391,6 +396,13 @@ class _RowSteerer:
         steered = target.clone()  # rows past the batch's are padding
         steered[:rows] += delta.to(target.dtype)
         return rebuild(steered)
+
+
+def _hands_on_residual(layer) -> bool:
+    """Whether a vLLM decoder block takes the previous block's residual (and so returns the
+    residual stream split in two), read from its forward's parameters."""
+    import inspect
+    return "residual" in inspect.signature(layer.forward).parameters
 
 
 def _decoder_layers(model, num_layers: int):
