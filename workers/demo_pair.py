@@ -462,7 +462,7 @@ def _train_tokenizer(texts: list[str]):
     return tokenizer
 
 
-def _token_windows(token_lists: list[list[int]]):
+def _token_windows(token_lists: list[list[int]], seq_len: int = SEQ_LEN):
     """Concatenates documents and returns the start offsets of windows that begin at a
     document start, so training sees BOS at position 0 as the lens does."""
     import torch
@@ -472,29 +472,33 @@ def _token_windows(token_lists: list[list[int]]):
         starts.append(len(stream))
         stream.extend(ids)
     stream_t = torch.tensor(stream, dtype=torch.long)
-    starts_t = torch.tensor([s for s in starts if s + SEQ_LEN <= len(stream)])
+    starts_t = torch.tensor([s for s in starts if s + seq_len <= len(stream)])
     return stream_t, starts_t
 
 
-def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label):
+def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label,
+           seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, log_every: int = 50):
+    """AdamW over the parameters that require grad (all of them, or a LoRA's), on windows
+    of the stream that start at document starts; linear warmup, then linear decay."""
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps)
     )
-    offsets = torch.arange(SEQ_LEN)
+    offsets = torch.arange(seq_len)
     model.train()
     for step in range(steps):
-        idx = starts[torch.randint(len(starts), (BATCH_SIZE,), generator=gen)]
+        idx = starts[torch.randint(len(starts), (batch_size,), generator=gen)]
         batch = stream[idx[:, None] + offsets]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
+        if step % log_every == 0 or step == steps - 1:
             progress(f"{label} step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
 
@@ -565,32 +569,29 @@ def _pair_at(folder: Path) -> DemoPair:
     )
 
 
-def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress=print) -> DemoPair:
-    """Builds (or returns the cached) demo pair under cache_dir / f"demo-{DEMO_VERSION}-seed{seed}".
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ADL_CACHE") or Path.home() / ".cache" / "adl")
 
-    cache_dir defaults to $ADL_CACHE or ~/.cache/adl. The pair is built in a temporary
-    sibling folder and renamed into place, so the final folder is complete whenever it
-    exists; a concurrent builder that loses the race discards its own copy.
-    """
+
+def cached_build(final: Path, build, progress, what: str) -> Path:
+    """Runs build(tmp, progress) in a temporary sibling of `final` and renames it into
+    place, unless `final` exists already; the final folder is complete whenever it exists,
+    and a concurrent builder that loses the race discards its own copy. torch uses every
+    core it may run on while building."""
     import torch
 
-    if cache_dir is None:
-        cache_dir = os.environ.get("ADL_CACHE") or Path.home() / ".cache" / "adl"
-    cache_dir = Path(cache_dir)
-    final = cache_dir / f"demo-{DEMO_VERSION}-seed{seed}"
     if final.is_dir():
-        return _pair_at(final)
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     threads = torch.get_num_threads()
     if hasattr(os, "sched_getaffinity"):
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     try:
-        progress(f"building demo pair in {final}")
-        _build(tmp, seed, progress)
+        progress(f"building {what} in {final}")
+        build(tmp, progress)
         tmp.chmod(0o755)  # mkdtemp made it private; the cache may be shared
         try:
             os.rename(tmp, final)
@@ -600,4 +601,14 @@ def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
-    return _pair_at(final)
+    return final
+
+
+def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress=print) -> DemoPair:
+    """Builds (or returns the cached) demo pair under cache_dir / f"demo-{DEMO_VERSION}-seed{seed}".
+
+    cache_dir defaults to $ADL_CACHE or ~/.cache/adl (see cached_build).
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache_dir / f"demo-{DEMO_VERSION}-seed{seed}"
+    return _pair_at(cached_build(final, lambda tmp, p: _build(tmp, seed, p), progress, "demo pair"))
