@@ -82,7 +82,9 @@ def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
         "compute": {"cpus_per_worker": 0.5},
         # The method's generation settings, scaled down for 2 cores (a real model: the
         # perplexity grader keeps its default threshold).
-        "generation": {"samples": 2, "max_tokens": 64,
+        # max_model_len: Gemma's own 32,768 tokens would not fit vLLM's 1 GiB CPU KV cache
+        # (36 KiB a token); prompts and samples here are far shorter.
+        "generation": {"samples": 2, "max_tokens": 64, "max_model_len": 1024,
                        "search": {"high": 8.0, "steps": 6, "samples": 4, "max_tokens": 32}},
         "grader": {"kind": "offline"},
         "analyses": {},
