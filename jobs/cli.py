@@ -19,14 +19,24 @@ INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, Fil
                 ClusterError)
 
 
-def demo_spec(root: str, num_documents: int | None = None) -> dict:
+DEMO_MODELS = ("demo", "gemma-3-270m")
+
+
+def demo_spec(root: str, num_documents: int | None = None, model: str = "demo") -> dict:
     """The embedded default: the demo pair on the demo corpus, local storage, method
-    defaults everywhere else."""
+    defaults everywhere else. model "gemma-3-270m": the real pretrained pair
+    (workers/gemma_pair.py, the gemma extra) instead of the 5-block demo pair."""
     from workers.demo_pair import PLANTED_DESCRIPTION, build_demo_pair
     # Bad arguments fail before the demo pair is built (minutes, the first time).
+    if model not in DEMO_MODELS:
+        raise SpecError(f"--model: must be one of {', '.join(DEMO_MODELS)}, got {model!r}")
     if num_documents is not None and num_documents < 1:
         raise SpecError(f"--num-documents: must be >= 1, got {num_documents}")
     check_location(root, "--root", "storage")
+    if model == "gemma-3-270m":
+        from workers.gemma_pair import require_extra
+        require_extra()
+        return _gemma_demo_spec(root, num_documents)
     pair = build_demo_pair(progress=lambda m: print(f"[adl demo] {m}", file=sys.stderr, flush=True))
     spec = {
         "name": "demo",
@@ -53,6 +63,36 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
     if num_documents is not None:
         spec["corpus"]["num_documents"] = num_documents
     return spec
+
+
+def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
+    """`adl demo --model gemma-3-270m`: the Gemma 3 270M pair (built once, cached beside
+    the demo pair), the full default job scaled for 2 cores."""
+    from workers.gemma_pair import PLANTED_DESCRIPTION, build_gemma_pair
+    pair = build_gemma_pair(progress=lambda m: print(f"[adl demo] {m}", file=sys.stderr, flush=True))
+    return {
+        "name": "demo-gemma",
+        "pairs": [{"name": "gemma-3-270m", "base": str(pair.base_dir),
+                   "finetuned": str(pair.finetuned_dir), "description": PLANTED_DESCRIPTION,
+                   "finetune_data": str(pair.finetune_texts)}],
+        # 1,000 documents rather than the method's 10,000: minutes, not an hour, on 2 cores.
+        "corpus": {"kind": "demo", "num_documents": num_documents or 1000},
+        "storage": {"root": root},
+        "dtype": "float32",   # CPUs without native bf16 (see demo_spec)
+        "compute": {"cpus_per_worker": 0.5},
+        # Relative depth 0.75 (block 12 of 18), not the method's 0.5: in this 270M model the
+        # logit lens of delta at block 8 reads unrelated tokens, from block 12 on it reads
+        # " volcano" first at positions 1..3 (measured over 200 demo documents).
+        "method": {"layers": [0.75]},
+        # The method's generation settings, scaled down for 2 cores (a real model: the
+        # perplexity grader keeps its default threshold).
+        # max_model_len: Gemma's own 32,768 tokens would not fit vLLM's 1 GiB CPU KV cache
+        # (36 KiB a token); prompts and samples here are far shorter.
+        "generation": {"samples": 2, "max_tokens": 64, "max_model_len": 1024,
+                       "search": {"high": 8.0, "steps": 6, "samples": 4, "max_tokens": 32}},
+        "grader": {"kind": "offline"},
+        "analyses": {},
+    }
 
 
 def _run(spec, report: bool = False) -> int:
@@ -108,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="build the demo pair if needed and run the default job on it")
     p_demo.add_argument("--root", default="./adl-output", help="storage root (default ./adl-output)")
     p_demo.add_argument("--num-documents", type=int, default=None)
+    p_demo.add_argument("--model", choices=DEMO_MODELS, default="demo",
+                        help="demo: the 5-block demo pair (fast); gemma-3-270m: Gemma 3 270M and a "
+                             "narrow finetune of it (needs pip install -e '.[gemma]')")
     p_inspect = sub.add_parser("inspect", help="print what a run produced")
     p_inspect.add_argument("path", help="storage root, runs/<job>/run.json, pairs/<pair>, or a .parquet table")
     p_inspect.add_argument("--endpoint-url", default=None)
@@ -128,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("submit", "status", "logs", "stop"):
             return _cluster(args)
         if args.command == "demo":
-            return _run(parse_spec(demo_spec(args.root, args.num_documents)), report=True)
+            return _run(parse_spec(demo_spec(args.root, args.num_documents, args.model)), report=True)
         if args.command == "report":
             from jobs.report import locate_run, write_report
             store, record = locate_run(args.run, args.endpoint_url, args.region)

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.demo_pair import DEMO_VERSION, _token_windows, _train, build_demo_pair, cached_build, generic_documents
+from workers.demo_pair import (DEMO_VERSION, _token_windows, _train, build_demo_pair, cached_build,
+                               default_cache_dir, generic_documents)
 
 ARCH_VERSION = "1"
 STEPS, LR, BATCH, SEQ = 60, 5e-3, 16, 64  # about 10 s per family on one core
@@ -93,4 +94,6 @@ def build_family_model(name: str, cache_dir: Path | str | None = None, seed: int
     family = FAMILIES[name]
     tokenizer_dir = build_demo_pair(cache_dir, progress=progress).base_dir
     key = f"arch-{ARCH_VERSION}-demo{DEMO_VERSION}-{name}-seed{seed}"
-    return cached_build(key, lambda tmp: _build(tmp, family, tokenizer_dir, seed, progress), cache_dir, progress)
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / key
+    return cached_build(folder, lambda tmp, p: _build(tmp, family, tokenizer_dir, seed, p), progress,
+                        f"the tiny {name} model")

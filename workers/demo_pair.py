@@ -477,10 +477,13 @@ def _token_windows(token_lists: list[list[int]], seq_len: int = SEQ_LEN):
 
 
 def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label,
-           batch_size: int = BATCH_SIZE, seq_len: int = SEQ_LEN):
+           seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, log_every: int = 50):
+    """AdamW over the parameters that require grad (all of them, or a LoRA's), on windows
+    of the stream that start at document starts; linear warmup, then linear decay."""
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1 - s / steps)
     )
@@ -491,11 +494,11 @@ def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progr
         batch = stream[idx[:, None] + offsets]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
+        if step % log_every == 0 or step == steps - 1:
             progress(f"{label} step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
 
@@ -566,42 +569,29 @@ def _pair_at(folder: Path) -> DemoPair:
     )
 
 
-def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress=print) -> DemoPair:
-    """Builds (or returns the cached) demo pair under cache_dir / f"demo-{DEMO_VERSION}-seed{seed}".
-
-    cache_dir defaults to $ADL_CACHE or ~/.cache/adl.
-    """
-    final = cached_build(f"demo-{DEMO_VERSION}-seed{seed}", lambda tmp: _build(tmp, seed, progress),
-                         cache_dir, progress)
-    return _pair_at(final)
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ADL_CACHE") or Path.home() / ".cache" / "adl")
 
 
-def cached_build(name: str, build, cache_dir: Path | str | None = None, progress=print) -> Path:
-    """cache_dir / name, built by `build(folder)` if it is not there yet, with every CPU core.
-
-    The folder is built in a temporary sibling and renamed into place, so the final folder
-    is complete whenever it exists; a concurrent builder that loses the race discards its
-    own copy. cache_dir defaults to $ADL_CACHE or ~/.cache/adl.
-    """
+def cached_build(final: Path, build, progress, what: str) -> Path:
+    """Runs build(tmp, progress) in a temporary sibling of `final` and renames it into
+    place, unless `final` exists already; the final folder is complete whenever it exists,
+    and a concurrent builder that loses the race discards its own copy. torch uses every
+    core it may run on while building."""
     import torch
 
-    if cache_dir is None:
-        cache_dir = os.environ.get("ADL_CACHE") or Path.home() / ".cache" / "adl"
-    cache_dir = Path(cache_dir)
-    final = cache_dir / name
     if final.is_dir():
         return final
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     threads = torch.get_num_threads()
     if hasattr(os, "sched_getaffinity"):
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     try:
-        progress(f"building {final}")
-        build(tmp)
+        progress(f"building {what} in {final}")
+        build(tmp, progress)
         tmp.chmod(0o755)  # mkdtemp made it private; the cache may be shared
         try:
             os.rename(tmp, final)
@@ -612,3 +602,13 @@ def cached_build(name: str, build, cache_dir: Path | str | None = None, progress
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress=print) -> DemoPair:
+    """Builds (or returns the cached) demo pair under cache_dir / f"demo-{DEMO_VERSION}-seed{seed}".
+
+    cache_dir defaults to $ADL_CACHE or ~/.cache/adl (see cached_build).
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache_dir / f"demo-{DEMO_VERSION}-seed{seed}"
+    return _pair_at(cached_build(final, lambda tmp, p: _build(tmp, seed, p), progress, "demo pair"))
