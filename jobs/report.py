@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from jobs.results import PairResults
 from jobs.summary import read_run_record
 from storage import layout
 from storage.store import StorageError, Store
@@ -77,27 +78,25 @@ class PairData:
     relevance_status: dict | None = None
     agent: pd.DataFrame | None = None
     transcripts: dict = field(default_factory=dict)   # transcript path -> its record (or None)
+    results: PairResults | None = None
     notes: dict = field(default_factory=dict)    # stage -> why it is not shown
-
-
-def _table(store: Store, key: str, columns=None) -> pd.DataFrame | None:
-    return store.read_table(key, columns=columns).to_pandas() if store.exists(key) else None
 
 
 def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     d = pair["dir"]
     spec_pair = next((p for p in spec.get("pairs", []) if p.get("name") == pair["name"]), {})
-    data = PairData(pair["name"], d, store.uri(d), spec_pair, store.exists(layout.manifest(d)))
-    data.lens = _table(store, f"{d}/{layout.LOGIT_LENS}")
-    data.difference = _table(store, f"{d}/{layout.DIFFERENCE}",
-                             ["layer", "position", "num_documents", "delta_norm", "finetuned_norm"])
-    data.patchscope = _table(store, f"{d}/{layout.PATCHSCOPE}")
-    data.generations = _table(store, f"{d}/{layout.GENERATIONS}")
-    data.steering = _table(store, f"{d}/{layout.STEERING}")
-    data.similarity = _table(store, f"{d}/{layout.SIMILARITY}")
-    data.relevance = _table(store, f"{d}/{layout.TOKEN_RELEVANCE}")
-    data.relevance_status = store.read_json_or_none(f"{d}/{layout.TOKEN_RELEVANCE_JSON}")
-    data.agent = _table(store, f"{d}/{layout.AGENT}")
+    results = PairResults(store, d)
+    data = PairData(pair["name"], d, store.uri(d), spec_pair, results.complete)
+    data.results = results
+    data.lens = results.table(layout.LOGIT_LENS)
+    data.difference = results.norms()
+    data.patchscope = results.table(layout.PATCHSCOPE)
+    data.generations = results.table(layout.GENERATIONS)
+    data.steering = results.table(layout.STEERING)
+    data.similarity = results.table(layout.SIMILARITY)
+    data.relevance = results.table(layout.TOKEN_RELEVANCE)
+    data.relevance_status = results.json(layout.TOKEN_RELEVANCE_JSON)
+    data.agent = results.table(layout.AGENT)
     if data.agent is not None:
         data.agent = data.agent.astype(object).where(data.agent.notna(), None)   # nulls as None, not NaN
         for path in data.agent.transcript.dropna():

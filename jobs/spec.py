@@ -41,6 +41,7 @@ class Pair:
     generic_chat: str | None = None      # generic chat answers (file), the embedding control
     allow_vocab_mismatch: bool = False   # run although the models' vocab_size differ (README)
     organism_type: str | None = None     # the hypothesis grader's rubric (ORGANISM_TYPES); None: generic
+    control: bool = False                # a finetune on pretraining-like text, the triage's reference (README)
 
 
 @dataclass(frozen=True)
@@ -351,9 +352,9 @@ def _pair(raw: Any, where: str) -> Pair:
         if kind not in ORGANISM_TYPES:
             raise SpecError(f"{where}.organism_type: must be one of {', '.join(ORGANISM_TYPES)}, got {kind!r}")
         optional["organism_type"] = kind
-    if data.get("allow_vocab_mismatch") is not None:
-        optional["allow_vocab_mismatch"] = _check(data["allow_vocab_mismatch"], "bool",
-                                                  f"{where}.allow_vocab_mismatch")
+    for flag in ("allow_vocab_mismatch", "control"):
+        if data.get(flag) is not None:
+            optional[flag] = _check(data[flag], "bool", f"{where}.{flag}")
     return Pair(name=name, base=base, finetuned=finetuned, **optional)
 
 

@@ -235,6 +235,8 @@ CATALOG_SCHEMA = pa.schema([
     ("agent_grades", pa.list_(pa.struct([("agent", pa.string()), ("budget", pa.int32()),
                                          ("mean_grade", pa.float64()), ("runs", pa.int32()),
                                          ("graded", pa.int32())]))),
+    ("delta_ratio", pa.float64()), ("trace_strength", pa.float64()), ("steering_uplift", pa.float64()),
+    ("best_grade", pa.float64()), ("control", pa.bool_()),
 ])
 
 
