@@ -8,6 +8,7 @@ token relevance, agent) fill their columns when present and leave them null othe
 from __future__ import annotations
 
 import io
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,7 +66,25 @@ def build_catalog(store: Store, record: dict) -> pa.Table:
     controls = {p.get("name") for p in record["spec"].get("pairs", []) if p.get("control")}
     rows = [row for pair in record["pairs"] for row in pair_rows(store, pair, positions, pair["name"] in controls)]
     rows.sort(key=lambda r: (r["pair"], r["layer"], r["position"]))
-    return catalog_table(rows, record["job"])
+    return catalog_table(rows, record["job"], **{"adl.pairs": json.dumps(pair_states(store, record),
+                                                                          sort_keys=True)})
+
+
+def pair_states(store: Store, record: dict) -> dict:
+    """Every pair of the job: {"state", "error"} from the status record (pending, running,
+    done, failed), or done / pending by its manifest when there is no status record."""
+    status = store.read_json_or_none(layout.run_status(record["job"])) \
+        if store.exists(layout.run_status(record["job"])) else None
+    pairs = (status or {}).get("pairs") if isinstance(status, dict) else None
+    out = {}
+    for pair in record["pairs"]:
+        entry = pairs.get(pair["name"]) if isinstance(pairs, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("state"), str):
+            out[pair["name"]] = {"state": entry["state"], "error": entry.get("error")}
+        else:
+            done = store.exists(layout.manifest(pair["dir"]))
+            out[pair["name"]] = {"state": "done" if done else "pending", "error": None}
+    return out
 
 
 def write_catalog(store: Store, record_key: str) -> str:

@@ -22,6 +22,7 @@
     runs/<job>/report.html                     the analysts' page (`adl report`)
     runs/<job>/status.json                     the job's progress, rewritten as it runs
     runs/<job>/catalog.parquet                 headline findings of all the job's pairs
+    runs/<job>/pair_similarity.parquet         cosine of every two pairs' deltas
 
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
@@ -97,6 +98,10 @@ def run_status(job_name: str) -> str:
 
 def run_catalog(job_name: str) -> str:
     return f"runs/{slug(job_name)}/catalog.parquet"
+
+
+def run_pair_similarity(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/pair_similarity.parquet"
 
 
 DIFFERENCE = "difference.parquet"

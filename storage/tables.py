@@ -240,9 +240,23 @@ CATALOG_SCHEMA = pa.schema([
 ])
 
 
-def catalog_table(rows: list[dict], job: str) -> pa.Table:
+def catalog_table(rows: list[dict], job: str, **metadata) -> pa.Table:
     """One row per pair x layer x analysed position across a job's finished pairs; alpha,
     fraction_relevant, similarities and agent_grades (the pair's, on each of its rows) are
     null where the pair has no such results."""
     return pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).replace_schema_metadata(
-        _metadata("catalog", **{"adl.job": job}))
+        _metadata("catalog", **{"adl.job": job, **metadata}))
+
+
+# -- the cross-pair view ------------------------------------------------------------------
+PAIR_SIMILARITY_SCHEMA = pa.schema([
+    ("pair_a", pa.string()), ("pair_b", pa.string()), ("layer", pa.int16()), ("position", pa.int16()),
+    ("cosine", pa.float64()), ("same_base", pa.bool_()),
+])
+
+
+def pair_similarity_table(rows: list[dict], job: str) -> pa.Table:
+    """One row per two finished pairs of a job (pair_a first in job order; a pair with
+    itself included) and (layer, position) both have: the cosine of their deltas."""
+    return pa.Table.from_pylist(rows, schema=PAIR_SIMILARITY_SCHEMA).replace_schema_metadata(
+        _metadata("pair_similarity", **{"adl.job": job}))
