@@ -420,6 +420,8 @@ def pair_section(data: PairData, spec: dict) -> str:
                 f"{relevance_section(data, layer, position)}</article>")
     if not _targets(data):
         out.append(note("no logit lens yet: nothing to show"))
+    from jobs.views_html import causal_section
+    out.append(causal_section(data.results))
     out.append(agent_pair_section(data))
     out.append("</section>")
     return "".join(out)

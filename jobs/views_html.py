@@ -84,3 +84,29 @@ def pair_similarity_section(store: Store, record: dict) -> str:
             out.append(f"<h4>layer {layer}</h4>{heatmap(names, sim, layer)}")
     out.append("</section>")
     return "".join(out)
+
+
+def causal_section(results) -> str:
+    """A line per (layer, text set, position): delta's change in cross-entropy beside the
+    random directions' and random differences' largest and mean."""
+    from jobs.causal import summary
+    df = results.table(layout.CAUSAL_EFFECT) if results is not None else None
+    if df is None:
+        return ""
+    f = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.4f}"
+    out = ['<h3>Causal effect of delta</h3><p class="legend">change in next-token cross-entropy of the '
+           "finetuned model when each token's component along delta_hat is changed at the layer "
+           "(patched to the base model's, or projected out), against random directions and random "
+           "differences of base activations (largest / mean)</p>"]
+    for layer in sorted(df.layer.unique()):
+        for eval_set in sorted(df.eval_set.unique(), key=lambda n: (n != "finetune_data", n)):
+            lines = summary(df, int(layer), eval_set)
+            if not lines:
+                continue
+            items = "".join(
+                f'<li data-causal="{int(layer)}-{esc(eval_set)}-{l["position"]}">position {l["position"]}: '
+                f'<b>{f(l["delta_ce"])}</b> (cross-entropy {l["base_ce"]:.4f} → {l["ce"]:.4f}); random directions '
+                f'{f(l["random_max"])} / {f(l["random_mean"])}; random differences {f(l["difference_max"])} / '
+                f'{f(l["difference_mean"])}</li>' for l in lines)
+            out.append(f"<h4>layer {int(layer)}, {esc(eval_set)}</h4><ul>{items}</ul>")
+    return "".join(out)

@@ -14,6 +14,7 @@
     pairs/<pair>/similarity.parquet            embedding similarity of text sets
     pairs/<pair>/agent/<agent>-b<budget>-r<run>.json   one interpretability-agent run's transcript
     pairs/<pair>/agent.parquet                 every agent run's description and grades
+    pairs/<pair>/causal_effect.parquet         cross-entropy with delta_hat patched or projected out
     pairs/<pair>/<stage>.done.json             a stage's marker: the digests of what it wrote (last)
     pairs/<pair>/manifest.json                 the pair's results are complete: every file's digest
     leases/activations/<set>/<n>.json          who is extracting the set now (jobs/leases.py)
@@ -114,6 +115,7 @@ TOKEN_RELEVANCE = "token_relevance.parquet"
 TOKEN_RELEVANCE_JSON = "token_relevance.json"
 SIMILARITY = "similarity.parquet"
 AGENT = "agent.parquet"
+CAUSAL_EFFECT = "causal_effect.parquet"
 
 
 def agent_transcript(agent: str, budget: int, run: int) -> str:

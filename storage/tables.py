@@ -260,3 +260,18 @@ def pair_similarity_table(rows: list[dict], job: str) -> pa.Table:
     itself included) and (layer, position) both have: the cosine of their deltas."""
     return pa.Table.from_pylist(rows, schema=PAIR_SIMILARITY_SCHEMA).replace_schema_metadata(
         _metadata("pair_similarity", **{"adl.job": job}))
+
+
+# -- the causal effect of delta ----------------------------------------------------------
+CAUSAL_EFFECT_SCHEMA = pa.schema([
+    ("layer", pa.int16()), ("position", pa.int16()), ("eval_set", pa.string()), ("intervention", pa.string()),
+    ("index", pa.int32()), ("ce", pa.float64()), ("ce_after_k", pa.float64()), ("delta_ce", pa.float64()),
+    ("delta_ce_after_k", pa.float64()), ("tokens", pa.int64()), ("tokens_after_k", pa.int64()),
+])
+
+
+def causal_effect_table(rows: list[dict], **metadata) -> pa.Table:
+    """One row per (layer, eval set, intervention): none (the unchanged model), delta
+    (per position), random and random_difference (per index); ce and its change from none."""
+    return pa.Table.from_pylist(rows, schema=CAUSAL_EFFECT_SCHEMA).replace_schema_metadata(
+        _metadata("causal_effect", **metadata))
