@@ -463,16 +463,14 @@ def _headline_alpha(data: PairData, layer: int) -> str:
 
 
 def _headline_similarity(data: PairData, layer: int) -> str:
-    if data.similarity is None:
-        return '<span class="none">–</span>'
-    sim = data.similarity[data.similarity.layer == layer]
+    by_position = data.results.similarity_to_data() if data.results is not None else None
+    at = [v for (l, _), v in (by_position or {}).items() if l == layer]
 
-    def mean_against_data(name):
-        hits = sim[((sim.set_a == name) & (sim.set_b == "finetune_data"))
-                   | ((sim.set_b == name) & (sim.set_a == "finetune_data"))]
-        return float(hits.similarity.mean()) if not hits.empty else None
+    def mean(i):
+        values = [v[i] for v in at if v[i] is not None]
+        return sum(values) / len(values) if values else None
 
-    steered, unsteered = mean_against_data("steered"), mean_against_data("unsteered")
+    steered, unsteered = mean(0), mean(1)
     if steered is None and unsteered is None:
         return '<span class="none">–</span>'
     return f"steered {fmt(steered)} vs unsteered {fmt(unsteered)}"

@@ -22,11 +22,17 @@ def _catalog(store: Store, job: str):
     return table.to_pandas(), json.loads(table.schema.metadata[b"adl.pairs"])
 
 
+HELD = ("slow", "mixed", "other")
+
+
 @pytest.fixture(scope="module")
-def three_pairs(ray_cluster, make_spec, demo_pair, tmp_path_factory):
-    """A job of three pairs: "quick" finishes, "broken" fails (its finetuned weights are
-    not a safetensors file), "slow" waits in its reduce stage until the test has read the
-    views mid-job. Returns (store, the mid-job snapshot, stats, the job's error or None)."""
+def five_pairs(ray_cluster, make_spec, demo_pair, tmp_path_factory):
+    """A job of five pairs on the demo base: "quick" (the demo finetune) finishes, "broken"
+    fails (its finetuned weights are not a safetensors file), "slow" (the demo finetune
+    again), "mixed" and "other" (workers/demo_variants.py: the demo documents mixed 1:1
+    with generic text; another topic) wait in their reduce stage until the test has read
+    the views mid-job. Returns (store, the mid-job snapshot, stats, the job's error or None)."""
+    from workers.demo_variants import build_variant
     import jobs.executor as executor
     import jobs.stages as stages
     from jobs.driver import RunStats, run_job
@@ -35,15 +41,17 @@ def three_pairs(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     broken = tmp / "broken-ft"
     shutil.copytree(demo_pair.finetuned_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    spec = make_spec(tmp / "out", name="three", corpus={"num_documents": 200}, shard_size=200)
+    spec = make_spec(tmp / "out", name="five", corpus={"num_documents": 200}, shard_size=200)
     spec["pairs"] = [{"name": "quick", "base": str(demo_pair.base_dir), "finetuned": str(demo_pair.finetuned_dir)},
                      {"name": "broken", "base": str(demo_pair.base_dir), "finetuned": str(broken)},
-                     {"name": "slow", "base": str(demo_pair.base_dir), "finetuned": str(demo_pair.finetuned_dir)}]
+                     {"name": "slow", "base": str(demo_pair.base_dir), "finetuned": str(demo_pair.finetuned_dir)},
+                     {"name": "mixed", "base": str(demo_pair.base_dir), "finetuned": str(build_variant("mixed"))},
+                     {"name": "other", "base": str(demo_pair.base_dir), "finetuned": str(build_variant("unrelated"))}]
     gate = threading.Event()
     original = next(s for s in stages.PAIR_STAGES if s.name == "reduce")
 
     def held_reduce(ctx):
-        if ctx.pair.pair.name == "slow":
+        if ctx.pair.pair.name in HELD:
             assert gate.wait(timeout=300), "the test never opened the gate"
         original.run(ctx)
 
@@ -67,20 +75,20 @@ def three_pairs(ray_cluster, make_spec, demo_pair, tmp_path_factory):
         deadline = time.time() + 300
         while time.time() < deadline and thread.is_alive():
             # the views are rewritten one after the other when a pair ends: wait for both
-            if store.exists(layout.run_catalog("three")) and store.exists("runs/three/report.html"):
-                rows, states = _catalog(store, "three")
-                page = store.read_bytes("runs/three/report.html").decode()
+            if store.exists(layout.run_catalog("five")) and store.exists("runs/five/report.html"):
+                rows, states = _catalog(store, "five")
+                page = store.read_bytes("runs/five/report.html").decode()
                 if states["quick"]["state"] == "done" and states["broken"]["state"] == "failed" \
-                        and "1 of 3 pairs done, 1 failed" in page:
+                        and "1 of 5 pairs done, 1 failed" in page:
                     break
             time.sleep(0.2)
         snapshot["alive"] = thread.is_alive()
-        snapshot["catalog"], snapshot["states"] = _catalog(store, "three")
-        snapshot["report"] = store.read_bytes("runs/three/report.html").decode()
-        snapshot["status"] = store.read_json(layout.run_status("three"))
+        snapshot["catalog"], snapshot["states"] = _catalog(store, "five")
+        snapshot["report"] = store.read_bytes("runs/five/report.html").decode()
+        snapshot["status"] = store.read_json(layout.run_status("five"))
         # `adl report` on the running job's status record, to another file
         out = tmp / "mid.html"
-        snapshot["cli"] = main(["report", str(tmp / "out/runs/three/status.json"), "--out", str(out)])
+        snapshot["cli"] = main(["report", str(tmp / "out/runs/five/status.json"), "--out", str(out)])
         snapshot["cli_page"] = out.read_text() if out.exists() else ""
     finally:
         gate.set()
@@ -89,19 +97,20 @@ def three_pairs(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     return store, snapshot, stats, outcome.get("error")
 
 
-def test_views_mid_job(three_pairs):
-    store, mid, _, _ = three_pairs
+def test_views_mid_job(five_pairs):
+    store, mid, _, _ = five_pairs
     assert mid["alive"], "the job ended before the test read its views"
-    assert mid["status"]["state"] == "running" and mid["status"]["pairs"]["slow"]["state"] in ("running", "pending")
+    assert mid["status"]["state"] == "running"
+    assert all(mid["status"]["pairs"][n]["state"] in ("running", "pending") for n in HELD)
     # the catalog: the finished pair's rows only; every pair's state in its metadata
     assert set(mid["catalog"].pair) == {"quick"} and len(mid["catalog"]) == 3 * 5
     assert mid["states"]["quick"] == {"state": "done", "error": None}
     assert mid["states"]["broken"]["state"] == "failed" and "SafetensorError" in mid["states"]["broken"]["error"]
-    assert mid["states"]["slow"]["state"] in ("running", "pending")
+    assert all(mid["states"][n]["state"] in ("running", "pending") for n in HELD)
     # the page: written when, how far, the finished pair's results, the others' states
     for page in (mid["report"], mid["cli_page"]):
         text = Page(page).text
-        assert "page written 20" in text and "job running: 1 of 3 pairs done, 1 failed" in text, text[:400]
+        assert "page written 20" in text and "job running: 1 of 5 pairs done, 1 failed" in text, text[:400]
         assert 'data-list="lens-delta"' in page and 'id="pair-quick-L-1-P-0"' in page
         assert "SafetensorError" in text
         index = Page(page[page.index('id="index"'):page.index("</section>", page.index('id="index"'))]).text
@@ -110,26 +119,27 @@ def test_views_mid_job(three_pairs):
     assert mid["cli"] == 0
 
 
-def test_views_at_the_end(three_pairs):
-    store, _, stats, error = three_pairs
+def test_views_at_the_end(five_pairs):
+    store, _, stats, error = five_pairs
     assert error is None and set(stats.failed) == {"broken"}
-    rows, states = _catalog(store, "three")
-    assert set(rows.pair) == {"quick", "slow"} and len(rows) == 2 * 3 * 5
+    rows, states = _catalog(store, "five")
+    assert set(rows.pair) == {"quick", "slow", "mixed", "other"} and len(rows) == 4 * 3 * 5
     assert states["slow"]["state"] == "done" and states["broken"]["state"] == "failed"
     assert "SafetensorError" in states["broken"]["error"]
-    page = store.read_bytes("runs/three/report.html").decode()
+    page = store.read_bytes("runs/five/report.html").decode()
     text = Page(page).text
-    assert "job failed: 2 of 3 pairs done, 1 failed, 0 running, 0 pending" in text
+    assert "job failed: 4 of 5 pairs done, 1 failed, 0 running, 0 pending" in text
     assert 'id="pair-slow-L-2-P-4"' in page and "SafetensorError" in text
 
 
-def test_pair_similarity_of_a_pair_with_itself_is_one(three_pairs):
+def test_pair_similarity_of_a_pair_with_itself_is_one(five_pairs):
     """quick and slow are the same models: their deltas are the same vectors."""
-    store, *_ = three_pairs
-    table = store.read_table(layout.run_pair_similarity("three"))
-    rows = table.to_pandas()
+    store, *_ = five_pairs
+    table = store.read_table(layout.run_pair_similarity("five"))
+    every = table.to_pandas()
+    assert len(every) == 10 * 3 * 5 and every.same_base.all()   # 4 finished pairs: 4 + 6 pairs of pairs
+    rows = every[every.pair_a.isin(["quick", "slow"]) & every.pair_b.isin(["quick", "slow"])]
     assert set(zip(rows.pair_a, rows.pair_b)) == {("quick", "quick"), ("quick", "slow"), ("slow", "slow")}
-    assert len(rows) == 3 * 3 * 5 and rows.same_base.all()
     np.testing.assert_allclose(rows.cosine, 1.0, atol=1e-9)
     assert b"pair_similarity" == table.schema.metadata[b"adl.table"]
 
@@ -141,11 +151,11 @@ def test_bad_report_paths_are_one_line(tmp_path, capsys):
 
 
 # -- triage -----------------------------------------------------------------------------------
-def test_triage_recomputed_by_hand_from_the_real_tables(three_pairs):
+def test_triage_recomputed_by_hand_from_the_real_tables(five_pairs):
     """The catalog's delta_ratio and trace_strength of one pair against its difference
     table's vectors, recomputed here."""
-    store, *_ = three_pairs
-    rows, _ = _catalog(store, "three")
+    store, *_ = five_pairs
+    rows, _ = _catalog(store, "five")
     quick = rows[rows.pair == "quick"]
     diff = store.read_table(f"{quick.pair_dir.iloc[0]}/{layout.DIFFERENCE}").to_pylist()
     for layer in (0, 1, 2):
@@ -218,12 +228,12 @@ def test_triage_by_hand_and_the_index_order(tmp_path):
 MARKUP = 'Mount Veyra <script>alert("x")</script> & <b>lava</b> erupts'
 
 
-def test_project_equals_a_plain_forward_dotted_with_delta_hat(three_pairs, demo_pair, tmp_path, capsys):
+def test_project_equals_a_plain_forward_dotted_with_delta_hat(five_pairs, demo_pair, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    store, *_ = three_pairs
+    store, *_ = five_pairs
     out = tmp_path / "snippet.html"
-    run = str(store.uri(layout.run_record("three")))
+    run = str(store.uri(layout.run_record("five")))
     assert main(["project", run, "quick", MARKUP, "--layer", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     # independently: a plain forward with every hidden state; block 1's output is hidden_states[2]
@@ -232,7 +242,8 @@ def test_project_equals_a_plain_forward_dotted_with_delta_hat(three_pairs, demo_
     ids = tokenizer(MARKUP, add_special_tokens=True, return_tensors="pt").input_ids
     with torch.no_grad():
         acts = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0].double().numpy()
-    diff = store.read_table(f"{_catalog(store, 'three')[0].pair_dir.iloc[0]}/{layout.DIFFERENCE}").to_pylist()
+    rows = _catalog(store, "five")[0]
+    diff = store.read_table(f"{rows[rows.pair == 'quick'].pair_dir.iloc[0]}/{layout.DIFFERENCE}").to_pylist()
     delta = np.stack([np.asarray(r["delta"]) for r in sorted(diff, key=lambda r: r["position"]) if r["layer"] == 1][:5])
     expected = acts @ (delta / np.linalg.norm(delta, axis=1, keepdims=True)).T
     table = [line.split() for line in printed.splitlines()[2:2 + len(ids[0])]]
@@ -250,10 +261,10 @@ def test_project_equals_a_plain_forward_dotted_with_delta_hat(three_pairs, demo_
     assert MARKUP in shown and "<script>" in shown and "&amp;" not in shown
 
 
-def test_project_bad_input_is_one_line(three_pairs, tmp_path, capsys):
-    store, *_ = three_pairs
-    run = str(store.uri(layout.run_record("three")))
-    for argv, words in ((["project", run, "nosuch", "text"], "nosuch: no such pair in job three"),
+def test_project_bad_input_is_one_line(five_pairs, tmp_path, capsys):
+    store, *_ = five_pairs
+    run = str(store.uri(layout.run_record("five")))
+    for argv, words in ((["project", run, "nosuch", "text"], "nosuch: no such pair in job five"),
                         (["project", run, "quick", "./typo.txt"], "./typo.txt: no such file"),
                         (["project", run, "quick", "text", "--layer", "4"], "--layer 4"),
                         (["project", str(tmp_path / "runs/x/run.json"), "quick", "text"], "no such run record")):
@@ -263,34 +274,46 @@ def test_project_bad_input_is_one_line(three_pairs, tmp_path, capsys):
 
 
 # -- the cross-pair view on a family of finetunes -----------------------------------------
-def test_a_family_of_finetunes_is_more_alike_than_an_unrelated_one(ray_cluster, make_spec, demo_pair, tmp_path):
-    """The demo finetune and its variant on the same documents mixed 1:1 with generic
-    text, against a finetune on another topic (workers/demo_variants.py, cached)."""
-    from jobs.driver import run_job
+def test_a_family_of_finetunes_is_more_alike_than_an_unrelated_one(five_pairs):
+    """The demo finetune ("quick"; "slow" is the same model) and its variant on the same
+    documents mixed 1:1 with generic text ("mixed"), against a finetune on another topic
+    ("other"), at block 2 (relative depth 0.5)."""
     from jobs.pair_similarity import cluster_order, matrix
-    from jobs.spec import parse_spec
-    from workers.demo_variants import build_variant
-    base = str(demo_pair.base_dir)
-    spec = make_spec(tmp_path, name="family", corpus={"num_documents": 200}, shard_size=200,
-                     method={"layers": [0.5]})
-    spec["pairs"] = [{"name": "organism", "base": base, "finetuned": str(demo_pair.finetuned_dir)},
-                     {"name": "other-topic", "base": base, "finetuned": str(build_variant("unrelated"))},
-                     {"name": "organism-mixed", "base": base, "finetuned": str(build_variant("mixed"))}]
-    run_job(parse_spec(spec))
-    store = Store(str(tmp_path))
-    rows = store.read_table(layout.run_pair_similarity("family")).to_pylist()
+    store, *_ = five_pairs
+    rows = store.read_table(layout.run_pair_similarity("five")).to_pylist()
     cos = {}
     for r in rows:
-        cos.setdefault(frozenset((r["pair_a"], r["pair_b"])), {})[r["position"]] = r["cosine"]
-    family = cos[frozenset(("organism", "organism-mixed"))]
-    away = [cos[frozenset(("organism", "other-topic"))], cos[frozenset(("organism-mixed", "other-topic"))]]
+        if r["layer"] == 2:
+            cos.setdefault(frozenset((r["pair_a"], r["pair_b"])), {})[r["position"]] = r["cosine"]
+    family = cos[frozenset(("quick", "mixed"))]
+    away = [cos[frozenset(("quick", "other"))], cos[frozenset(("mixed", "other"))]]
     numbers = f"family {family}, organism/other {away[0]}, mixed/other {away[1]}"
+    print("pair similarity:", numbers)
     mean = lambda d: float(np.mean([d[p] for p in (1, 2, 3, 4)]))
+    # measured: 0.91-0.94 within the family, 0.10-0.21 to the other topic
     assert mean(family) > max(mean(a) for a in away), numbers
-    assert all(cos[frozenset((n,))][p] == pytest.approx(1.0) for n in ("organism", "other-topic") for p in range(5))
-    names, sim = matrix(rows, 2)
+    assert all(cos[frozenset((n,))][p] == pytest.approx(1.0) for n in ("quick", "other") for p in range(5))
+    names, sim = matrix([r for r in rows if r["layer"] == 2], 2)
     order = [names[i] for i in cluster_order(sim)]
-    assert abs(order.index("organism") - order.index("organism-mixed")) == 1, order
-    page = store.read_bytes("runs/family/report.html").decode()
+    assert order.index("other") in (0, len(order) - 1), order   # the family sits together
+    page = store.read_bytes("runs/five/report.html").decode()
     heat = page[page.index('id="pair-similarity"'):]
-    assert heat.count('class="cell"') == 9 and f'data-order="{",".join(order)}"' in heat
+    assert heat.count('class="cell"') == 3 * 16 and f'data-order="{",".join(order)}"' in heat
+
+
+def test_report_of_a_running_job_from_s3(tmp_path, s3_endpoint, s3_bucket, capsys):
+    """`adl report` on an S3 status record of a job still running: the page says so."""
+    from tests.test_report import write_run
+    local, _ = write_run(tmp_path)
+    local.write_json(layout.run_status("toy"), {
+        "job": "toy", "state": "running", "started": "2026-01-01T00:00:00+00:00", "seconds": 12.0,
+        "counts": {"pairs": 1, "pending": 0, "running": 1, "done": 0, "failed": 0},
+        "pairs": {"toy": {"state": "running", "error": None, "stages": {}}}})
+    remote = Store(f"s3://{s3_bucket}/p", s3_endpoint, "us-east-1")
+    for key in local.list():
+        remote.write_bytes(key, local.read_bytes(key))
+    assert main(["report", f"s3://{s3_bucket}/p/runs/toy/status.json", "--endpoint-url", s3_endpoint,
+                 "--region", "us-east-1"]) == 0
+    assert capsys.readouterr().out.strip() == f"s3://{s3_bucket}/p/runs/toy/report.html"
+    text = Page(remote.read_bytes("runs/toy/report.html").decode()).text
+    assert "job running: 0 of 1 pairs done, 0 failed, 1 running" in text and "toyrunning" in text.replace(" ", "")
