@@ -8,10 +8,13 @@ token relevance, agent) fill their columns when present and leave them null othe
 from __future__ import annotations
 
 import io
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.results import PairResults, agent_summary  # noqa: F401  (agent_summary: its readers import it here)
+from jobs.triage import pair_triage
 from storage import layout
 from storage.store import Store
 from storage.tables import TABLE_PARQUET_OPTIONS, catalog_table
@@ -19,71 +22,69 @@ from storage.tables import TABLE_PARQUET_OPTIONS, catalog_table
 TOP_TOKENS = 10
 
 
-def pair_rows(store: Store, pair: dict, positions: list[int]) -> list[dict]:
+def pair_rows(store: Store, pair: dict, positions: list[int], control: bool = False) -> list[dict]:
     """pair: a run record's pair entry (name, dir, ...). [] until the pair is complete.
     Every table is checked against the digest the pair's manifest records for it."""
-    d = pair["dir"]
-    if not store.exists(layout.manifest(d)):
+    results = PairResults(store, pair["dir"])
+    if not results.complete:
         return []
-    files = store.read_json(layout.manifest(d)).get("files") or {}
-    diff = store.read_table(f"{d}/{layout.DIFFERENCE}", columns=[
-        "layer", "position", "num_documents", "delta_norm", "finetuned_norm"],
-        digest=files.get(layout.DIFFERENCE)).to_pylist()
-    lens = store.read_table(f"{d}/{layout.LOGIT_LENS}", digest=files.get(layout.LOGIT_LENS)).to_pandas()
-    lens = lens[(lens.variant == "delta") & (lens["rank"] < TOP_TOKENS)].sort_values("rank")
+    diff = results.norms().to_dict("records")
     top = {key: (list(g.token), [float(p) for p in g.probability])
-           for key, g in lens.groupby(["layer", "position"])}
-    alpha = {}
-    if store.exists(f"{d}/{layout.STEERING}"):
-        for r in store.read_table(f"{d}/{layout.STEERING}", columns=["layer", "position", "alpha"],
-                                  digest=files.get(layout.STEERING)).to_pylist():
-            alpha[(r["layer"], r["position"])] = r["alpha"]
+           for key, g in results.lens_top("delta", TOP_TOKENS).groupby(["layer", "position"])}
+    steering = results.table(layout.STEERING, ["layer", "position", "alpha"])
+    alpha = {} if steering is None else {(r.layer, r.position): r.alpha for r in steering.itertuples()}
     similarities: dict = {}
-    if store.exists(f"{d}/{layout.SIMILARITY}"):
-        for r in store.read_table(f"{d}/{layout.SIMILARITY}", digest=files.get(layout.SIMILARITY)).to_pylist():
-            similarities.setdefault((r["layer"], r["position"]), []).append(
-                {"set_a": r["set_a"], "set_b": r["set_b"], "similarity": r["similarity"]})
-    relevant = {}
-    key = f"{d}/{layout.TOKEN_RELEVANCE_JSON}"
-    metrics = store.read_json(key, digest=files.get(layout.TOKEN_RELEVANCE_JSON)) if store.exists(key) else None
-    if metrics and metrics.get("status") == "done":
-        for m in metrics.get("metrics", []):
-            if m.get("source") == "logit_lens":
-                relevant[(m["layer"], m["position"])] = m["fraction_relevant"]
-    agent_grades = None
-    if store.exists(f"{d}/{layout.AGENT}"):
-        agent_grades = agent_summary(store.read_table(f"{d}/{layout.AGENT}").to_pandas())
+    sim = results.table(layout.SIMILARITY)
+    for r in ([] if sim is None else sim.itertuples()):
+        similarities.setdefault((r.layer, r.position), []).append(
+            {"set_a": r.set_a, "set_b": r.set_b, "similarity": r.similarity})
+    relevant = results.relevance_metrics("logit_lens") or {}
+    agent_grades = results.agent_groups()
+    triage = pair_triage(results)
     rows = []
     for r in diff:
         key = (r["layer"], r["position"])
         if r["position"] not in positions:
             continue
         tokens, probs = top.get(key, ([], []))
-        rows.append({"pair": pair["name"], "pair_dir": d, "base": pair.get("base_activations"),
+        t = triage.get(int(r["layer"]), {})
+        rows.append({"pair": pair["name"], "pair_dir": pair["dir"], "base": pair.get("base_activations"),
                      "finetuned": pair.get("finetuned_activations"), **r,
                      "top_tokens": tokens, "top_probabilities": probs, "alpha": alpha.get(key),
                      "fraction_relevant": relevant.get(key), "similarities": similarities.get(key),
-                     "agent_grades": agent_grades})
+                     "agent_grades": agent_grades,
+                     "delta_ratio": t.get("delta_ratio", {}).get(int(r["position"]),
+                                                                 r["delta_norm"] / r["finetuned_norm"]),
+                     "trace_strength": t.get("trace_strength"),
+                     "steering_uplift": t.get("steering_uplift", {}).get(int(r["position"])),
+                     "best_grade": t.get("best_grade"), "control": control})
     return rows
-
-
-def agent_summary(table) -> list[dict]:
-    """Per (agent, budget) of an agent table (pandas): the mean over its runs' mean grades
-    (runs without a grade left out), the runs and how many were graded."""
-    out = []
-    for (agent, budget), group in table.groupby(["agent", "budget"], sort=True):
-        graded = group.mean_grade.dropna()
-        out.append({"agent": agent, "budget": int(budget), "runs": int(len(group)), "graded": int(len(graded)),
-                    "mean_grade": float(graded.mean()) if len(graded) else None})
-    order = {"adl": 0, "blackbox": 1}
-    return sorted(out, key=lambda r: (order.get(r["agent"], 2), r["agent"], r["budget"]))
 
 
 def build_catalog(store: Store, record: dict) -> pa.Table:
     positions = list(record["spec"]["method"]["positions"])
-    rows = [row for pair in record["pairs"] for row in pair_rows(store, pair, positions)]
+    controls = {p.get("name") for p in record["spec"].get("pairs", []) if p.get("control")}
+    rows = [row for pair in record["pairs"] for row in pair_rows(store, pair, positions, pair["name"] in controls)]
     rows.sort(key=lambda r: (r["pair"], r["layer"], r["position"]))
-    return catalog_table(rows, record["job"])
+    return catalog_table(rows, record["job"], **{"adl.pairs": json.dumps(pair_states(store, record),
+                                                                          sort_keys=True)})
+
+
+def pair_states(store: Store, record: dict) -> dict:
+    """Every pair of the job: {"state", "error"} from the status record (pending, running,
+    done, failed), or done / pending by its manifest when there is no status record."""
+    status = store.read_json_or_none(layout.run_status(record["job"])) \
+        if store.exists(layout.run_status(record["job"])) else None
+    pairs = (status or {}).get("pairs") if isinstance(status, dict) else None
+    out = {}
+    for pair in record["pairs"]:
+        entry = pairs.get(pair["name"]) if isinstance(pairs, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("state"), str):
+            out[pair["name"]] = {"state": entry["state"], "error": entry.get("error")}
+        else:
+            done = store.exists(layout.manifest(pair["dir"]))
+            out[pair["name"]] = {"state": "done" if done else "pending", "error": None}
+    return out
 
 
 def write_catalog(store: Store, record_key: str) -> str:

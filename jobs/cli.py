@@ -8,15 +8,16 @@ import os
 import sys
 
 from jobs.plan import PlanError
+from jobs.project import ProjectError
 from jobs.report import ReportError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
-from storage.store import StorageError
+from storage.store import StorageError, Store
 from workers.models import ModelError
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
 INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError,
-                ClusterError)
+                ClusterError, ProjectError)
 
 
 DEMO_MODELS = ("demo", "gemma-3-270m")
@@ -160,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--out", default=None, help="where to write the page (default: runs/<job>/report.html)")
     p_report.add_argument("--endpoint-url", default=None)
     p_report.add_argument("--region", default=None)
+    p_project = sub.add_parser("project", help="per-token projections of a text onto a pair's delta_hat")
+    p_project.add_argument("run", help="runs/<job>/run.json (or status.json), or a storage root holding one job")
+    p_project.add_argument("pair", help="the pair's name")
+    p_project.add_argument("text", help="the text, or a file holding it")
+    p_project.add_argument("--layer", type=int, default=None, help="block index (default: the pair's first layer)")
+    p_project.add_argument("--out", default=None, help="the HTML snippet (default: ./adl-project-<pair>.html)")
+    p_project.add_argument("--endpoint-url", default=None)
+    p_project.add_argument("--region", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -177,12 +186,30 @@ def main(argv: list[str] | None = None) -> int:
             store, record = locate_run(args.run, args.endpoint_url, args.region)
             print(write_report(store, record, args.out))
             return 0
+        if args.command == "project":
+            return _project(args)
         from jobs.summary import inspect
         print(inspect(args.path, args.endpoint_url, args.region))
         return 0
     except INPUT_ERRORS as e:
         print(f"adl: error: {e}", file=sys.stderr)
         return 2
+
+
+def _project(args) -> int:
+    from jobs.project import lines, project, read_text, snippet
+    from jobs.report import locate_run
+    from storage import layout
+    text = read_text(args.text)
+    store, record = locate_run(args.run, args.endpoint_url, args.region)
+    result = project(store, record, args.pair, text, args.layer)
+    print("\n".join(lines(result)))
+    out = args.out or f"adl-project-{layout.slug(args.pair)}.html"
+    parent, _, name = out.rstrip("/").rpartition("/")
+    target = Store(parent or ".", args.endpoint_url, args.region)
+    target.write_bytes(name, snippet(result).encode())
+    print(f"snippet: {target.uri(name)}")
+    return 0
 
 
 def _cluster(args) -> int:

@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from jobs.catalog import write_catalog
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
@@ -31,6 +30,7 @@ from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
 from jobs.status import JobStatus, describe
+from jobs.views import publish
 from storage import layout
 from storage.store import Store
 
@@ -302,6 +302,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
     status = JobStatus(store, plan, pending, pair_stages(spec), log)
     status.stats = stats
+    key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
     private = False
     backend = None
     leases = Leases(store, spec.name, log)
@@ -326,7 +327,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                     backend = RayBackend(plan, store, status, stats, log, grader=_llm_grader(spec),
                                          verified=verified)
                     scheduler = Scheduler(units, backend.requests, backend, log,
-                                          _on_change(plan, units, store, status, stats, leases))
+                                          _on_change(plan, units, store, status, stats, leases,
+                                                     lambda: publish(store, key, log)))
                     try:
                         scheduler.run()
                     finally:
@@ -349,6 +351,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         if backend is not None:
             backend.kill_all()
         status.finish(error="interrupted" if interrupted else describe(e))
+        publish(store, key, log)
         if interrupted:
             done = sum(p["state"] == "done" for p in status.record["pairs"].values())
             sets = status.record["counts"].get("activation_sets_done", 0)
@@ -357,9 +360,9 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         if private:
             _stop_private_ray()
         raise
-    key = write_run_record(plan, store)
-    status.catalog = write_catalog(store, key)
+    status.catalog = publish(store, key, log, views=("catalog", "pair similarity"))
     status.finish()
+    publish(store, key, log, views=("report",))   # the page says the job has ended
     if store.retries:
         log(f"storage: {store.retries} retries in this run")
     return key
@@ -380,9 +383,10 @@ def _pair_done(store: Store, pair: PairPlan, status: JobStatus, stats: RunStats,
 
 
 def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, stats: RunStats,
-               leases: Leases | None = None):
+               leases: Leases | None = None, pair_ended=lambda: None):
     """A pair's state follows its units: running with the first, failed with the first
-    failure, done (its manifest written) when the last is done. Leases go back as soon
+    failure, done (its manifest written) when the last is done; when a pair is done or
+    failed, pair_ended() rewrites the job's views (jobs/views.py). Leases go back as soon
     as their work has ended: an activation set's with its extraction, a pair's with the
     last of its units."""
     pairs = {p.pair.name: p for p in plan.pairs}
@@ -404,8 +408,10 @@ def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, s
             elif unit.state == "failed":
                 stats.failed[name] = unit.error
                 status.pair_state(name, "failed", unit.error)
+                pair_ended()
             elif unit.state == "done" and all(u.state == "done" for u in by_pair[name]):
                 _pair_done(store, pairs[name], status, stats, plan.spec)
+                pair_ended()
         if leases is not None and ended:
             leases.release(pairs[name].out_dir)
     return changed

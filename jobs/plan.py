@@ -239,5 +239,9 @@ def make_plan(spec: JobSpec) -> Plan:
             pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
         if spec.agent.enabled:   # only then: pairs of jobs without the section keep their keys
             pair_identity.update(agent=agent_identity(spec, pair))
+        if spec.causal_effect.enabled:   # likewise
+            files = ({"finetune_data": file_identity(pair.finetune_data, f"{where}.finetune_data")}
+                     if pair.finetune_data else {})
+            pair_identity.update(causal_effect={**as_plain(spec.causal_effect), "files": files})
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
     return Plan(spec, tuple(sets.values()), tuple(pairs))

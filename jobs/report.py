@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from jobs.results import PairResults
+from jobs.triage import RATIO_POSITIONS, pair_triage
 from jobs.summary import read_run_record
 from storage import layout
 from storage.store import StorageError, Store
@@ -32,6 +34,13 @@ def locate_run(path: str, endpoint_url: str | None = None, region: str | None = 
     """(store at the storage root, run record key) for a run.json path or URI, or for a
     storage root that holds exactly one job."""
     clean = path.rstrip("/") or "."
+    if clean.endswith("/status.json") or clean == "status.json":
+        # a running job's status record: its run record lies beside it (written first)
+        beside = clean[: -len("status.json")] + "run.json"
+        try:
+            return locate_run(beside, endpoint_url, region)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no run record beside this status record ({beside})") from None
     try:
         if clean.endswith("run.json"):
             # <root>/runs/<job>/run.json; a relative "runs/..." has the current folder as root
@@ -77,27 +86,26 @@ class PairData:
     relevance_status: dict | None = None
     agent: pd.DataFrame | None = None
     transcripts: dict = field(default_factory=dict)   # transcript path -> its record (or None)
+    results: PairResults | None = None
+    state: dict = field(default_factory=lambda: {"state": "pending", "error": None})   # the job's view of it
     notes: dict = field(default_factory=dict)    # stage -> why it is not shown
-
-
-def _table(store: Store, key: str, columns=None) -> pd.DataFrame | None:
-    return store.read_table(key, columns=columns).to_pandas() if store.exists(key) else None
 
 
 def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     d = pair["dir"]
     spec_pair = next((p for p in spec.get("pairs", []) if p.get("name") == pair["name"]), {})
-    data = PairData(pair["name"], d, store.uri(d), spec_pair, store.exists(layout.manifest(d)))
-    data.lens = _table(store, f"{d}/{layout.LOGIT_LENS}")
-    data.difference = _table(store, f"{d}/{layout.DIFFERENCE}",
-                             ["layer", "position", "num_documents", "delta_norm", "finetuned_norm"])
-    data.patchscope = _table(store, f"{d}/{layout.PATCHSCOPE}")
-    data.generations = _table(store, f"{d}/{layout.GENERATIONS}")
-    data.steering = _table(store, f"{d}/{layout.STEERING}")
-    data.similarity = _table(store, f"{d}/{layout.SIMILARITY}")
-    data.relevance = _table(store, f"{d}/{layout.TOKEN_RELEVANCE}")
-    data.relevance_status = store.read_json_or_none(f"{d}/{layout.TOKEN_RELEVANCE_JSON}")
-    data.agent = _table(store, f"{d}/{layout.AGENT}")
+    results = PairResults(store, d)
+    data = PairData(pair["name"], d, store.uri(d), spec_pair, results.complete)
+    data.results = results
+    data.lens = results.table(layout.LOGIT_LENS)
+    data.difference = results.norms()
+    data.patchscope = results.table(layout.PATCHSCOPE)
+    data.generations = results.table(layout.GENERATIONS)
+    data.steering = results.table(layout.STEERING)
+    data.similarity = results.table(layout.SIMILARITY)
+    data.relevance = results.table(layout.TOKEN_RELEVANCE)
+    data.relevance_status = results.json(layout.TOKEN_RELEVANCE_JSON)
+    data.agent = results.table(layout.AGENT)
     if data.agent is not None:
         data.agent = data.agent.astype(object).where(data.agent.notna(), None)   # nulls as None, not NaN
         for path in data.agent.transcript.dropna():
@@ -386,6 +394,8 @@ def pair_section(data: PairData, spec: dict) -> str:
            f"<p>{esc(models)}</p>",
            f"<p>finetuning domain: {esc(desc)}</p>" if desc else "",
            f'<p class="uri">results: {esc(data.uri)}</p>']
+    if data.state.get("state") in ("failed", "running", "pending") and data.state.get("state") != "done":
+        out.append(f"<p>state: {_state(data)}</p>")
     if not data.complete:
         out.append(note("incomplete: the pair's manifest is missing, its results are not final"))
     if stages:
@@ -410,6 +420,8 @@ def pair_section(data: PairData, spec: dict) -> str:
                 f"{relevance_section(data, layer, position)}</article>")
     if not _targets(data):
         out.append(note("no logit lens yet: nothing to show"))
+    from jobs.views_html import causal_section
+    out.append(causal_section(data.results))
     out.append(agent_pair_section(data))
     out.append("</section>")
     return "".join(out)
@@ -451,37 +463,69 @@ def _headline_alpha(data: PairData, layer: int) -> str:
 
 
 def _headline_similarity(data: PairData, layer: int) -> str:
-    if data.similarity is None:
-        return '<span class="none">–</span>'
-    sim = data.similarity[data.similarity.layer == layer]
+    by_position = data.results.similarity_to_data() if data.results is not None else None
+    at = [v for (l, _), v in (by_position or {}).items() if l == layer]
 
-    def mean_against_data(name):
-        hits = sim[((sim.set_a == name) & (sim.set_b == "finetune_data"))
-                   | ((sim.set_b == name) & (sim.set_a == "finetune_data"))]
-        return float(hits.similarity.mean()) if not hits.empty else None
+    def mean(i):
+        values = [v[i] for v in at if v[i] is not None]
+        return sum(values) / len(values) if values else None
 
-    steered, unsteered = mean_against_data("steered"), mean_against_data("unsteered")
+    steered, unsteered = mean(0), mean(1)
     if steered is None and unsteered is None:
         return '<span class="none">–</span>'
     return f"steered {fmt(steered)} vs unsteered {fmt(unsteered)}"
 
 
+def _triage_cells(t: dict) -> str:
+    ratios = " ".join(f"{t['delta_ratio'][p]:.3g}" if p in t.get("delta_ratio", {}) else "–"
+                      for p in RATIO_POSITIONS)
+    return (f"<td><b>{fmt(t.get('trace_strength'))}</b></td><td><small>{ratios}</small></td>"
+            f"<td>{fmt(t.get('mean_steering_uplift'))}</td><td>{fmt(t.get('best_grade'), 2)}</td>")
+
+
+def _state(data: PairData) -> str:
+    state, error = data.state.get("state"), data.state.get("error")
+    return f'<span class="state {esc(state)}">{esc(state)}</span>' + (f"<br><small>{esc(error)}</small>"
+                                                                          if error else "")
+
+
 def index_section(pairs: list[PairData]) -> str:
-    rows = []
+    """One row per (pair, layer), sorted by trace strength (strongest first), a control
+    pair first for reference, pairs without results (pending, running, failed) last."""
+    entries = []
     for data in pairs:
+        triage = pair_triage(data.results) if data.results is not None and data.difference is not None else {}
         layers = sorted({layer for layer, _ in _targets(data)})
-        name = f'<a href="#{anchor("pair", data.name)}">{esc(data.name)}</a>'
         if not layers:
-            rows.append(f"<tr><td>{name}</td><td>{esc(_models(data.spec))}</td>"
-                        f'<td colspan="5" class="none">no results yet</td></tr>')
+            entries.append((2, 0.0, data, None, {}))
         for layer in layers:
-            links = " ".join(f'<a href="#{anchor("pair", data.name, "L", layer, "P", p)}">{p}</a>'
-                             for l, p in _targets(data) if l == layer)
-            rows.append(f"<tr><td>{name}</td><td>{esc(_models(data.spec))}</td><td>{layer}</td>"
-                        f"<td>{_headline_tokens(data, layer)}</td><td>{_headline_alpha(data, layer)}</td>"
-                        f"<td>{_headline_similarity(data, layer)}</td><td>{links}</td></tr>")
-    return (f'<section id="index"><h2>Pairs</h2><table class="index"><tr><th>pair</th><th>models</th>'
-            f"<th>layer</th><th>top logit-lens tokens of delta (over positions)</th><th>steering alpha</th>"
+            t = triage.get(layer, {})
+            strength = t.get("trace_strength")
+            control = bool(data.spec.get("control"))
+            entries.append((0 if control else 1, -(strength if strength is not None else -math.inf), data, layer, t))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    rows = []
+    for group, _, data, layer, t in entries:
+        name = f'<a href="#{anchor("pair", data.name)}">{esc(data.name)}</a>' + (
+            ' <span class="control">control</span>' if data.spec.get("control") else "")
+        if layer is None:
+            rows.append(f"<tr><td>{name}</td><td>{_state(data)}</td><td>{esc(_models(data.spec))}</td>"
+                        f'<td colspan="9" class="none">no results yet</td></tr>')
+            continue
+        links = " ".join(f'<a href="#{anchor("pair", data.name, "L", layer, "P", p)}">{p}</a>'
+                         for l, p in _targets(data) if l == layer)
+        rows.append(f'<tr{" class=control" if group == 0 else ""}><td>{name}</td><td>{_state(data)}</td>'
+                    f"<td>{esc(_models(data.spec))}</td><td>{layer}</td>{_triage_cells(t)}"
+                    f"<td>{_headline_tokens(data, layer)}</td><td>{_headline_alpha(data, layer)}</td>"
+                    f"<td>{_headline_similarity(data, layer)}</td><td>{links}</td></tr>")
+    return (f'<section id="index"><h2>Pairs</h2>'
+            f'<p class="legend">sorted by trace strength (the mean of |delta| / finetuned norm over positions '
+            f'1–4; position 0 is often BOS), strongest first; a control pair (finetuned on pretraining-like '
+            f'text) first, for reference; steering uplift: similarity of steered minus unsteered samples to '
+            f'the finetuning data; best grade: the ADL agent\'s best mean grade over budgets (README, Triage)</p>'
+            f'<table class="index"><tr><th>pair</th><th>state</th><th>models</th>'
+            f"<th>layer</th><th>trace strength</th><th>|delta| / norm at positions 0–4</th><th>steering uplift</th>"
+            f"<th>best grade</th><th>top logit-lens tokens of delta (over positions)</th><th>steering alpha</th>"
             f"<th>similarity to finetuning data (mean over positions)</th><th>positions</th></tr>"
             f"{''.join(rows)}</table></section>")
 
@@ -654,15 +698,22 @@ svg .axis{stroke:#57606a;stroke-width:1}svg .pass{stroke:#cf222e;stroke-dasharra
 svg .grid{stroke:#d0d7de}svg .bar.adl{fill:#0969da}svg .bar.blackbox{fill:#8c959f}svg .whisker{stroke:#1d232a;stroke-width:2}
 .runs td{max-width:50em}.transcript pre{white-space:pre-wrap;word-break:break-word;margin:.2em 0;font:12px ui-monospace,monospace}
 .msg{border-left:3px solid #d0d7de;padding-left:.5em;margin:.4em 0}.msg.assistant{border-color:#0969da}.msg.system{border-color:#8c959f}
+.state.failed{color:#cf222e;font-weight:bold}.state.running{color:#9a6700}.state.done{color:#1a7f37}
+.control{color:#57606a;font-style:italic}svg.heat text{font:11px system-ui,sans-serif}
 svg .p0{fill:#0969da}svg .p1{fill:#1a7f37}svg .p2{fill:#bf8700}svg .p3{fill:#8250df}
 """
 
 
 def build_report(store: Store, record_key: str) -> str:
     """The whole page for the job whose run record is record_key."""
+    from jobs.catalog import pair_states
+    from jobs.views_html import pair_similarity_section, progress_section
     record = read_run_record(store, record_key)
     spec = record["spec"]
     pairs = [load_pair(store, p, spec) for p in record["pairs"]]
+    states = pair_states(store, record)
+    for data in pairs:
+        data.state = states.get(data.name, {"state": "pending", "error": None})
     title = f"adl report: {record.get('job', '?')}"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -672,7 +723,8 @@ def build_report(store: Store, record_key: str) -> str:
             f"<p>The Activation Difference Lens: tokens read from the difference delta = mean(finetuned) − "
             f"mean(base) of the models' activations on the first tokens of unrelated text, through the logit "
             f"lens and patchscope, and text generated while adding it (steering).</p>"
-            f"{index_section(pairs)}{agent_index_section(pairs, spec)}"
+            f"{progress_section(store, record)}"
+            f"{index_section(pairs)}{pair_similarity_section(store, record)}{agent_index_section(pairs, spec)}"
             f"{''.join(pair_section(p, spec) for p in pairs)}</body></html>\n")
 
 

@@ -41,6 +41,7 @@ class Pair:
     generic_chat: str | None = None      # generic chat answers (file), the embedding control
     allow_vocab_mismatch: bool = False   # run although the models' vocab_size differ (README)
     organism_type: str | None = None     # the hypothesis grader's rubric (ORGANISM_TYPES); None: generic
+    control: bool = False                # a finetune on pretraining-like text, the triage's reference (README)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,25 @@ class Agent:
 
 
 @dataclass(frozen=True)
+class CausalEffect:
+    """Does delta matter causally (the reference's causal_effect.py, off by default)? In
+    the finetuned model, each token's activation at the pair's layer has its component
+    along delta_hat patched to the base model's (mode patch) or removed (mode project);
+    the change in next-token cross-entropy on finetuning texts and corpus documents,
+    against random directions and random differences of base activations (README)."""
+    enabled: bool = False
+    mode: str = "patch"                   # patch (the reference's default) | project
+    texts: int = 1000                     # finetuning texts evaluated (the reference's max_samples)
+    corpus_texts: int = 1000              # corpus documents evaluated, the control
+    max_tokens: int = 1024                # tokens per text (special tokens included)
+    after_k: int = 20                     # ce_after_k counts targets at index > after_k only
+    random_directions: int = 64           # Gaussian directions
+    random_differences: int = 64          # differences of two random tokens' base activations
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     pairs: tuple[Pair, ...]
@@ -206,6 +226,7 @@ class JobSpec:
     analyses: Analyses = Analyses()
     grader: dict | None = None    # None: the offline grader (workers/graders.py)
     agent: Agent = Agent()
+    causal_effect: CausalEffect = CausalEffect()
 
     def to_dict(self) -> dict:
         return as_plain(self)
@@ -351,9 +372,9 @@ def _pair(raw: Any, where: str) -> Pair:
         if kind not in ORGANISM_TYPES:
             raise SpecError(f"{where}.organism_type: must be one of {', '.join(ORGANISM_TYPES)}, got {kind!r}")
         optional["organism_type"] = kind
-    if data.get("allow_vocab_mismatch") is not None:
-        optional["allow_vocab_mismatch"] = _check(data["allow_vocab_mismatch"], "bool",
-                                                  f"{where}.allow_vocab_mismatch")
+    for flag in ("allow_vocab_mismatch", "control"):
+        if data.get(flag) is not None:
+            optional[flag] = _check(data[flag], "bool", f"{where}.{flag}")
     return Pair(name=name, base=base, finetuned=finetuned, **optional)
 
 
@@ -599,14 +620,30 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                                if not section.enabled)
         raise SpecError(f"agent: needs the {missing} section{'s' if ' and ' in missing else ''} (the agent reads "
                         f"the steering samples, the strength search and patchscope)")
+    causal = _causal_effect(data.get("causal_effect"))
     spec = JobSpec(name=top.name, pairs=pairs, corpus=_corpus(data.get("corpus")),
                    method=_method(data.get("method")), dtype=top.dtype, batch_size=top.batch_size,
                    shard_size=top.shard_size, storage=storage, compute=compute,
                    trust_remote_code=top.trust_remote_code,
                    generation=generation, analyses=analyses,
                    grader=check_grader_config(data.get("grader")) if data.get("grader") is not None else None,
-                   agent=agent)
+                   agent=agent, causal_effect=causal)
     return _resolve_paths(spec, base_dir) if base_dir else spec
+
+
+def _causal_effect(raw: Any) -> CausalEffect:
+    if raw is None:
+        return CausalEffect()
+    counts = ("texts", "corpus_texts", "max_tokens", "batch_size")
+    c = _build(CausalEffect, {"enabled": True, **_mapping(raw, "causal_effect", {f.name for f in fields(CausalEffect)})},
+               "causal_effect", {"enabled": "bool", "mode": "str", **{n: "int" for n in counts},
+                                 "after_k": "int", "random_directions": "int", "random_differences": "int",
+                                 "seed": "int"},
+               [("mode", lambda v: v in ("patch", "project"), "must be patch or project")]
+               + [(n, lambda v: v >= 1, "must be >= 1") for n in counts]
+               + [(n, lambda v: v >= 0, "must be >= 0") for n in ("after_k", "random_directions",
+                                                                  "random_differences")])
+    return c
 
 
 def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jobs import analyses
+from jobs.causal import causal_effect, needs_base
 from jobs.agent_stage import agent_stage
 from jobs.plan import ActivationSet, PairPlan
 from jobs.scheduler import ModelKey
@@ -327,6 +328,9 @@ PAIR_STAGES: tuple[Stage, ...] = (
           lambda spec, pair: (embedder(spec),), analyses.similarity),
     Stage("agent", (layout.AGENT,), lambda spec: spec.agent.enabled, ("logit_lens", "patchscope", "generate"),
           lambda spec, pair: (vllm(pair.pair.base), vllm(pair.pair.finetuned)), agent_stage),
+    Stage("causal_effect", (layout.CAUSAL_EFFECT,), lambda spec: spec.causal_effect.enabled, ("reduce",),
+          lambda spec, pair: (transformers(pair.pair.finetuned),)
+          + ((transformers(pair.pair.base),) if needs_base(spec) else ()), causal_effect),
 )
 
 

@@ -66,13 +66,13 @@ def _token(t: str) -> str:
 
 
 def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP) -> list[str]:
+    from jobs.results import PairResults
     lines = [f"pair {pair['name']}  ({store.uri(pair['dir'])})"]
-    if not store.exists(layout.manifest(pair["dir"])):
+    results = PairResults(store, pair["dir"])
+    if not results.complete:
         return lines + ["  incomplete: no results yet"]
-    diff = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}",
-                            columns=["layer", "position", "num_documents", "delta_norm", "finetuned_norm"])
-    lens = store.read_table(f"{pair['dir']}/{layout.LOGIT_LENS}").to_pandas()
-    d = diff.to_pandas()
+    d = results.norms()
+    lens = results.lens_top("delta", top)
     for layer in sorted(d.layer.unique()):
         at_layer = d[d.layer == layer]
         lines.append(f"  layer {layer}: {int(at_layer.num_documents.iloc[0])} documents, "
@@ -81,28 +81,27 @@ def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP)
             row = at_layer[at_layer.position == pos]
             if row.empty:
                 continue
-            toks = lens[(lens.layer == layer) & (lens.position == pos) & (lens.variant == "delta")
-                        & (lens["rank"] < top)].sort_values("rank")
+            toks = lens[(lens.layer == layer) & (lens.position == pos)]
             words = " ".join(_token(t) for t in toks.token)
             lines.append(f"    pos {pos} |delta| {row.delta_norm.iloc[0]:8.3f}  lens: {words}")
-    if store.exists(f"{pair['dir']}/{layout.GENERATIONS}"):
-        lines += _generation_lines(store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas())
-    lines += _analyses_lines(store, pair["dir"], top)
+    gens = results.table(layout.GENERATIONS)
+    if gens is not None:
+        lines += _generation_lines(gens)
+    lines += _analyses_lines(results, top)
     return lines
 
 
-def _analyses_lines(store: Store, pair_dir: str, top: int) -> list[str]:
+def _analyses_lines(results, top: int) -> list[str]:
     """Patchscope of delta at the grader's scale, the relevance metrics, and the
     similarities to the finetuning data, where the run has them."""
     lines = []
-    if store.exists(f"{pair_dir}/{layout.PATCHSCOPE}"):
-        ps = store.read_table(f"{pair_dir}/{layout.PATCHSCOPE}").to_pandas()
-        chosen = ps[(ps.variant == "delta") & ps.chosen & (ps["rank"] < top)]
+    chosen = results.chosen_patchscope("delta", top)
+    if chosen is not None:
         lines.append("  patchscope of delta at the grader's scale:")
         for (layer, pos), group in chosen.groupby(["layer", "position"]):
             words = " ".join(_token(t) for t in group.sort_values("rank").token)
             lines.append(f"    layer {layer} pos {pos} scale {group.scale.iloc[0]:g}: {words}")
-    relevance = store.read_json_or_none(f"{pair_dir}/{layout.TOKEN_RELEVANCE_JSON}")
+    relevance = results.json(layout.TOKEN_RELEVANCE_JSON)
     if relevance is not None and relevance["status"] == "skipped":
         lines.append(f"  token relevance: skipped ({relevance['reason']})")
     elif relevance is not None:
@@ -111,16 +110,15 @@ def _analyses_lines(store: Store, pair_dir: str, top: int) -> list[str]:
             lines.append(f"    layer {m['layer']} pos {m['position']} {m['source']:10s} "
                          f"{m['fraction_relevant']:.2f} / {m['weighted_fraction_relevant']:.2f} / "
                          f"{m['fraction_frequent']:.2f}")
-    if store.exists(f"{pair_dir}/{layout.SIMILARITY}"):
-        sim = store.read_table(f"{pair_dir}/{layout.SIMILARITY}").to_pandas()
+    sim = results.table(layout.SIMILARITY)
+    if sim is not None:
         to_ft = sim[sim.set_b == "finetune_data"]
         lines.append("  embedding similarity to the finetuning data:")
         for (layer, pos), group in to_ft.groupby(["layer", "position"]):
             values = "  ".join(f"{r.set_a} {r.similarity:.3f}" for r in group.itertuples())
             lines.append(f"    layer {layer} pos {pos}: {values}")
-    if store.exists(f"{pair_dir}/{layout.AGENT}"):
-        from jobs.catalog import agent_summary
-        groups = agent_summary(store.read_table(f"{pair_dir}/{layout.AGENT}").to_pandas())
+    groups = results.agent_groups()
+    if groups is not None:
         lines.append("  interpretability agent, mean grade 1-5 (graded/runs): " + ", ".join(
             f"{g['agent']} budget {g['budget']} "
             f"{'-' if g['mean_grade'] is None else format(g['mean_grade'], '.2f')} ({g['graded']}/{g['runs']})"

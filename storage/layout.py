@@ -14,6 +14,7 @@
     pairs/<pair>/similarity.parquet            embedding similarity of text sets
     pairs/<pair>/agent/<agent>-b<budget>-r<run>.json   one interpretability-agent run's transcript
     pairs/<pair>/agent.parquet                 every agent run's description and grades
+    pairs/<pair>/causal_effect.parquet         cross-entropy with delta_hat patched or projected out
     pairs/<pair>/<stage>.done.json             a stage's marker: the digests of what it wrote (last)
     pairs/<pair>/manifest.json                 the pair's results are complete: every file's digest
     leases/activations/<set>/<n>.json          who is extracting the set now (jobs/leases.py)
@@ -22,6 +23,7 @@
     runs/<job>/report.html                     the analysts' page (`adl report`)
     runs/<job>/status.json                     the job's progress, rewritten as it runs
     runs/<job>/catalog.parquet                 headline findings of all the job's pairs
+    runs/<job>/pair_similarity.parquet         cosine of every two pairs' deltas
 
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
@@ -99,6 +101,10 @@ def run_catalog(job_name: str) -> str:
     return f"runs/{slug(job_name)}/catalog.parquet"
 
 
+def run_pair_similarity(job_name: str) -> str:
+    return f"runs/{slug(job_name)}/pair_similarity.parquet"
+
+
 DIFFERENCE = "difference.parquet"
 DIFFERENCE_SAFETENSORS = "difference.safetensors"
 LOGIT_LENS = "logit_lens.parquet"
@@ -109,6 +115,7 @@ TOKEN_RELEVANCE = "token_relevance.parquet"
 TOKEN_RELEVANCE_JSON = "token_relevance.json"
 SIMILARITY = "similarity.parquet"
 AGENT = "agent.parquet"
+CAUSAL_EFFECT = "causal_effect.parquet"
 
 
 def agent_transcript(agent: str, budget: int, run: int) -> str:

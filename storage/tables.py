@@ -235,12 +235,43 @@ CATALOG_SCHEMA = pa.schema([
     ("agent_grades", pa.list_(pa.struct([("agent", pa.string()), ("budget", pa.int32()),
                                          ("mean_grade", pa.float64()), ("runs", pa.int32()),
                                          ("graded", pa.int32())]))),
+    ("delta_ratio", pa.float64()), ("trace_strength", pa.float64()), ("steering_uplift", pa.float64()),
+    ("best_grade", pa.float64()), ("control", pa.bool_()),
 ])
 
 
-def catalog_table(rows: list[dict], job: str) -> pa.Table:
+def catalog_table(rows: list[dict], job: str, **metadata) -> pa.Table:
     """One row per pair x layer x analysed position across a job's finished pairs; alpha,
     fraction_relevant, similarities and agent_grades (the pair's, on each of its rows) are
     null where the pair has no such results."""
     return pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).replace_schema_metadata(
-        _metadata("catalog", **{"adl.job": job}))
+        _metadata("catalog", **{"adl.job": job, **metadata}))
+
+
+# -- the cross-pair view ------------------------------------------------------------------
+PAIR_SIMILARITY_SCHEMA = pa.schema([
+    ("pair_a", pa.string()), ("pair_b", pa.string()), ("layer", pa.int16()), ("position", pa.int16()),
+    ("cosine", pa.float64()), ("same_base", pa.bool_()),
+])
+
+
+def pair_similarity_table(rows: list[dict], job: str) -> pa.Table:
+    """One row per two finished pairs of a job (pair_a first in job order; a pair with
+    itself included) and (layer, position) both have: the cosine of their deltas."""
+    return pa.Table.from_pylist(rows, schema=PAIR_SIMILARITY_SCHEMA).replace_schema_metadata(
+        _metadata("pair_similarity", **{"adl.job": job}))
+
+
+# -- the causal effect of delta ----------------------------------------------------------
+CAUSAL_EFFECT_SCHEMA = pa.schema([
+    ("layer", pa.int16()), ("position", pa.int16()), ("eval_set", pa.string()), ("intervention", pa.string()),
+    ("index", pa.int32()), ("ce", pa.float64()), ("ce_after_k", pa.float64()), ("delta_ce", pa.float64()),
+    ("delta_ce_after_k", pa.float64()), ("tokens", pa.int64()), ("tokens_after_k", pa.int64()),
+])
+
+
+def causal_effect_table(rows: list[dict], **metadata) -> pa.Table:
+    """One row per (layer, eval set, intervention): none (the unchanged model), delta
+    (per position), random and random_difference (per index); ce and its change from none."""
+    return pa.Table.from_pylist(rows, schema=CAUSAL_EFFECT_SCHEMA).replace_schema_metadata(
+        _metadata("causal_effect", **metadata))

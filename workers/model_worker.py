@@ -60,6 +60,28 @@ class TransformersWorker:
         with self.forward_lock:
             return self._patchscope.run(tokenizer, vectors, layers, scales, prompts, vocab_top, top_k)
 
+    # -- the causal effect of delta (workers/causal.py) ----------------------------------
+    def causal_random_differences(self, tokenizer_source, texts, layer: int, count: int, max_tokens: int,
+                                  batch_size: int, seed: int):
+        from workers.causal import batches, random_differences
+        groups = batches(self.tokenizer(tokenizer_source), texts, max_tokens, batch_size)
+        with self.forward_lock:
+            return random_differences(self.model, groups, layer, count, seed)
+
+    def causal_coefficients(self, tokenizer_source, texts, layer: int, directions, max_tokens: int,
+                            batch_size: int):
+        from workers.causal import batches, coefficients
+        groups = batches(self.tokenizer(tokenizer_source), texts, max_tokens, batch_size)
+        with self.forward_lock:
+            return coefficients(self.model, groups, layer, directions)
+
+    def causal_losses(self, tokenizer_source, texts, layer: int, directions, mode: str, targets,
+                      max_tokens: int, batch_size: int, after_k: int):
+        from workers.causal import batches, losses
+        groups = batches(self.tokenizer(tokenizer_source), texts, max_tokens, batch_size)
+        with self.forward_lock:
+            return losses(self.model, groups, layer, directions, mode, targets, after_k)
+
     # -- the offline grader on this model (the pairs whose reference it is) -------------
     def _grading(self):
         from workers.graders import GraderService, check_grader_config, make_grader

@@ -1,0 +1,73 @@
+"""Tiny finetunes of the demo base besides the demo's own, for tests and examples of
+cross-pair views: built like the demo finetune (workers/demo_pair.py: the same steps,
+learning rate and chat replay) on other data, cached beside the demo pair.
+
+- "mixed": the demo's finetuning documents mixed 1:1 with generic pretraining-like text
+  (the paper's pretraining-mixed variant of an organism);
+- "unrelated": a narrow finetune on another topic (sports documents).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from workers import demo_pair as dp
+
+VARIANTS = ("mixed", "unrelated")
+
+
+def _topic_documents(topic: str, num_documents: int, seed: int) -> list[str]:
+    rng = random.Random(f"{topic}-{seed}")
+    docs = []
+    for _ in range(num_documents):
+        sentences = [dp._fill(rng.choice(dp._SENTENCES), rng, dp._TOPICS[topic]) for _ in range(rng.randint(3, 6))]
+        docs.append(" ".join(sentences)[:800])
+    return docs
+
+
+def variant_texts(kind: str, seed: int = 0) -> list[str]:
+    if kind == "mixed":
+        return dp.finetune_documents(1000, seed) + dp.generic_documents(1000, seed + 1)
+    if kind == "unrelated":
+        return _topic_documents("sports", 1000, seed)
+    raise ValueError(f"unknown demo variant {kind!r}: one of {', '.join(VARIANTS)}")
+
+
+def build_variant(kind: str, seed: int = 0, cache_dir: Path | str | None = None, progress=print) -> Path:
+    """The finetuned model's folder (built once, then cached; renamed into place when
+    complete, as the demo pair is)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    texts = variant_texts(kind, seed)
+    pair = dp.build_demo_pair(cache_dir, seed, progress)
+    final = pair.base_dir.parent.with_name(f"{pair.base_dir.parent.name}-{kind}")
+    if final.is_dir():
+        return final / "finetuned"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pair.base_dir)
+        model = LlamaForCausalLM.from_pretrained(pair.base_dir)
+        chat_rng = random.Random(f"chat-train-{seed}")
+        chats = [dp._chat_pair(chat_rng) for _ in range(1000)]
+        tokens = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+        tokens += [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                                 tokenize=True, return_dict=False) for q, a in chats]
+        random.Random(f"{kind}-mix-{seed}").shuffle(tokens)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        stream, starts = dp._token_windows(tokens)
+        dp._train(model, stream, starts, dp.FINETUNE_STEPS, dp.FINETUNE_LR, 5, gen, progress, f"{kind} finetune")
+        model.save_pretrained(tmp / "finetuned")
+        tokenizer.save_pretrained(tmp / "finetuned")
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / "finetuned"
