@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from common.types import DTYPES, ModelSource
 from storage.layout import slug
 from storage.store import URI
 
@@ -20,15 +21,7 @@ class SpecError(ValueError):
     """A spec problem, as one line that names the field."""
 
 
-DTYPES = ("bfloat16", "float16", "float32")
 CORPUS_KINDS = ("demo", "text", "jsonl", "parquet", "hf")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    model: str                    # hub id, local folder, or s3://bucket/prefix
-    revision: str | None = None   # hub revision (branch, tag or commit)
-    adapter: str | None = None    # a LoRA adapter (same kinds of location) applied to `model`
 
 
 @dataclass(frozen=True)

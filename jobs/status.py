@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from jobs.redact import redact
+from common.redact import redact
 from storage import layout
 from storage.store import Store
 
@@ -31,7 +31,7 @@ def _now() -> str:
 
 def describe(error: BaseException) -> str:
     """An exception as one line: Ray's wrappers unwrapped, the last line of a traceback,
-    credentials masked (jobs/redact.py)."""
+    credentials masked (common/redact.py)."""
     return redact(_describe(error))
 
 

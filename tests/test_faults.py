@@ -550,7 +550,7 @@ def test_a_key_echoed_by_the_endpoint_is_never_shown(grader_root, make_spec, dem
 
 
 def test_redact_masks_credentials():
-    from jobs.redact import redact, register
+    from common.redact import redact, register
     from jobs.status import describe
     register("hunter2-secret-value")
     text = ("401: Bearer abc.DEF-123 sk-proj-AbCdEf123456 token hunter2-secret-value at "

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
-from jobs.redact import redact, register
+from common.redact import redact, register
 from jobs.spec import DTYPES, SpecError
 
 
@@ -489,7 +489,7 @@ class OpenAIGrader:
         # Local servers need no key, so a missing variable just sends no header (a job
         # whose spec names api_key_env does not start without it: jobs/plan.py).
         self._api_key = os.environ.get(api_key_env) or None
-        register(self._api_key)   # never shown: error text is masked (jobs/redact.py)
+        register(self._api_key)   # never shown: error text is masked (common/redact.py)
         self._slots = threading.BoundedSemaphore(concurrency)
         self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
         self._random = random.Random()

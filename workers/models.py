@@ -9,10 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from jobs.spec import ModelSource
+from common.types import ModelSource
 from storage.store import Store
 
-TORCH_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ModelError(RuntimeError):
