@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from workers.graders import RateLimiter
+from workers.graders.transport import ChatEndpoint, EndpointError, RefusedRequest, Reply, Usage
 
 logger = logging.getLogger("adl.agent")
 
@@ -269,94 +269,6 @@ def _parse_final(body: str) -> Parsed:
 
 
 # -- the chat endpoint ------------------------------------------------------------------------
-class EndpointError(RuntimeError):
-    """The endpoint did not answer (after the client's retries): the run is incomplete and
-    is redone by a rerun, rather than recorded as the agent's failure."""
-
-
-class RefusedRequest(RuntimeError):
-    """The endpoint refused this request for what it holds (HTTP 400/422, e.g. a
-    conversation longer than the model's context): the run is recorded as failed."""
-
-
-@dataclass
-class Usage:
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    def add(self, other: "Usage") -> None:
-        for name in ("calls", "prompt_tokens", "completion_tokens", "total_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Reply:
-    content: str
-    usage: Usage
-    seconds: float
-    finish_reason: str | None = None
-
-
-class ChatEndpoint:
-    """One OpenAI-compatible endpoint: the openai client (retries with back-off, honouring
-    Retry-After, and timeouts), at most `concurrency` requests in flight whatever the
-    callers' threads, and an optional rate limit. Thread-safe: a job's agent runs of every
-    pair share one per endpoint (`endpoint`)."""
-
-    def __init__(self, base_url: str, api_key_env: str, concurrency: int = 8,
-                 requests_per_second: float | None = None, max_retries: int = 4, timeout_s: float = 600.0):
-        import openai
-        # A local server needs no key; the client insists on one, so a placeholder.
-        key = os.environ.get(api_key_env) or "no-key"
-        self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout_s)
-        self.concurrency = concurrency
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
-        self._lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-
-    def chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float | None) -> Reply:
-        import openai
-        params = {"model": model, "messages": messages, "max_tokens": max_tokens}
-        if temperature is not None:
-            params["temperature"] = temperature
-        with self._slots:
-            if self._limiter:
-                self._limiter.acquire()
-            with self._lock:
-                self.in_flight += 1
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            start = time.monotonic()
-            try:
-                completion = self.client.chat.completions.create(**params)
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-                raise RefusedRequest(f"the endpoint refused the request: {_one_line(e)}") from None
-            except openai.OpenAIError as e:
-                raise EndpointError(f"{type(e).__name__}: {_one_line(e)}") from None
-            finally:
-                with self._lock:
-                    self.in_flight -= 1
-        seconds = time.monotonic() - start
-        choices = getattr(completion, "choices", None) or []
-        if not choices or choices[0].message is None:
-            raise EndpointError("the endpoint's answer is not a chat completion (no choices)")
-        usage = getattr(completion, "usage", None)
-        counted = Usage(1, *(int(getattr(usage, name, 0) or 0)
-                             for name in ("prompt_tokens", "completion_tokens", "total_tokens")))
-        return Reply(choices[0].message.content or "", counted, seconds, choices[0].finish_reason)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
-
-
 _ENDPOINTS: dict[tuple, ChatEndpoint] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 

@@ -23,7 +23,7 @@ import time
 from jobs.placement import engine_memory_utilization, placement
 from jobs.plan import Plan, s3_options
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
-from jobs.stages import PAIR_STAGES, StageRun, extract, run_baselines
+from jobs.stages import PAIR_STAGES, StageRun, extract, offline_grader, run_baselines
 from jobs.status import JobStatus, describe
 from storage import layout
 from storage.store import Store
@@ -112,7 +112,7 @@ class RayBackend:
             from workers.model_worker import TransformersWorker
             return TransformersWorker, (key.source,), dict(
                 dtype=spec.dtype, s3=s3, store=self.store, trust_remote_code=spec.trust_remote_code,
-                grader=spec.grader), {"max_concurrency": 2}
+                grader=spec.grader if offline_grader(spec) else None), {"max_concurrency": 2}
         if key.runtime == "vllm":
             from workers.generation import GenerationWorker
             gen, placed = spec.generation, self.requests.placed(key)

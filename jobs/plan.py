@@ -14,7 +14,7 @@ from jobs.cluster_check import check_ray_address
 from jobs.corpus import corpus_identity, file_identity, iter_documents, kept_documents
 from jobs.placement import parameter_count
 from jobs.seeds import SEEDING_VERSION
-from jobs.spec import JobSpec, ModelSource, Pair, as_plain
+from jobs.spec import JobSpec, ModelSource, Pair, as_plain, grader_identity
 from storage import layout
 from workers.models import (ModelError, adapter_base_mismatch, check_weights, config_value, location_identity,
                             load_tokenizer, num_layers, read_adapter_config, read_config)
@@ -171,10 +171,10 @@ def check_grader_key(spec: JobSpec) -> None:
     """A grader the job will use (an LLM grader, with generation or analyses) whose spec
     names `api_key_env` needs that variable set: without it every request would fail.
     (Without api_key_env, $OPENAI_API_KEY is sent if set, else no key: local servers need none.)"""
-    grader = spec.grader or {}
-    if grader.get("kind") != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
+    grader = spec.grader
+    if grader is None or grader.kind != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
         return
-    name = grader.get("api_key_env")
+    name = grader.api_key_env
     if name is not None and not os.environ.get(name):
         raise PlanError(f"grader.api_key_env: the environment variable {name} is not set "
                         f"(it must hold the grader's API key)")
@@ -234,9 +234,9 @@ def make_plan(spec: JobSpec) -> Plan:
                          "norm_skip_positions": spec.method.norm_skip_positions,
                          "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
         if spec.generation.enabled:
-            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=spec.grader)
+            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=grader_identity(spec.grader))
         if spec.analyses.enabled:
-            pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
+            pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=grader_identity(spec.grader))
         if spec.agent.enabled:   # only then: pairs of jobs without the section keep their keys
             pair_identity.update(agent=agent_identity(spec, pair))
         pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))

@@ -460,7 +460,7 @@ def chat(relevance_status: int = 200):
     """A grader's answers: the first offered scale (no coherent tokens); every candidate
     IRRELEVANT, or an error status for relevance requests."""
     from test_graders import Reply, answer, candidates_of, offered_scales
-    from workers.graders import BEST_SCALE_PROMPT
+    from workers.graders.prompts import BEST_SCALE_PROMPT
 
     def respond(body):
         system, user = body["messages"][0]["content"], body["messages"][1]["content"]

@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from common.types import OfflineGrading
 from storage.store import Store
 from workers.extraction import extract_shard
 from workers.lens import Lens
@@ -23,10 +24,10 @@ from workers.patchscope import Patchscope
 
 class TransformersWorker:
     def __init__(self, source, *, dtype: str, s3: dict, store: Store, trust_remote_code: bool = False,
-                 grader: dict | None = None):
+                 grader: OfflineGrading | None = None):
         self.source, self.dtype, self.s3, self.store = source, dtype, s3, store
         self.trust_remote_code = trust_remote_code
-        self.grader_config = grader
+        self.grader_settings = grader
         self.model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code)
         self.forward_lock = threading.Lock()
         self._tokenizers: dict = {}
@@ -62,19 +63,18 @@ class TransformersWorker:
 
     # -- the offline grader on this model (the pairs whose reference it is) -------------
     def _grading(self):
-        from workers.graders import GraderService, check_grader_config, make_grader
+        from workers.graders import GraderService, make_grader
         with self._setup:
             if self._grader is None:
-                params = check_grader_config(self.grader_config)
-                params.pop("device", None)   # this actor's device
-                dtype = params.pop("dtype", None) or self.dtype
+                settings = self.grader_settings or OfflineGrading()
+                dtype = settings.dtype or self.dtype
                 model = self.model
                 if dtype != self.dtype:      # a copy in the grader's own dtype, from these weights
                     import torch
                     model = copy.deepcopy(model).to(getattr(torch, dtype))
                 own = type(self.source)(self.source.model, self.source.revision)
                 tokenizer = load_tokenizer(own, self.s3, self.trust_remote_code)
-                self._grader = GraderService(make_grader(params, model=model, tokenizer=tokenizer))
+                self._grader = GraderService(make_grader(settings, model=model, tokenizer=tokenizer))
         return self._grader
 
     def coherence(self, texts: list[str]):
