@@ -20,7 +20,7 @@ from itertools import combinations
 
 import numpy as np
 
-from jobs.plan import PairPlan, s3_options
+from jobs.plan import PairPlan
 from jobs.steering import unit_scaled
 from storage import layout
 from storage.store import Store
@@ -119,7 +119,7 @@ def token_relevance(ctx) -> None:
         return _skip_relevance(store, pair, OFFLINE_RELEVANCE, log)
     grader = ctx.grader
     a = spec.analyses
-    tokenizer = load_tokenizer(pair.pair.base, s3_options(spec), spec.trust_remote_code)
+    tokenizer = load_tokenizer(pair.pair.base, spec.storage.options, spec.trust_remote_code)
     texts = read_texts(pair.pair.finetune_data, 10_000, f"{where}: finetune_data")
     frequent = frequent_tokens(tokenizer, texts, pair.base.documents.token_ids, a.frequent_tokens,
                                a.min_generic_ratio)

@@ -11,7 +11,7 @@ from jobs.plan import PlanError
 from jobs.report import ReportError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
-from storage.store import StorageError
+from storage.store import StorageError, StorageOptions
 from workers.models import ModelError
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
@@ -69,7 +69,7 @@ def _run(spec, report: bool = False) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(143 if isinstance(e, Terminated) else 130)
-    store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+    store = Store.from_uri(spec.storage.root, spec.storage.options)
     log(f"done: {store.uri(record)}")
     print(run_summary(store, record))
     if report:
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run(parse_spec(demo_spec(args.root, args.num_documents)), report=True)
         if args.command == "report":
             from jobs.report import locate_run, write_report
-            store, record = locate_run(args.run, args.endpoint_url, args.region)
+            store, record = locate_run(args.run, StorageOptions(args.endpoint_url, args.region))
             print(write_report(store, record, args.out))
             return 0
         from jobs.summary import inspect
-        print(inspect(args.path, args.endpoint_url, args.region))
+        print(inspect(args.path, StorageOptions(args.endpoint_url, args.region)))
         return 0
     except INPUT_ERRORS as e:
         print(f"adl: error: {e}", file=sys.stderr)

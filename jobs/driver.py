@@ -275,7 +275,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     fails is recorded (stats.failed, the status record) and does not stop the others.
     Work another run on the same root holds is waited for, then taken up if still needed."""
     stats = stats or RunStats()
-    store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+    store = Store.from_uri(spec.storage.root, spec.storage.options)
     store.log = log
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write

@@ -21,7 +21,7 @@ import threading
 import time
 
 from jobs.placement import engine_memory_utilization, placement
-from jobs.plan import Plan, s3_options
+from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, extract, offline_grader, run_baselines
 from jobs.status import JobStatus, describe
@@ -107,16 +107,16 @@ class RayBackend:
         return handle
 
     def _constructor(self, key: ModelKey):
-        spec, s3 = self.spec, s3_options(self.spec)
+        spec, storage = self.spec, self.spec.storage.options
         if key.runtime == "transformers":
             from workers.model_worker import TransformersWorker
             return TransformersWorker, (key.source,), dict(
-                dtype=spec.dtype, s3=s3, store=self.store, trust_remote_code=spec.trust_remote_code,
+                dtype=spec.dtype, storage=storage, store=self.store, trust_remote_code=spec.trust_remote_code,
                 grader=spec.grader if offline_grader(spec) else None), {"max_concurrency": 2}
         if key.runtime == "vllm":
             from workers.generation import GenerationWorker
             gen, placed = spec.generation, self.requests.placed(key)
-            return GenerationWorker, (key.source, s3), dict(
+            return GenerationWorker, (key.source, storage), dict(
                 trust_remote_code=spec.trust_remote_code, dtype=spec.dtype, max_model_len=gen.max_model_len,
                 tensor_parallel_size=placed.devices, seed=gen.seed,
                 gpu_memory_utilization=engine_memory_utilization(placed)), {}

@@ -16,6 +16,7 @@ from jobs.placement import parameter_count
 from jobs.seeds import SEEDING_VERSION
 from jobs.spec import JobSpec, ModelSource, Pair, as_plain, grader_identity
 from storage import layout
+from storage.store import StorageOptions
 from workers.models import (ModelError, adapter_base_mismatch, check_weights, config_value, location_identity,
                             load_tokenizer, num_layers, read_adapter_config, read_config)
 from workers.tokenization import TOKENIZATION_VERSION
@@ -70,11 +71,6 @@ class Plan:
     pairs: tuple[PairPlan, ...]
 
 
-def s3_options(spec: JobSpec) -> dict:
-    """S3 model locations use the storage section's endpoint and region."""
-    return {"endpoint_url": spec.storage.endpoint_url, "region": spec.storage.region}
-
-
 def _resolve_layers(spec: JobSpec, blocks: int, where: str) -> tuple[int, ...]:
     out = set()
     for i, layer in enumerate(spec.method.layers):
@@ -86,7 +82,7 @@ def _resolve_layers(spec: JobSpec, blocks: int, where: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_pair_models(spec: JobSpec, pair: Pair, where: str, s3: dict) -> tuple[dict, dict, dict]:
+def check_pair_models(spec: JobSpec, pair: Pair, where: str, storage: StorageOptions) -> tuple[dict, dict, dict]:
     """(identities, configs, block counts) by role of a pair's two models, from their
     configs and folder listings alone (no weights are loaded). Errors name the field:
     a location that does not exist or holds no config or no weights, an adapter whose
@@ -96,16 +92,16 @@ def check_pair_models(spec: JobSpec, pair: Pair, where: str, s3: dict) -> tuple[
     for role in ("base", "finetuned"):
         source, field = getattr(pair, role), f"{where}.{role}"
         try:
-            idents[role] = {"model": location_identity(source.model, source.revision, s3)}
-            configs[role] = read_config(replace(source, adapter=None), s3, spec.trust_remote_code)
+            idents[role] = {"model": location_identity(source.model, source.revision, storage)}
+            configs[role] = read_config(replace(source, adapter=None), storage, spec.trust_remote_code)
             blocks[role] = num_layers(configs[role])
-            check_weights(source.model, s3)
+            check_weights(source.model, storage)
         except ModelError as e:
             raise PlanError(f"{field}: {e}") from None
         if source.adapter:
             try:
-                idents[role]["adapter"] = location_identity(source.adapter, None, s3)
-                adapter_config = read_adapter_config(source.adapter, s3)
+                idents[role]["adapter"] = location_identity(source.adapter, None, storage)
+                adapter_config = read_adapter_config(source.adapter, storage)
             except ModelError as e:
                 raise PlanError(f"{field}.adapter: {e}") from None
             differs = adapter_base_mismatch(adapter_config or {}, pair.base.model)
@@ -181,7 +177,7 @@ def check_grader_key(spec: JobSpec) -> None:
 
 
 def make_plan(spec: JobSpec) -> Plan:
-    s3 = s3_options(spec)
+    storage = spec.storage.options
     n = spec.method.tokens_per_document
     corpus_ident = corpus_identity(spec.corpus)
     documents: dict[str, Documents] = {}     # by tokenizer identity
@@ -191,7 +187,7 @@ def make_plan(spec: JobSpec) -> Plan:
     check_ray_address(spec)
     for i, pair in enumerate(spec.pairs):
         where = f"pairs[{i}]"
-        idents, configs, blocks = check_pair_models(spec, pair, where, s3)
+        idents, configs, blocks = check_pair_models(spec, pair, where, storage)
         try:
             parameters = {role: parameter_count(config) for role, config in configs.items()}
         except (TypeError, ValueError, ZeroDivisionError):
@@ -207,7 +203,7 @@ def make_plan(spec: JobSpec) -> Plan:
         if tok_key not in documents:
             iter_documents(spec.corpus).close()   # a corpus error comes before a tokenizer's
             try:
-                tokenizer = load_tokenizer(pair.base, s3, spec.trust_remote_code)
+                tokenizer = load_tokenizer(pair.base, storage, spec.trust_remote_code)
             except Exception as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise PlanError(f"{where}.base: cannot load its tokenizer: {first}") from None

@@ -15,7 +15,7 @@ import yaml
 
 from common.types import DTYPES, GRADER_KINDS, ModelSource, OfflineGrading, OpenAIGrading
 from storage.layout import slug
-from storage.store import URI
+from storage.store import URI, StorageOptions
 
 
 class SpecError(ValueError):
@@ -63,6 +63,11 @@ class Storage:
     root: str = "./adl-output"    # local folder or s3://bucket/prefix
     endpoint_url: str | None = None
     region: str | None = None
+
+    @property
+    def options(self) -> StorageOptions:
+        """How to reach the root, and S3 model locations too."""
+        return StorageOptions(self.endpoint_url, self.region)
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def status_text(job_id: str, addr: str) -> str:
         from storage.store import Store
         spec = parse_spec(json.loads(spec_json))
         try:
-            store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+            store = Store.from_uri(spec.storage.root, spec.storage.options)
             record = store.read_json_or_none(layout.run_status(spec.name))
         except Exception as e:   # the storage may be reachable from the cluster only
             record = None

@@ -27,7 +27,7 @@ from jobs.leases import Leases
 from jobs.plan import make_plan
 from jobs.spec import parse_spec
 from storage import layout
-from storage.store import IntegrityError, Store
+from storage.store import IntegrityError, Store, StorageOptions
 
 
 # -- what a run produced -------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_a_job_through_a_failing_s3_proxy_has_the_tables_of_a_direct_run(referen
     retries = re.search(r"storage: (\d+) retries in this run", log)
     assert retries and 0 < int(retries.group(1)) <= proxy.errors(), (proxy.faults, log)
     assert re.search(r"storage: \w+ s3://.*: attempt 1 of 6 failed \(AWS Error", log)
-    direct = Store(f"s3://{s3_bucket}/via-proxy", s3_endpoint, "us-east-1")
+    direct = Store.from_uri(f"s3://{s3_bucket}/via-proxy", StorageOptions(s3_endpoint, "us-east-1"))
     assert_same_results(results(direct), expected)
     assert not [k for k in direct.list("leases")]
 

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.store import StorageOptions
+
 # Where the steering of a request travels inside vLLM's SamplingParams.extra_args.
 STEERING_KEY = "adl_steering"
 
@@ -380,9 +382,9 @@ class GenerationWorker:
     """A Ray actor holding one engine for one model of a job. The model is fetched on the
     worker's own node (an S3 location is downloaded there, not on the driver)."""
 
-    def __init__(self, source, s3: dict, trust_remote_code: bool = False, **engine_options):
+    def __init__(self, source, storage: StorageOptions, trust_remote_code: bool = False, **engine_options):
         from workers.models import engine_arguments
-        self.engine = GenerationEngine(**engine_arguments(source, s3, trust_remote_code), **engine_options)
+        self.engine = GenerationEngine(**engine_arguments(source, storage, trust_remote_code), **engine_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests)

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from common.types import OfflineGrading
-from storage.store import Store
+from storage.store import StorageOptions, Store
 from workers.extraction import extract_shard
 from workers.lens import Lens
 from workers.models import load_model, load_tokenizer
@@ -23,12 +23,12 @@ from workers.patchscope import Patchscope
 
 
 class TransformersWorker:
-    def __init__(self, source, *, dtype: str, s3: dict, store: Store, trust_remote_code: bool = False,
+    def __init__(self, source, *, dtype: str, storage: StorageOptions, store: Store, trust_remote_code: bool = False,
                  grader: OfflineGrading | None = None):
-        self.source, self.dtype, self.s3, self.store = source, dtype, s3, store
+        self.source, self.dtype, self.storage, self.store = source, dtype, storage, store
         self.trust_remote_code = trust_remote_code
         self.grader_settings = grader
-        self.model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code)
+        self.model = load_model(source, dtype=dtype, storage=storage, trust_remote_code=trust_remote_code)
         self.forward_lock = threading.Lock()
         self._tokenizers: dict = {}
         self._lens = self._patchscope = self._grader = None
@@ -38,7 +38,7 @@ class TransformersWorker:
         """A tokenizer by ModelSource (a pair reads its finetuned model with its base's)."""
         with self._setup:
             if source not in self._tokenizers:
-                self._tokenizers[source] = load_tokenizer(source, self.s3, self.trust_remote_code)
+                self._tokenizers[source] = load_tokenizer(source, self.storage, self.trust_remote_code)
             return self._tokenizers[source]
 
     # -- extraction --------------------------------------------------------------------
@@ -73,7 +73,7 @@ class TransformersWorker:
                     import torch
                     model = copy.deepcopy(model).to(getattr(torch, dtype))
                 own = type(self.source)(self.source.model, self.source.revision)
-                tokenizer = load_tokenizer(own, self.s3, self.trust_remote_code)
+                tokenizer = load_tokenizer(own, self.storage, self.trust_remote_code)
                 self._grader = GraderService(make_grader(settings, model=model, tokenizer=tokenizer))
         return self._grader
 
