@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from common.errors import one_line
 from workers.graders.transport import ChatEndpoint, EndpointError, RefusedRequest, Reply, Usage
 
 logger = logging.getLogger("adl.agent")
@@ -399,9 +400,8 @@ def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list
                     f"Budgets: {_budgets(remaining, calls_left)}")})
                 continue
             except Exception as e:   # the tool's backend failed (an engine died): not the agent's doing
-                from jobs.status import describe
-                turn.update(outcome="backend_error", error=describe(e))
-                result.status, result.reason = "incomplete", f"tool backend: {tool.name}: {describe(e)}"
+                turn.update(outcome="backend_error", error=one_line(e))
+                result.status, result.reason = "incomplete", f"tool backend: {tool.name}: {one_line(e)}"
                 return result
             remaining -= cost
             result.interactions_used += cost

@@ -21,12 +21,12 @@ from itertools import combinations
 import numpy as np
 
 from jobs.plan import PairPlan
-from jobs.steering import unit_scaled
 from storage import layout
 from storage.store import Store
 from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_table,
                             similarity_table, token_relevance_table)
 from workers.graders import GradingFailed
+from workers.vectors import similarity as similarity_of, unit_scaled
 
 # Patchscope's vectors, and the model each is read in (the controls as in the reference:
 # the base mean in the base model, both scaled to the finetuned norm).
@@ -211,7 +211,7 @@ def similarity(ctx) -> None:
         present = [name for name in SETS if named[name] is not None]
         for x, y in combinations(present, 2):
             rows.append({"layer": layer, "position": pos, "set_a": x, "set_b": y,
-                         "similarity": float(np.dot(named[x], named[y]))})
+                         "similarity": similarity_of(named[x], named[y])})
     store.write_table(out, similarity_table(rows, **{"adl.embedding_model": a.embedding_model or
                                                       PACKAGED_EMBEDDER}),
                       **TABLE_PARQUET_OPTIONS)

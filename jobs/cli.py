@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.report import ReportError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
@@ -57,7 +58,8 @@ def demo_spec(root: str, num_documents: int | None = None) -> dict:
 
 def _run(spec, report: bool = False) -> int:
     """Runs the job; exit code 1 when any pair failed (the others still ran)."""
-    from jobs.driver import RunStats, Terminated, log, run_job
+    from common.logs import log
+    from jobs.driver import RunStats, Terminated, run_job
     from jobs.summary import run_summary
     from storage.store import Store
     stats = RunStats()
@@ -90,6 +92,9 @@ def _spec_from_env(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adl", description="Activation Difference Lens batch jobs")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="the least severe log lines shown on stderr (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a job spec on an embedded local Ray (or compute.ray_address)")
     p_run.add_argument("spec", nargs="?", help="job spec (YAML)")
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--endpoint-url", default=None)
     p_report.add_argument("--region", default=None)
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     try:
         if args.command == "run":
             if args.spec_env:

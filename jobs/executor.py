@@ -20,11 +20,12 @@ import queue
 import threading
 import time
 
+from common.errors import one_line
 from jobs.placement import engine_memory_utilization, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, extract, offline_grader, run_baselines
-from jobs.status import JobStatus, describe
+from jobs.status import JobStatus
 from storage import layout
 from storage.store import Store
 
@@ -170,7 +171,7 @@ class RayBackend:
                 with self.status.stage(unit.pair, unit.kind):
                     self._stage(unit, actors)
         except BaseException as e:
-            error = describe(e)
+            error = one_line(e)
             if unit.kind == "extract":
                 error = f"activations {unit.subject.name} failed: {error}"
         finally:
@@ -207,7 +208,7 @@ class RayBackend:
             extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard,
                     verified=self.verified.get(aset.prefix))
         except BaseException as e:
-            self.status.set_state(aset.prefix, "failed", describe(e))
+            self.status.set_state(aset.prefix, "failed", one_line(e))
             raise
         self.status.set_state(aset.prefix, "done")
 

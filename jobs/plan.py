@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from common.errors import one_line
 from jobs.cluster_check import check_ray_address
 from jobs.corpus import corpus_identity, file_identity, iter_documents, kept_documents
 from jobs.placement import parameter_count
@@ -205,8 +206,7 @@ def make_plan(spec: JobSpec) -> Plan:
             try:
                 tokenizer = load_tokenizer(pair.base, storage, spec.trust_remote_code)
             except Exception as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise PlanError(f"{where}.base: cannot load its tokenizer: {first}") from None
+                raise PlanError(f"{where}.base: cannot load its tokenizer: {one_line(e, typed=False)}") from None
             kept = kept_documents(spec.corpus, tokenizer, n)
             documents[tok_key] = Documents(kept.doc_ids, kept.token_ids, kept.read, spec.shard_size, kept.dropped)
         docs = documents[tok_key]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from common.errors import one_line
 from jobs.summary import read_run_record
 from storage import layout
 from storage.store import StorageError, StorageOptions, Store
@@ -48,8 +49,7 @@ def locate_run(path: str, options: StorageOptions | None = None) -> tuple[Store,
     except (ReportError, FileNotFoundError, StorageError):
         raise
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"{path}: cannot read: {first}") from None
+        raise StorageError(f"{path}: cannot read: {one_line(e, typed=False)}") from None
     if not records:
         raise FileNotFoundError(f"{path}: no adl run record here (runs/<job>/run.json)")
     if len(records) > 1:

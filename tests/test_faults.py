@@ -551,7 +551,7 @@ def test_a_key_echoed_by_the_endpoint_is_never_shown(grader_root, make_spec, dem
 
 def test_redact_masks_credentials():
     from common.redact import redact, register
-    from jobs.status import describe
+    from common.errors import one_line as describe
     register("hunter2-secret-value")
     text = ("401: Bearer abc.DEF-123 sk-proj-AbCdEf123456 token hunter2-secret-value at "
             "https://user:pa55@host/v1 and sk-short")

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from common.errors import one_line
 from common.types import ModelSource
 from storage.store import StorageOptions, Store
 
@@ -85,8 +86,7 @@ def read_config(source: ModelSource, storage: StorageOptions, trust_remote_code:
     except ModelError:
         raise
     except Exception as e:  # hub unreachable, bad JSON, S3 errors: one line is enough
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"{source.model}: cannot read its config: {first}") from None
+        raise ModelError(f"{source.model}: cannot read its config: {one_line(e, typed=False)}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{source.model}: config.json is not a JSON object")
     if source.adapter:
