@@ -312,6 +312,12 @@ def _budgets(remaining: int, calls_left: int) -> str:
     return json.dumps({"model_interactions_remaining": remaining, "llm_calls_remaining": calls_left})
 
 
+def _refuse(turn: dict, messages: list, remaining: int, calls_left: int, outcome: str, text: str, **fields) -> None:
+    """A turn that ran nothing: its outcome recorded, and why, with the budgets, as the next user message."""
+    turn.update(outcome=outcome, **fields)
+    messages.append({"role": "user", "content": f"{text}\nBudgets: {_budgets(remaining, calls_left)}"})
+
+
 def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list[Tool], chat,
               max_llm_calls: int, context: dict | None = None, log=None) -> RunResult:
     """One investigation. chat(messages) -> Reply (ChatEndpoint.chat with the model and
@@ -357,47 +363,39 @@ def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list
                 return result
             calls_left = max_llm_calls - call - 1
             if parsed.kind == "error":
-                turn.update(outcome="format_error", error=parsed.error)
-                messages.append({"role": "user", "content": (
+                _refuse(turn, messages, remaining, calls_left, "format_error", (
                     f"FORMAT_ERROR: {parsed.error}. The last non-empty line of your reply must be "
                     f"CALL(tool_name: {{json args}}) or FINAL(description: \"...\"), with nothing after it. "
-                    f"Last line received: {parsed.last_line[:300]!r}. Nothing was run.\n"
-                    f"Budgets: {_budgets(remaining, calls_left)}")})
+                    f"Last line received: {parsed.last_line[:300]!r}. Nothing was run."), error=parsed.error)
                 continue
             turn.update(tool=parsed.tool, args=parsed.args)
             tool = by_name.get(parsed.tool)
             if tool is None:
-                turn.update(outcome="unknown_tool")
-                messages.append({"role": "user", "content": (
+                _refuse(turn, messages, remaining, calls_left, "unknown_tool", (
                     f"UNKNOWN_TOOL: there is no tool {parsed.tool!r}; the tools are "
-                    f"{', '.join(by_name)}. Nothing was run.\nBudgets: {_budgets(remaining, calls_left)}")})
+                    f"{', '.join(by_name)}. Nothing was run."))
                 continue
             try:
                 args = tool.check(dict(parsed.args))
             except ArgumentError as e:
-                turn.update(outcome="argument_error", error=str(e))
-                messages.append({"role": "user", "content": (
-                    f"ARGUMENT_ERROR: {tool.name}: {e}. Nothing was run and no model interactions were used."
-                    f"\nBudgets: {_budgets(remaining, calls_left)}")})
+                _refuse(turn, messages, remaining, calls_left, "argument_error",
+                        f"ARGUMENT_ERROR: {tool.name}: {e}. Nothing was run and no model interactions were used.",
+                        error=str(e))
                 continue
             cost = tool.cost(args)
             if cost > remaining:
-                turn.update(outcome="budget_exhausted", cost=cost)
-                messages.append({"role": "user", "content": (
+                _refuse(turn, messages, remaining, calls_left, "budget_exhausted", (
                     f"MODEL_INTERACTION_BUDGET_EXHAUSTED: {tool.name} with these arguments needs {cost} model "
                     f"interaction{'s' if cost != 1 else ''}, {remaining} remain. Nothing was run. Ask for fewer, "
-                    f"use the free tools, or answer with FINAL(description: \"...\").\n"
-                    f"Budgets: {_budgets(remaining, calls_left)}")})
+                    f"use the free tools, or answer with FINAL(description: \"...\")."), cost=cost)
                 continue
             started = time.monotonic()
             try:
                 data = tool.call(args, {**(context or {}), "agent": agent, "budget": budget, "run": run,
                                         "call": call})
             except ToolError as e:
-                turn.update(outcome="tool_error", error=str(e))
-                messages.append({"role": "user", "content": (
-                    f"TOOL_ERROR: {tool.name}: {e}. No model interactions were used.\n"
-                    f"Budgets: {_budgets(remaining, calls_left)}")})
+                _refuse(turn, messages, remaining, calls_left, "tool_error",
+                        f"TOOL_ERROR: {tool.name}: {e}. No model interactions were used.", error=str(e))
                 continue
             except Exception as e:   # the tool's backend failed (an engine died): not the agent's doing
                 turn.update(outcome="backend_error", error=one_line(e))

@@ -1,6 +1,9 @@
-"""The job spec: a YAML file, validated on load into frozen dataclasses.
+"""The job spec: a YAML file, validated on load into frozen dataclasses; the one validator.
 
-Every default of the method (../README, "Job spec") lives here and nowhere else. A bad
+Every default of the method (../README, "Job spec") lives here and nowhere else, but for
+the dataclasses workers receive (model sources, the grader's settings), which
+common/types.py defines so that workers never import this module; they are built and
+checked here all the same. A bad
 value raises SpecError naming the field, e.g. `pairs[1].finetuned.revision: expected a
 string, got 3`.
 """

@@ -1,5 +1,9 @@
 """A storage root — a local folder or an s3:// prefix — addressed by relative keys.
 
+`Store.from_uri(uri, StorageOptions(...))` picks the backend by the URI's scheme
+(`BACKENDS`; no scheme: `LocalBackend`); a backend holds what differs (the pyarrow
+filesystem, retries, the root's check, atomic and exclusive writes), the Store the rest.
+
 Every write is atomic: a reader sees a whole object or none. Locally that is a write
 to a temporary sibling and a rename; on S3 the object is uploaded in one piece from
 memory, and a single PUT (or a completed multipart upload) appears atomically, so a
