@@ -277,7 +277,7 @@ def test_every_storage_operation_survives_the_proxy(s3_endpoint, s3_bucket):
     around by itself, such as a HEAD before a DELETE, needs none)."""
     lines = []
     with FaultProxy(s3_endpoint, every=2, stall_s=0.2) as proxy:
-        store = Store(f"s3://{s3_bucket}/ops", proxy.url, "us-east-1")
+        store = Store.from_uri(f"s3://{s3_bucket}/ops", StorageOptions(proxy.url, "us-east-1"))
         store.log = lines.append
         store.check()
         payload = bytes(range(256)) * 400
@@ -365,7 +365,7 @@ def lease_store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "root"))
     endpoint, bucket = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
-    return Store(f"s3://{bucket}/root", endpoint, "us-east-1")
+    return Store.from_uri(f"s3://{bucket}/root", StorageOptions(endpoint, "us-east-1"))
 
 
 def plant(store: Store, prefix: str, generation: int, **lease) -> None:

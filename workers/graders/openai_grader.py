@@ -166,7 +166,7 @@ class OpenAIGrader:
             try:
                 answer = self.endpoint.post(params, max_retries=attempts - used - 1)
             except ChatError as e:
-                reason = f"HTTP {e.status}: {e.detail}" if e.status is not None else str(e)
+                reason = f"HTTP {e.status}: {e.detail}" if e.status is not None else e.detail or str(e)
                 if not e.retried:
                     raise _Failure(f"{reason} (not retried)", raw, partial) from None
                 break   # the client used every remaining attempt

@@ -127,7 +127,10 @@ class ChatEndpoint:
                                          status, detail, retried) from None
                 raise EndpointError(one_line(e), status, detail, retried) from None
             except openai.OpenAIError as e:   # timeouts and connection errors, after the retries
-                raise EndpointError(one_line(e)) from None
+                cause = e
+                while (cause.__cause__ or cause.__context__) is not None:   # what broke underneath
+                    cause = cause.__cause__ or cause.__context__
+                raise EndpointError(one_line(e), None, one_line(cause)) from None
             finally:
                 with self._lock:
                     self.in_flight -= 1
