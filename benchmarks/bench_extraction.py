@@ -23,7 +23,7 @@ import torch
 from common import fmt_times, header, interleaved, median, method_layer, si, timed, verdict
 from jobs.spec import ModelSource
 from storage import layout
-from storage.store import Store
+from storage.store import Store, StorageOptions
 from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
 from workers.extraction import block_outputs, stored_bits
 from workers.model_worker import TransformersWorker
@@ -57,7 +57,7 @@ def main() -> None:
 
         store = Store(str(Path(tmp) / "store"))
         prefix = layout.activation_set("bench", {"bench": "extraction"})
-        worker = TransformersWorker(ModelSource(model=str(bm.folder)), dtype=args.dtype, s3={}, store=store)
+        worker = TransformersWorker(ModelSource(model=str(bm.folder)), dtype=args.dtype, storage=StorageOptions(), store=store)
         model, device = worker.model, model_device(worker.model)
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         batches = [ids[i:i + args.batch_size].to(device) for i in range(0, docs, args.batch_size)]

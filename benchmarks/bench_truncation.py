@@ -16,6 +16,8 @@ speed-up / FLOP ratio (1.0 = the saved time is exactly the saved arithmetic).
 """
 from __future__ import annotations
 
+from storage.store import StorageOptions
+
 import argparse
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def main() -> None:
     with common.temp_dir("truncation") as tmp:
         bm = common.build_llama(Path(tmp) / "model")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(ModelSource(model=str(bm.folder)), dtype="float32", s3={}, device=device)
+        model = load_model(ModelSource(model=str(bm.folder)), dtype="float32", storage=StorageOptions(), device=device)
         c = bm.config
         blocks, hidden, vocab = bm.num_layers, c["hidden_size"], c["vocab_size"]
         layer = method_layer(blocks)

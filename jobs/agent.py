@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from workers.graders import RateLimiter
+from common.errors import one_line
+from workers.graders.transport import ChatEndpoint, EndpointError, RefusedRequest, Reply, Usage
 
 logger = logging.getLogger("adl.agent")
 
@@ -269,94 +270,6 @@ def _parse_final(body: str) -> Parsed:
 
 
 # -- the chat endpoint ------------------------------------------------------------------------
-class EndpointError(RuntimeError):
-    """The endpoint did not answer (after the client's retries): the run is incomplete and
-    is redone by a rerun, rather than recorded as the agent's failure."""
-
-
-class RefusedRequest(RuntimeError):
-    """The endpoint refused this request for what it holds (HTTP 400/422, e.g. a
-    conversation longer than the model's context): the run is recorded as failed."""
-
-
-@dataclass
-class Usage:
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    def add(self, other: "Usage") -> None:
-        for name in ("calls", "prompt_tokens", "completion_tokens", "total_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Reply:
-    content: str
-    usage: Usage
-    seconds: float
-    finish_reason: str | None = None
-
-
-class ChatEndpoint:
-    """One OpenAI-compatible endpoint: the openai client (retries with back-off, honouring
-    Retry-After, and timeouts), at most `concurrency` requests in flight whatever the
-    callers' threads, and an optional rate limit. Thread-safe: a job's agent runs of every
-    pair share one per endpoint (`endpoint`)."""
-
-    def __init__(self, base_url: str, api_key_env: str, concurrency: int = 8,
-                 requests_per_second: float | None = None, max_retries: int = 4, timeout_s: float = 600.0):
-        import openai
-        # A local server needs no key; the client insists on one, so a placeholder.
-        key = os.environ.get(api_key_env) or "no-key"
-        self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout_s)
-        self.concurrency = concurrency
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._limiter = RateLimiter(requests_per_second) if requests_per_second else None
-        self._lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-
-    def chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float | None) -> Reply:
-        import openai
-        params = {"model": model, "messages": messages, "max_tokens": max_tokens}
-        if temperature is not None:
-            params["temperature"] = temperature
-        with self._slots:
-            if self._limiter:
-                self._limiter.acquire()
-            with self._lock:
-                self.in_flight += 1
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            start = time.monotonic()
-            try:
-                completion = self.client.chat.completions.create(**params)
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-                raise RefusedRequest(f"the endpoint refused the request: {_one_line(e)}") from None
-            except openai.OpenAIError as e:
-                raise EndpointError(f"{type(e).__name__}: {_one_line(e)}") from None
-            finally:
-                with self._lock:
-                    self.in_flight -= 1
-        seconds = time.monotonic() - start
-        choices = getattr(completion, "choices", None) or []
-        if not choices or choices[0].message is None:
-            raise EndpointError("the endpoint's answer is not a chat completion (no choices)")
-        usage = getattr(completion, "usage", None)
-        counted = Usage(1, *(int(getattr(usage, name, 0) or 0)
-                             for name in ("prompt_tokens", "completion_tokens", "total_tokens")))
-        return Reply(choices[0].message.content or "", counted, seconds, choices[0].finish_reason)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
-
-
 _ENDPOINTS: dict[tuple, ChatEndpoint] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 
@@ -397,6 +310,12 @@ class RunResult:
 
 def _budgets(remaining: int, calls_left: int) -> str:
     return json.dumps({"model_interactions_remaining": remaining, "llm_calls_remaining": calls_left})
+
+
+def _refuse(turn: dict, messages: list, remaining: int, calls_left: int, outcome: str, text: str, **fields) -> None:
+    """A turn that ran nothing: its outcome recorded, and why, with the budgets, as the next user message."""
+    turn.update(outcome=outcome, **fields)
+    messages.append({"role": "user", "content": f"{text}\nBudgets: {_budgets(remaining, calls_left)}"})
 
 
 def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list[Tool], chat,
@@ -444,52 +363,43 @@ def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list
                 return result
             calls_left = max_llm_calls - call - 1
             if parsed.kind == "error":
-                turn.update(outcome="format_error", error=parsed.error)
-                messages.append({"role": "user", "content": (
+                _refuse(turn, messages, remaining, calls_left, "format_error", (
                     f"FORMAT_ERROR: {parsed.error}. The last non-empty line of your reply must be "
                     f"CALL(tool_name: {{json args}}) or FINAL(description: \"...\"), with nothing after it. "
-                    f"Last line received: {parsed.last_line[:300]!r}. Nothing was run.\n"
-                    f"Budgets: {_budgets(remaining, calls_left)}")})
+                    f"Last line received: {parsed.last_line[:300]!r}. Nothing was run."), error=parsed.error)
                 continue
             turn.update(tool=parsed.tool, args=parsed.args)
             tool = by_name.get(parsed.tool)
             if tool is None:
-                turn.update(outcome="unknown_tool")
-                messages.append({"role": "user", "content": (
+                _refuse(turn, messages, remaining, calls_left, "unknown_tool", (
                     f"UNKNOWN_TOOL: there is no tool {parsed.tool!r}; the tools are "
-                    f"{', '.join(by_name)}. Nothing was run.\nBudgets: {_budgets(remaining, calls_left)}")})
+                    f"{', '.join(by_name)}. Nothing was run."))
                 continue
             try:
                 args = tool.check(dict(parsed.args))
             except ArgumentError as e:
-                turn.update(outcome="argument_error", error=str(e))
-                messages.append({"role": "user", "content": (
-                    f"ARGUMENT_ERROR: {tool.name}: {e}. Nothing was run and no model interactions were used."
-                    f"\nBudgets: {_budgets(remaining, calls_left)}")})
+                _refuse(turn, messages, remaining, calls_left, "argument_error",
+                        f"ARGUMENT_ERROR: {tool.name}: {e}. Nothing was run and no model interactions were used.",
+                        error=str(e))
                 continue
             cost = tool.cost(args)
             if cost > remaining:
-                turn.update(outcome="budget_exhausted", cost=cost)
-                messages.append({"role": "user", "content": (
+                _refuse(turn, messages, remaining, calls_left, "budget_exhausted", (
                     f"MODEL_INTERACTION_BUDGET_EXHAUSTED: {tool.name} with these arguments needs {cost} model "
                     f"interaction{'s' if cost != 1 else ''}, {remaining} remain. Nothing was run. Ask for fewer, "
-                    f"use the free tools, or answer with FINAL(description: \"...\").\n"
-                    f"Budgets: {_budgets(remaining, calls_left)}")})
+                    f"use the free tools, or answer with FINAL(description: \"...\")."), cost=cost)
                 continue
             started = time.monotonic()
             try:
                 data = tool.call(args, {**(context or {}), "agent": agent, "budget": budget, "run": run,
                                         "call": call})
             except ToolError as e:
-                turn.update(outcome="tool_error", error=str(e))
-                messages.append({"role": "user", "content": (
-                    f"TOOL_ERROR: {tool.name}: {e}. No model interactions were used.\n"
-                    f"Budgets: {_budgets(remaining, calls_left)}")})
+                _refuse(turn, messages, remaining, calls_left, "tool_error",
+                        f"TOOL_ERROR: {tool.name}: {e}. No model interactions were used.", error=str(e))
                 continue
             except Exception as e:   # the tool's backend failed (an engine died): not the agent's doing
-                from jobs.status import describe
-                turn.update(outcome="backend_error", error=describe(e))
-                result.status, result.reason = "incomplete", f"tool backend: {tool.name}: {describe(e)}"
+                turn.update(outcome="backend_error", error=one_line(e))
+                result.status, result.reason = "incomplete", f"tool backend: {tool.name}: {one_line(e)}"
                 return result
             remaining -= cost
             result.interactions_used += cost

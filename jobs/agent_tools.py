@@ -27,8 +27,9 @@ import numpy as np
 
 from jobs.agent import ArgumentError, Tool, ToolError, FIRST_MESSAGE_TAIL
 from jobs.seeds import sample_seed
-from jobs.steering import steering_prompts, unit_scaled
+from jobs.steering import steering_prompts
 from storage import layout
+from workers.vectors import unit_scaled
 
 MAX_PROMPT_CHARS = 4000      # a prompt longer than this is an argument error
 MAX_STEERED_PER_PROMPT = 20  # generate_steered's n

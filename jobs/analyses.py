@@ -20,13 +20,13 @@ from itertools import combinations
 
 import numpy as np
 
-from jobs.plan import PairPlan, s3_options
-from jobs.steering import unit_scaled
+from jobs.plan import PairPlan
 from storage import layout
 from storage.store import Store
 from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_table,
                             similarity_table, token_relevance_table)
 from workers.graders import GradingFailed
+from workers.vectors import similarity as similarity_of, unit_scaled
 
 # Patchscope's vectors, and the model each is read in (the controls as in the reference:
 # the base mean in the base model, both scaled to the finetuned norm).
@@ -119,7 +119,7 @@ def token_relevance(ctx) -> None:
         return _skip_relevance(store, pair, OFFLINE_RELEVANCE, log)
     grader = ctx.grader
     a = spec.analyses
-    tokenizer = load_tokenizer(pair.pair.base, s3_options(spec), spec.trust_remote_code)
+    tokenizer = load_tokenizer(pair.pair.base, spec.storage.options, spec.trust_remote_code)
     texts = read_texts(pair.pair.finetune_data, 10_000, f"{where}: finetune_data")
     frequent = frequent_tokens(tokenizer, texts, pair.base.documents.token_ids, a.frequent_tokens,
                                a.min_generic_ratio)
@@ -211,7 +211,7 @@ def similarity(ctx) -> None:
         present = [name for name in SETS if named[name] is not None]
         for x, y in combinations(present, 2):
             rows.append({"layer": layer, "position": pos, "set_a": x, "set_b": y,
-                         "similarity": float(np.dot(named[x], named[y]))})
+                         "similarity": similarity_of(named[x], named[y])})
     store.write_table(out, similarity_table(rows, **{"adl.embedding_model": a.embedding_model or
                                                       PACKAGED_EMBEDDER}),
                       **TABLE_PARQUET_OPTIONS)

@@ -7,12 +7,13 @@ import json
 import os
 import sys
 
+from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.project import ProjectError
 from jobs.report import ReportError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
-from storage.store import StorageError, Store
+from storage.store import StorageError, StorageOptions, Store
 from workers.models import ModelError
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
@@ -98,7 +99,8 @@ def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
 
 def _run(spec, report: bool = False) -> int:
     """Runs the job; exit code 1 when any pair failed (the others still ran)."""
-    from jobs.driver import RunStats, Terminated, log, run_job
+    from common.logs import log
+    from jobs.driver import RunStats, Terminated, run_job
     from jobs.summary import run_summary
     from storage.store import Store
     stats = RunStats()
@@ -110,7 +112,7 @@ def _run(spec, report: bool = False) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(143 if isinstance(e, Terminated) else 130)
-    store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+    store = Store.from_uri(spec.storage.root, spec.storage.options)
     log(f"done: {store.uri(record)}")
     print(run_summary(store, record))
     if report:
@@ -131,6 +133,9 @@ def _spec_from_env(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adl", description="Activation Difference Lens batch jobs")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="the least severe log lines shown on stderr (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a job spec on an embedded local Ray (or compute.ray_address)")
     p_run.add_argument("spec", nargs="?", help="job spec (YAML)")
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p_project.add_argument("--endpoint-url", default=None)
     p_project.add_argument("--region", default=None)
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     try:
         if args.command == "run":
             if args.spec_env:
@@ -183,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run(parse_spec(demo_spec(args.root, args.num_documents, args.model)), report=True)
         if args.command == "report":
             from jobs.report import locate_run, write_report
-            store, record = locate_run(args.run, args.endpoint_url, args.region)
+            store, record = locate_run(args.run, StorageOptions(args.endpoint_url, args.region))
             print(write_report(store, record, args.out))
             return 0
         if args.command == "project":
             return _project(args)
         from jobs.summary import inspect
-        print(inspect(args.path, args.endpoint_url, args.region))
+        print(inspect(args.path, StorageOptions(args.endpoint_url, args.region)))
         return 0
     except INPUT_ERRORS as e:
         print(f"adl: error: {e}", file=sys.stderr)
@@ -201,12 +207,13 @@ def _project(args) -> int:
     from jobs.report import locate_run
     from storage import layout
     text = read_text(args.text)
-    store, record = locate_run(args.run, args.endpoint_url, args.region)
+    options = StorageOptions(args.endpoint_url, args.region)
+    store, record = locate_run(args.run, options)
     result = project(store, record, args.pair, text, args.layer)
     print("\n".join(lines(result)))
     out = args.out or f"adl-project-{layout.slug(args.pair)}.html"
     parent, _, name = out.rstrip("/").rpartition("/")
-    target = Store(parent or ".", args.endpoint_url, args.region)
+    target = Store.from_uri(parent or ".", options)
     target.write_bytes(name, snippet(result).encode())
     print(f"snippet: {target.uri(name)}")
     return 0

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.errors import one_line
 from jobs.spec import Corpus, SpecError
 from workers.tokenization import DROP_REASONS, KeptDocuments, keep_documents
 
@@ -155,8 +156,7 @@ def _hf_documents(corpus: Corpus) -> Iterator[str]:
         ds = datasets.load_dataset(corpus.dataset, split=corpus.split, revision=corpus.revision,
                                    streaming=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {first}") from None
+        raise SpecError(f"corpus.dataset: cannot read {corpus.dataset}: {one_line(e, typed=False)}") from None
     return (hf_document(row, corpus, i) for i, row in enumerate(ds))
 
 

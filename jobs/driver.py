@@ -16,12 +16,12 @@ which time it is usually complete.
 from __future__ import annotations
 
 import os
-import sys
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from common.errors import one_line
+from common.logs import log
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
@@ -29,7 +29,7 @@ from jobs.plan import Plan, PairPlan, make_plan
 from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
-from jobs.status import JobStatus, describe
+from jobs.status import JobStatus
 from jobs.views import publish
 from storage import layout
 from storage.store import Store
@@ -110,10 +110,6 @@ def _stop_private_ray(grace_s: float = 5.0) -> None:
     stopper.join(grace_s)
     if stopper.is_alive() and node is not None:
         node.kill_all_processes(check_alive=False, allow_graceful=False)
-
-
-def log(message: str) -> None:
-    print(f"[adl {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def ensure_ray(spec: JobSpec) -> bool:
@@ -292,7 +288,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     fails is recorded (stats.failed, the status record) and does not stop the others.
     Work another run on the same root holds is waited for, then taken up if still needed."""
     stats = stats or RunStats()
-    store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+    store = Store.from_uri(spec.storage.root, spec.storage.options)
     store.log = log
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
@@ -350,7 +346,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             _ignore_signals()   # a second Ctrl-C must not cut the clean-up short
         if backend is not None:
             backend.kill_all()
-        status.finish(error="interrupted" if interrupted else describe(e))
+        status.finish(error="interrupted" if interrupted else one_line(e))
         publish(store, key, log)
         if interrupted:
             done = sum(p["state"] == "done" for p in status.record["pairs"].values())

@@ -21,11 +21,12 @@ import queue
 import threading
 import time
 
+from common.errors import one_line
 from jobs.placement import Placement, engine_memory_utilization, placement
-from jobs.plan import Plan, s3_options
+from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
-from jobs.stages import PAIR_STAGES, StageRun, extract, run_baselines
-from jobs.status import JobStatus, describe
+from jobs.stages import PAIR_STAGES, StageRun, extract, offline_grader, run_baselines
+from jobs.status import JobStatus
 from storage import layout
 from storage.store import Store
 
@@ -109,17 +110,18 @@ class RayBackend:
         return handle
 
     def _constructor(self, key: ModelKey):
-        spec, s3 = self.spec, s3_options(self.spec)
+        spec, storage = self.spec, self.spec.storage.options
         if key.runtime == "transformers":
             from workers.model_worker import TransformersWorker
             return TransformersWorker, (key.source,), dict(
-                dtype=spec.dtype, s3=s3, store=self.store, trust_remote_code=spec.trust_remote_code,
-                grader=spec.grader), {"max_concurrency": 2}
+                dtype=spec.dtype, storage=storage, store=self.store, trust_remote_code=spec.trust_remote_code,
+                grader=spec.grader if offline_grader(spec) else None), {"max_concurrency": 2}
         if key.runtime == "vllm":
             from workers.generation import GenerationWorker
             gen, placed = spec.generation, self.requests.placed(key)
-            return GenerationWorker, (key.source, s3), dict(
-                trust_remote_code=spec.trust_remote_code, grader=spec.grader, dtype=spec.dtype,
+            return GenerationWorker, (key.source, storage), dict(
+                trust_remote_code=spec.trust_remote_code, grader=spec.grader if offline_grader(spec) else None,
+                dtype=spec.dtype,
                 max_model_len=gen.max_model_len,
                 tensor_parallel_size=placed.devices, seed=gen.seed,
                 gpu_memory_utilization=engine_memory_utilization(placed)), {}
@@ -177,7 +179,7 @@ class RayBackend:
                 with self.status.stage(unit.pair, unit.kind):
                     self._stage(unit, actors)
         except BaseException as e:
-            error = describe(e)
+            error = one_line(e)
             if unit.kind == "extract":
                 error = f"activations {unit.subject.name} failed: {error}"
         finally:
@@ -216,7 +218,7 @@ class RayBackend:
             extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard,
                     verified=self.verified.pop(aset.prefix, None))
         except BaseException as e:
-            self.status.set_state(aset.prefix, "failed", describe(e))
+            self.status.set_state(aset.prefix, "failed", one_line(e))
             raise
         self.status.set_state(aset.prefix, "done")
 

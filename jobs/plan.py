@@ -10,12 +10,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from common.errors import one_line
 from jobs.cluster_check import check_ray_address
 from jobs.corpus import corpus_identity, file_identity, iter_documents, kept_documents
 from jobs.placement import parameter_count
 from jobs.seeds import SEEDING_VERSION
-from jobs.spec import JobSpec, ModelSource, Pair, as_plain
+from jobs.spec import JobSpec, ModelSource, Pair, as_plain, grader_identity
 from storage import layout
+from storage.store import StorageOptions
 from workers.models import (ModelError, adapter_base_mismatch, check_weights, config_value, location_identity,
                             load_tokenizer, num_layers, read_adapter_config, read_config)
 from workers.tokenization import TOKENIZATION_VERSION
@@ -70,11 +72,6 @@ class Plan:
     pairs: tuple[PairPlan, ...]
 
 
-def s3_options(spec: JobSpec) -> dict:
-    """S3 model locations use the storage section's endpoint and region."""
-    return {"endpoint_url": spec.storage.endpoint_url, "region": spec.storage.region}
-
-
 def _resolve_layers(spec: JobSpec, blocks: int, where: str) -> tuple[int, ...]:
     out = set()
     for i, layer in enumerate(spec.method.layers):
@@ -86,7 +83,7 @@ def _resolve_layers(spec: JobSpec, blocks: int, where: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_pair_models(spec: JobSpec, pair: Pair, where: str, s3: dict) -> tuple[dict, dict, dict]:
+def check_pair_models(spec: JobSpec, pair: Pair, where: str, storage: StorageOptions) -> tuple[dict, dict, dict]:
     """(identities, configs, block counts) by role of a pair's two models, from their
     configs and folder listings alone (no weights are loaded). Errors name the field:
     a location that does not exist or holds no config or no weights, an adapter whose
@@ -96,16 +93,16 @@ def check_pair_models(spec: JobSpec, pair: Pair, where: str, s3: dict) -> tuple[
     for role in ("base", "finetuned"):
         source, field = getattr(pair, role), f"{where}.{role}"
         try:
-            idents[role] = {"model": location_identity(source.model, source.revision, s3)}
-            configs[role] = read_config(replace(source, adapter=None), s3, spec.trust_remote_code)
+            idents[role] = {"model": location_identity(source.model, source.revision, storage)}
+            configs[role] = read_config(replace(source, adapter=None), storage, spec.trust_remote_code)
             blocks[role] = num_layers(configs[role])
-            check_weights(source.model, s3)
+            check_weights(source.model, storage)
         except ModelError as e:
             raise PlanError(f"{field}: {e}") from None
         if source.adapter:
             try:
-                idents[role]["adapter"] = location_identity(source.adapter, None, s3)
-                adapter_config = read_adapter_config(source.adapter, s3)
+                idents[role]["adapter"] = location_identity(source.adapter, None, storage)
+                adapter_config = read_adapter_config(source.adapter, storage)
             except ModelError as e:
                 raise PlanError(f"{field}.adapter: {e}") from None
             differs = adapter_base_mismatch(adapter_config or {}, pair.base.model)
@@ -171,17 +168,17 @@ def check_grader_key(spec: JobSpec) -> None:
     """A grader the job will use (an LLM grader, with generation or analyses) whose spec
     names `api_key_env` needs that variable set: without it every request would fail.
     (Without api_key_env, $OPENAI_API_KEY is sent if set, else no key: local servers need none.)"""
-    grader = spec.grader or {}
-    if grader.get("kind") != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
+    grader = spec.grader
+    if grader is None or grader.kind != "openai" or not (spec.generation.enabled or spec.analyses.enabled):
         return
-    name = grader.get("api_key_env")
+    name = grader.api_key_env
     if name is not None and not os.environ.get(name):
         raise PlanError(f"grader.api_key_env: the environment variable {name} is not set "
                         f"(it must hold the grader's API key)")
 
 
 def make_plan(spec: JobSpec) -> Plan:
-    s3 = s3_options(spec)
+    storage = spec.storage.options
     n = spec.method.tokens_per_document
     corpus_ident = corpus_identity(spec.corpus)
     documents: dict[str, Documents] = {}     # by tokenizer identity
@@ -191,7 +188,7 @@ def make_plan(spec: JobSpec) -> Plan:
     check_ray_address(spec)
     for i, pair in enumerate(spec.pairs):
         where = f"pairs[{i}]"
-        idents, configs, blocks = check_pair_models(spec, pair, where, s3)
+        idents, configs, blocks = check_pair_models(spec, pair, where, storage)
         try:
             parameters = {role: parameter_count(config) for role, config in configs.items()}
         except (TypeError, ValueError, ZeroDivisionError):
@@ -207,10 +204,9 @@ def make_plan(spec: JobSpec) -> Plan:
         if tok_key not in documents:
             iter_documents(spec.corpus).close()   # a corpus error comes before a tokenizer's
             try:
-                tokenizer = load_tokenizer(pair.base, s3, spec.trust_remote_code)
+                tokenizer = load_tokenizer(pair.base, storage, spec.trust_remote_code)
             except Exception as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise PlanError(f"{where}.base: cannot load its tokenizer: {first}") from None
+                raise PlanError(f"{where}.base: cannot load its tokenizer: {one_line(e, typed=False)}") from None
             kept = kept_documents(spec.corpus, tokenizer, n)
             documents[tok_key] = Documents(kept.doc_ids, kept.token_ids, kept.read, spec.shard_size, kept.dropped)
         docs = documents[tok_key]
@@ -234,9 +230,9 @@ def make_plan(spec: JobSpec) -> Plan:
                          "norm_skip_positions": spec.method.norm_skip_positions,
                          "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
         if spec.generation.enabled:
-            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=spec.grader)
+            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=grader_identity(spec.grader))
         if spec.analyses.enabled:
-            pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=spec.grader)
+            pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=grader_identity(spec.grader))
         if spec.agent.enabled:   # only then: pairs of jobs without the section keep their keys
             pair_identity.update(agent=agent_identity(spec, pair))
         if spec.causal_effect.enabled:   # likewise

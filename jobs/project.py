@@ -13,7 +13,7 @@ import numpy as np
 
 from jobs.results import PairResults
 from jobs.spec import ModelSource
-from storage.store import StorageError
+from storage.store import StorageError, StorageOptions
 
 _PATHLIKE = (".txt", ".md", ".json", ".jsonl", ".html", ".text")
 
@@ -78,7 +78,7 @@ def project(store, record_key: str, pair_name: str, text: str, layer: int | None
         _source(spec_pair.get("finetuned"), f"spec.pairs[{pair_name}].finetuned"),
         _source(spec_pair.get("base"), f"spec.pairs[{pair_name}].base"), text, layer,
         vectors[[i for _, i in rows]], dtype=spec.get("dtype", "float32"),
-        s3={"endpoint_url": storage.get("endpoint_url"), "region": storage.get("region")},
+        storage=StorageOptions(storage.get("endpoint_url"), storage.get("region")),
         trust_remote_code=bool(spec.get("trust_remote_code")))
     return Projection(pair_name, layer, positions, ids, tokens, values)
 

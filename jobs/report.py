@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from common.errors import one_line
 from jobs.results import PairResults
 from jobs.triage import RATIO_POSITIONS, pair_triage
 from jobs.summary import read_run_record
 from storage import layout
-from storage.store import StorageError, Store
+from storage.store import StorageError, StorageOptions, Store
 
 TOP = 20                # tokens shown per list (the method grades the top 20)
 HEADLINE_TOKENS = 8     # tokens per layer in the index
@@ -30,7 +31,7 @@ class ReportError(ValueError):
 
 
 # -- finding the run --------------------------------------------------------------------
-def locate_run(path: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[Store, str]:
+def locate_run(path: str, options: StorageOptions | None = None) -> tuple[Store, str]:
     """(store at the storage root, run record key) for a run.json path or URI, or for a
     storage root that holds exactly one job."""
     clean = path.rstrip("/") or "."
@@ -38,7 +39,7 @@ def locate_run(path: str, endpoint_url: str | None = None, region: str | None = 
         # a running job's status record: its run record lies beside it (written first)
         beside = clean[: -len("status.json")] + "run.json"
         try:
-            return locate_run(beside, endpoint_url, region)
+            return locate_run(beside, options)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no run record beside this status record ({beside})") from None
     try:
@@ -47,18 +48,17 @@ def locate_run(path: str, endpoint_url: str | None = None, region: str | None = 
             root, sep, rel = ("./" + clean if clean.startswith("runs/") else clean).rpartition("/runs/")
             if not sep or rel.count("/") != 1:
                 raise ReportError(f"{path}: a run record lives at <root>/runs/<job>/run.json")
-            store, key = Store(root, endpoint_url, region), f"runs/{rel}"
+            store, key = Store.from_uri(root, options), f"runs/{rel}"
             if not store.exists(key):
                 raise FileNotFoundError(f"{path}: no such run record")
             read_run_record(store, key)
             return store, key
-        store = Store(clean, endpoint_url, region)
+        store = Store.from_uri(clean, options)
         records = [k for k in store.list("runs") if k.endswith("/run.json") and k.count("/") == 2]
     except (ReportError, FileNotFoundError, StorageError):
         raise
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"{path}: cannot read: {first}") from None
+        raise StorageError(f"{path}: cannot read: {one_line(e, typed=False)}") from None
     if not records:
         raise FileNotFoundError(f"{path}: no adl run record here (runs/<job>/run.json)")
     if len(records) > 1:
@@ -737,6 +737,6 @@ def write_report(store: Store, record_key: str, out: str | None = None) -> str:
         store.write_bytes(key, page)
         return store.uri(key)
     parent, _, name = out.rstrip("/").rpartition("/")
-    target = Store(parent or ".", store.endpoint_url, store.region)
+    target = Store.from_uri(parent or ".", store.options)
     target.write_bytes(name, page)
     return target.uri(name)

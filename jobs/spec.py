@@ -1,34 +1,31 @@
-"""The job spec: a YAML file, validated on load into frozen dataclasses.
+"""The job spec: a YAML file, validated on load into frozen dataclasses; the one validator.
 
-Every default of the method (../README, "Job spec") lives here and nowhere else. A bad
+Every default of the method (../README, "Job spec") lives here and nowhere else, but for
+the dataclasses workers receive (model sources, the grader's settings), which
+common/types.py defines so that workers never import this module; they are built and
+checked here all the same. A bad
 value raises SpecError naming the field, e.g. `pairs[1].finetuned.revision: expected a
 string, got 3`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from common.types import DTYPES, GRADER_KINDS, ModelSource, OfflineGrading, OpenAIGrading
 from storage.layout import slug
-from storage.store import URI
+from storage.store import URI, StorageOptions
 
 
 class SpecError(ValueError):
     """A spec problem, as one line that names the field."""
 
 
-DTYPES = ("bfloat16", "float16", "float32")
 CORPUS_KINDS = ("demo", "text", "jsonl", "parquet", "hf")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    model: str                    # hub id, local folder, or s3://bucket/prefix
-    revision: str | None = None   # hub revision (branch, tag or commit)
-    adapter: str | None = None    # a LoRA adapter (same kinds of location) applied to `model`
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,11 @@ class Storage:
     root: str = "./adl-output"    # local folder or s3://bucket/prefix
     endpoint_url: str | None = None
     region: str | None = None
+
+    @property
+    def options(self) -> StorageOptions:
+        """How to reach the root, and S3 model locations too."""
+        return StorageOptions(self.endpoint_url, self.region)
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ class JobSpec:
     trust_remote_code: bool = False
     generation: Generation = Generation()
     analyses: Analyses = Analyses()
-    grader: dict | None = None    # None: the offline grader (workers/graders.py)
+    grader: OfflineGrading | OpenAIGrading | None = None   # None: the offline grader at its defaults
     agent: Agent = Agent()
     causal_effect: CausalEffect = CausalEffect()
 
@@ -246,16 +248,33 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# kind: (test, what the error says was expected). The bounded kinds name their bound in the
+# message (the grader section's wording); the others are bounded by a `_build` check.
+_KINDS = {
+    "str": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "int": (_integer, "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int>=0": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "int>=1": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "number>0": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "number>=0": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "dtype": (lambda v: v in DTYPES, " | ".join(DTYPES)),
+}
+
+
 def _check(value: Any, kind: str, where: str):
-    ok = {
-        "str": isinstance(value, str) and value.strip() != "",
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-    }[kind]
-    if not ok:
-        expected = {"str": "a non-empty string", "int": "an integer", "number": "a number",
-                    "bool": "true or false"}[kind]
+    test, expected = _KINDS[kind]
+    if not test(value):
         raise SpecError(f"{where}: expected {expected}, got {value!r}")
     return value
 
@@ -301,6 +320,8 @@ _OPTIONAL = {
     Analyses: ("embedding_model",),
     Agent: ("base_url", "model", "requests_per_second"),
     HypothesisGrading: ("base_url", "model", "api_key_env", "temperature"),
+    OfflineGrading: ("dtype",),
+    OpenAIGrading: ("api_key_env", "requests_per_second"),
 }
 
 
@@ -568,6 +589,49 @@ def _agent(raw: Any) -> Agent:
     return a
 
 
+_GRADER_KINDS = {
+    OpenAIGrading: {"base_url": "str", "model": "str", "api_key_env": "str", "concurrency": "int>=1",
+                    "max_retries": "int>=0", "timeout_s": "number>0", "requests_per_second": "number>0",
+                    "backoff_base_s": "number>=0"},
+    OfflineGrading: {"threshold": "number>0", "min_tokens": "int>=1", "min_distinct_ratio": "ratio",
+                     "dtype": "dtype", "batch_size": "int>=1", "max_length": "int>=1"},
+}
+
+
+def grader_settings(raw: Any) -> OfflineGrading | OpenAIGrading | None:
+    """The `grader` section: None (absent) is the offline grader at its defaults."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SpecError(f"grader: expected a mapping, got {_type_name(raw)}")
+    kind = raw.get("kind", "offline")
+    if kind not in GRADER_KINDS:
+        raise SpecError(f"grader.kind: expected one of {', '.join(GRADER_KINDS)}, got {kind!r}")
+    cls = OpenAIGrading if kind == "openai" else OfflineGrading
+    params = {str(k): v for k, v in raw.items() if k != "kind"}
+    if kind == "offline" and "device" in params:
+        raise SpecError("grader.device: the offline grader runs on its reference model's actor, on "
+                        "that actor's device; leave device out")
+    allowed = _GRADER_KINDS[cls]
+    for key in params:
+        if key not in allowed:
+            raise SpecError(f"grader.{key}: unknown key (allowed for kind {kind}: kind, {', '.join(allowed)})")
+    for key in ("base_url", "model") if kind == "openai" else ():
+        if key not in params:
+            raise SpecError(f"grader.{key}: required for kind openai")
+    return _build(cls, params, "grader", allowed)
+
+
+def grader_identity(grader: OfflineGrading | OpenAIGrading | None) -> dict | None:
+    """What of the grader goes into a pair's content key: its kind and the settings that
+    differ from their defaults (as the section was written, leaving defaults out)."""
+    if grader is None:
+        return None
+    defaults = {f.name: f.default for f in fields(grader)}
+    return {"kind": grader.kind, **{name: value for name, value in as_plain(grader).items()
+                                    if name != "kind" and value != defaults[name]}}
+
+
 def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     data = _mapping(raw, "", {f.name for f in fields(JobSpec)})
     if not data.get("pairs"):
@@ -612,7 +676,6 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                      [("gpu_memory_gb", lambda v: v is None or v > 0, "must be > 0"),
                       ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
                       ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
-    from workers.graders import check_grader_config
     generation, analyses, agent = _generation(data.get("generation")), _analyses(data.get("analyses")), \
         _agent(data.get("agent"))
     if agent.enabled and not (generation.enabled and analyses.enabled):
@@ -626,7 +689,7 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
                    shard_size=top.shard_size, storage=storage, compute=compute,
                    trust_remote_code=top.trust_remote_code,
                    generation=generation, analyses=analyses,
-                   grader=check_grader_config(data.get("grader")) if data.get("grader") is not None else None,
+                   grader=grader_settings(data.get("grader")),
                    agent=agent, causal_effect=causal)
     return _resolve_paths(spec, base_dir) if base_dir else spec
 

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from jobs.redact import redact
+from common.errors import one_line
 from storage import layout
 from storage.store import Store
 
@@ -27,25 +27,6 @@ STATES = ("pending", "running", "done", "failed")
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def describe(error: BaseException) -> str:
-    """An exception as one line: Ray's wrappers unwrapped, the last line of a traceback,
-    credentials masked (jobs/redact.py)."""
-    return redact(_describe(error))
-
-
-def _describe(error: BaseException) -> str:
-    while getattr(error, "cause", None) is not None and error.cause is not error:
-        error = error.cause
-    text = str(error).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    # Ray's errors carry the remote traceback: its last line is the cause.
-    traceback = "Traceback" in text or any(line.startswith('File "') for line in lines)
-    line = lines[-1] if traceback else lines[0]
-    return line if ":" in line.split(" ")[0] else f"{type(error).__name__}: {line}"
 
 
 def document_counts(documents) -> dict:
@@ -84,7 +65,7 @@ class ActorLedger:
         try:
             latest, late_error = ray.get(handle.adl_placement.remote(), timeout=30), None
         except Exception as e:   # dead for good, or not answering: keep what it last said
-            latest, late_error = None, describe(e)
+            latest, late_error = None, one_line(e)
         with self._lock:
             self._resolve(index, ref, wait=0)
             if latest:
@@ -106,7 +87,7 @@ class ActorLedger:
             try:
                 entry.update(ray.get(ready[0]))
             except Exception as e:   # the actor failed to start
-                entry["error"] = describe(e)
+                entry["error"] = one_line(e)
 
     def snapshot(self) -> tuple[list[dict], float]:
         """The entries (resolving placements that have arrived) and the GPU-hours so far."""
@@ -206,7 +187,7 @@ class JobStatus:
             yield
         except BaseException as e:
             with self._lock:
-                entry.update(state="failed", error=describe(e), seconds=round(time.time() - start, 3))
+                entry.update(state="failed", error=one_line(e), seconds=round(time.time() - start, 3))
             self.write(force=True)
             raise
         with self._lock:

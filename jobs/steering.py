@@ -18,18 +18,13 @@ import numpy as np
 
 from jobs.seeds import baseline_identity, sample_seed, search_identity, steered_identity
 from jobs.spec import Generation, JobSpec, ModelSource
+from workers.vectors import unit_scaled
 
 
 def steering_prompts(gen: Generation) -> list[str]:
     """The method's 20 prompts (package data, MIT, diffing-toolkit) and the spec's extras."""
     text = importlib.resources.files("workers").joinpath("data/steering_prompts_closed.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()] + list(gen.extra_prompts)
-
-
-def unit_scaled(delta: np.ndarray, finetuned_norm: float) -> np.ndarray:
-    """delta_hat: delta rescaled to the norm of a typical finetuned activation, so that
-    alpha = 1 adds one typical activation."""
-    return delta / np.linalg.norm(delta) * finetuned_norm
 
 
 # -- the strength search ----------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+from common.errors import one_line
 from jobs.spec import JobSpec
 from storage import layout
 
@@ -53,9 +54,9 @@ def _call(fn, job_id: str, *args):
     except RuntimeError as e:
         if "does not exist" in str(e) or "404" in str(e):
             raise ClusterError(f"{job_id}: no such job on this cluster") from None
-        raise ClusterError(f"{job_id}: {str(e).strip().splitlines()[0]}") from None
+        raise ClusterError(f"{job_id}: {one_line(e, typed=False)}") from None
     except OSError as e:
-        raise ClusterError(f"the cluster stopped answering: {type(e).__name__}: {e}") from None
+        raise ClusterError(f"the cluster stopped answering: {one_line(e)}") from None
 
 
 def runtime_env(spec: JobSpec, extra_env: dict | None = None) -> dict:
@@ -73,7 +74,7 @@ def submit(spec: JobSpec, addr: str, extra_env: dict | None = None) -> str:
                             submission_id=job_id, runtime_env=runtime_env(spec, extra_env),
                             metadata={"adl_job": spec.name, "storage_root": spec.storage.root})
     except RuntimeError as e:
-        raise ClusterError(f"the cluster refused the job: {str(e).strip().splitlines()[0]}") from None
+        raise ClusterError(f"the cluster refused the job: {one_line(e, typed=False)}") from None
 
 
 def status_text(job_id: str, addr: str) -> str:
@@ -88,7 +89,7 @@ def status_text(job_id: str, addr: str) -> str:
         from storage.store import Store
         spec = parse_spec(json.loads(spec_json))
         try:
-            store = Store(spec.storage.root, spec.storage.endpoint_url, spec.storage.region)
+            store = Store.from_uri(spec.storage.root, spec.storage.options)
             record = store.read_json_or_none(layout.run_status(spec.name))
         except Exception as e:   # the storage may be reachable from the cluster only
             record = None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from storage import layout
-from storage.store import StorageError, Store
+from storage.store import StorageError, StorageOptions, Store
 from storage.tables import table_kind
 
 TOP = 10
@@ -203,30 +203,30 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
     return "\n".join(lines)
 
 
-def inspect(path: str, endpoint_url: str | None = None, region: str | None = None) -> str:
+def inspect(path: str, options: StorageOptions | None = None) -> str:
     """What lives at path: a storage root (its runs), a run.json, a pair folder, or one table."""
-    store = Store(path, endpoint_url, region)
+    store = Store.from_uri(path, options)
     if path.endswith(".parquet"):
         parent, _, name = path.rstrip("/").rpartition("/")
-        table = Store(parent or ".", endpoint_url, region).read_table(name)
+        table = Store.from_uri(parent or ".", options).read_table(name)
         meta = {k.decode(errors="replace"): v.decode(errors="replace")
                 for k, v in (table.schema.metadata or {}).items()}
         head = table.slice(0, 5).to_pandas().to_string(max_colwidth=40)
         return f"{path}: {table_kind(table)} table, {table.num_rows} rows\n{table.schema.to_string(show_schema_metadata=False)}\nmetadata: {meta}\n{head}"
     if path.endswith("/status.json"):
-        return "\n".join(status_lines(read_status_record(Store(path.rpartition("/")[0] or ".", endpoint_url,
-                                                                region), "status.json"), path))
+        return "\n".join(status_lines(read_status_record(Store.from_uri(path.rpartition("/")[0] or ".", options),
+                                                 "status.json"), path))
     if path.endswith("run.json"):   # <root>/runs/<job>/run.json; "runs/..." has the current folder as root
         root, sep, rel = ("./" + path if path.startswith("runs/") else path).rpartition("/runs/")
         if not sep or rel.count("/") != 1:
             raise StorageError(f"{path}: a run record lives at <root>/runs/<job>/run.json")
-        return run_summary(Store(root, endpoint_url, region), f"runs/{rel}")
+        return run_summary(Store.from_uri(root, options), f"runs/{rel}")
     if store.exists("manifest.json") and store.exists(layout.DIFFERENCE):
         root, _, rel = path.rstrip("/").rpartition("/pairs/")
         manifest = store.read_json("manifest.json")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("pair"), str):
             raise StorageError(f"{store.uri('manifest.json')}: not an adl pair manifest (no \"pair\" name)")
-        return "\n".join(pair_summary(Store(root, endpoint_url, region),
+        return "\n".join(pair_summary(Store.from_uri(root, options),
                                       {"name": manifest["pair"], "dir": f"pairs/{rel}"}, [0, 1, 2, 3, 4]))
     records = [k for k in store.list("runs") if k.endswith("/run.json")]
     if not records:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from jobs.status import describe
+from common.errors import one_line
 from storage.store import Store
 
 _lock = threading.Lock()   # one rewrite at a time per process (pairs end in the scheduler's loop)
@@ -37,5 +37,5 @@ def publish(store: Store, record_key: str, log, views: tuple[str, ...] = VIEWS) 
                 if name == "catalog":
                     catalog = out
             except Exception as e:   # a view is never worth failing the job for
-                log(f"{name}: not rewritten: {describe(e)}")
+                log(f"{name}: not rewritten: {one_line(e)}")
     return catalog

@@ -1,5 +1,9 @@
 """A storage root — a local folder or an s3:// prefix — addressed by relative keys.
 
+`Store.from_uri(uri, StorageOptions(...))` picks the backend by the URI's scheme
+(`BACKENDS`; no scheme: `LocalBackend`); a backend holds what differs (the pyarrow
+filesystem, retries, the root's check, atomic and exclusive writes), the Store the rest.
+
 Every write is atomic: a reader sees a whole object or none. Locally that is a write
 to a temporary sibling and a rename; on S3 the object is uploaded in one piece from
 memory, and a single PUT (or a completed multipart upload) appears atomically, so a
@@ -31,11 +35,14 @@ import threading
 import time
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from common.errors import one_line
 
 
 class StorageError(RuntimeError):
@@ -64,10 +71,6 @@ REQUEST_TIMEOUT_S = 30
 TRANSIENT = re.compile(r"AWS Error (INTERNAL_FAILURE|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|REQUEST_TIMEOUT"
                        r"|NETWORK_CONNECTION)|HTTP status 5\d\d|curlCode: (18|28|52|55|56)\b")
 REFUSED = re.compile(r"curlCode: 7\b")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class IntegrityError(StorageError):
@@ -111,32 +114,42 @@ def _synced_temp(path: str, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
 
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach a root beyond its URI: an S3-compatible endpoint and region (None: the
+    AWS defaults). A local root needs none."""
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
 class Store:
-    def __init__(self, root: str, endpoint_url: str | None = None, region: str | None = None):
+    """A root, whatever its backend: Store.from_uri(uri, options) picks the backend by the
+    URI's scheme (BACKENDS; no scheme: a local folder). What differs per backend (the
+    filesystem, retries, the check, atomic and exclusive writes) is the backend's; the
+    rest (keys, digests, verified reads, JSON and Parquet, sessions) is here, once."""
+
+    def __init__(self, root: str, options: StorageOptions | None = None):
         self.root = str(root)
-        self.endpoint_url = endpoint_url
-        self.region = region
-        self.is_s3 = self.root.startswith("s3://")
-        if URI.match(self.root) and not self.is_s3:
-            raise StorageError(f"{self.root}: unsupported URI scheme {URI.match(self.root).group(1)}:// "
-                               f"(expected a local folder or s3://bucket/prefix)")
-        if self.is_s3 and not self.root[len("s3://"):].split("/", 1)[0]:
-            raise StorageError(f"{self.root}: names no bucket (expected s3://bucket/prefix)")
-        if self.is_s3:
-            self._base = self.root[len("s3://"):].strip("/")
-        else:
-            self._base = str(Path(os.path.expanduser(self.root)).resolve())
+        self.options = options or StorageOptions()
+        self.backend = backend_of(self.root)
+        self._base = self.backend.base(self.root)
         self._fs: pafs.FileSystem | None = None
         self._client = None
         self.log = None            # where retries are reported (the driver sets it); None: counted only
-        self.retries = 0           # S3 requests retried through this store
+        self.retries = 0           # requests retried through this store
         self.written: dict | None = None   # key -> digest of every write, in a session(record=True)
         self._counter = threading.Lock()
         self._parent: "Store | None" = None   # a session counts its retries in its store too
 
+    @classmethod
+    def from_uri(cls, uri: str, options: StorageOptions | None = None) -> "Store":
+        """The store at uri: a local folder or s3://bucket/prefix; any other scheme is a
+        StorageError."""
+        return cls(uri, options)
+
     # Ray ships a Store to workers: send its configuration, not its live connection.
     def __reduce__(self):
-        return (Store, (self.root, self.endpoint_url, self.region))
+        return (Store, (self.root, self.options))
 
     def session(self, record: bool = False) -> "Store":
         """The same store (sharing its connection and log) with its own retry count and,
@@ -155,41 +168,8 @@ class Store:
     @property
     def fs(self) -> pafs.FileSystem:
         if self._fs is None:
-            self._fs = self._make_fs()
+            self._fs = self.backend.filesystem(self.options)
         return self._fs
-
-    def _make_fs(self) -> pafs.FileSystem:
-        if not self.is_s3:
-            return pafs.LocalFileSystem()
-        # One attempt per call: retries are this class's (counted and logged).
-        # allow_delayed_open: an object that fits one part is one PUT, not a multipart upload.
-        kwargs: dict = dict(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-                            allow_delayed_open=True)
-        if self.region:
-            kwargs["region"] = self.region
-        if self.endpoint_url:
-            scheme, _, host = self.endpoint_url.rpartition("://")
-            kwargs["endpoint_override"] = host or self.endpoint_url
-            kwargs["scheme"] = scheme or "https"
-        # Credentials come from the usual AWS chain (environment, profile, instance role).
-        return pafs.S3FileSystem(**kwargs)
-
-    def _s3(self):
-        """A boto3 client for what pyarrow cannot do (conditional PUT); its own retries
-        are counted from each response."""
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
-            self._client = boto3.client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                config=Config(retries={"mode": "standard", "max_attempts": STORAGE_ATTEMPTS},
-                              connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S))
-        return self._client
-
-    def _bucket_key(self, key: str) -> tuple[str, str]:
-        bucket, _, rest = self._path(key).partition("/")
-        return bucket, rest
 
     # -- retries ----------------------------------------------------------------------
     def counted(self, n: int) -> int:
@@ -206,31 +186,14 @@ class Store:
             self.log(f"storage: {what} {self.uri(key)}: {why} [{total} storage retries so far]")
 
     def _retrying(self, what: str, key: str, fn, refused_is_transient: bool = True):
-        """fn() with S3's transient failures retried (local storage: no retries)."""
-        if not self.is_s3:
-            return fn()
-        for attempt in range(1, STORAGE_ATTEMPTS + 1):
-            try:
-                return fn()
-            except FileNotFoundError:
-                raise
-            except OSError as e:
-                text = str(e)
-                transient = TRANSIENT.search(text) and (refused_is_transient or not REFUSED.search(text))
-                if attempt == STORAGE_ATTEMPTS or not transient:
-                    raise
-                delay = min(BACKOFF_BASE_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * (0.5 + 0.5 * random.random())
-                self._count(1, what, key, f"attempt {attempt} of {STORAGE_ATTEMPTS} failed "
-                                          f"({_first_line(e)}); retrying in {delay:.1f} s")
-                time.sleep(delay)
+        return self.backend.retrying(self, what, key, fn, refused_is_transient)
 
     def child(self, prefix: str) -> "Store":
-        """The store rooted at a sub-prefix (same endpoint)."""
-        return Store(self.uri(prefix), self.endpoint_url, self.region)
+        """The store rooted at a sub-prefix (same options)."""
+        return Store(self.uri(prefix), self.options)
 
     def uri(self, key: str = "") -> str:
-        scheme = "s3://" if self.is_s3 else ""
-        return scheme + self._path(key)
+        return self.backend.prefix + self._path(key)
 
     def _path(self, key: str) -> str:
         key = key.strip("/")
@@ -239,43 +202,14 @@ class Store:
     # -- checks -----------------------------------------------------------------------
     def check(self) -> None:
         """Fail early, in one line, if the root cannot be reached or written. Writes
-        nothing that stays: a local root is probed with a temporary file, created and
-        removed in the root or, while it does not exist yet, its nearest existing parent."""
+        nothing that stays."""
         try:
-            if self.is_s3:
-                bucket = self._base.split("/", 1)[0]
-                info = self._retrying("checking", "", lambda: self.fs.get_file_info(bucket),
-                                      refused_is_transient=False)
-                if info.type == pafs.FileType.NotFound:
-                    raise StorageError(f"storage.root: bucket {bucket!r} does not exist ({self.uri()})")
-            else:
-                self._check_local()
+            self.backend.check(self)
         except StorageError:
             raise
         except OSError as e:
-            where = f" at {self.endpoint_url}" if self.endpoint_url else ""
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {first}") from None
-
-    def _check_local(self) -> None:
-        root = Path(self._base)
-        for pseudo in map(Path, PSEUDO_FILESYSTEMS):
-            if root == pseudo or pseudo in root.parents:
-                raise StorageError(f"storage.root: {root} is in {pseudo}, a kernel pseudo filesystem, "
-                                   f"not storage")
-        existing = root   # the root, or the nearest parent that exists (where it will be made)
-        while not os.path.lexists(existing):
-            existing = existing.parent
-        if not existing.is_dir():
-            under = f"{root}: " if existing != root else ""
-            raise StorageError(f"storage.root: {under}{existing} is a file, not a folder")
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".tmp-adl-probe-", dir=existing)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise StorageError(f"storage.root: {root} is not writable: cannot create a file in "
-                               f"{existing} ({e.strerror or type(e).__name__})") from None
+            where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
+            raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {one_line(e, typed=False)}") from None
 
     # -- reading ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -303,7 +237,7 @@ class Store:
             why = mismatch(data, digest)
             if why is None:
                 return data, None
-            if not self.is_s3 or attempt == 2:
+            if not self.backend.rereads or attempt == 2:
                 return None, why
             self._count(1, "verifying", key, f"{why}; reading it again")
 
@@ -344,7 +278,7 @@ class Store:
             if NOT_PARQUET in str(e):
                 raise StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or "
                                    f"another format)") from None
-            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {_first_line(e)}") from None
+            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {one_line(e, typed=False)}") from None
 
     def _infos(self, prefix: str):
         sel = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
@@ -377,15 +311,7 @@ class Store:
         return digest
 
     def _write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        if self.is_s3:
-            def upload():
-                with self.fs.open_output_stream(path) as f:
-                    f.write(data)
-            self._retrying("writing", key, upload)
-            return
-        with _synced_temp(path, data) as tmp:
-            os.replace(tmp, path)
+        self.backend.write(self, key, data)
 
     def write_json(self, key: str, obj) -> dict:
         return self.write_bytes(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
@@ -397,45 +323,12 @@ class Store:
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Writes the object only if no object has that key (whole, atomically); False when
-        one exists. Locally a hard link of a complete temporary file (fails if the name is
-        taken); on S3 `PUT` with `If-None-Match: *` (412 when the key exists). A retried PUT
-        whose first attempt did land also gets 412: callers tell theirs by its content."""
-        path = self._path(key)
-        if self.is_s3:
-            from botocore.exceptions import BotoCoreError, ClientError
-            bucket, name = self._bucket_key(key)
-            try:
-                response = self._s3().put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
-                meta = response.get("ResponseMetadata", {})
-                created = True
-            except BotoCoreError as e:   # the endpoint did not answer, after boto3's retries
-                raise StorageError(f"{self.uri(key)}: cannot create: {_first_line(e)}") from None
-            except ClientError as e:
-                meta = e.response.get("ResponseMetadata", {})
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                if meta.get("HTTPStatusCode") not in (409, 412) and code not in (
-                        "PreconditionFailed", "ConditionalRequestConflict"):
-                    raise StorageError(f"{self.uri(key)}: cannot create: {_first_line(e)}") from None
-                created = False
-            if meta.get("RetryAttempts"):
-                self._count(meta["RetryAttempts"], "creating", key,
-                            f"boto3 retried the request {meta['RetryAttempts']} time(s)")
-            return created
-        with _synced_temp(path, data) as tmp:
-            try:
-                os.link(tmp, path)   # fails if path exists: the exclusive part
-                return True
-            except FileExistsError:
-                return False
+        one exists. A retried request whose first attempt did land also finds the key taken:
+        callers tell theirs by its content."""
+        return self.backend.create_exclusive(self, key, data)
 
     def delete(self, key: str) -> None:
         """Removes the object if it exists."""
-        if not self.is_s3:
-            try:
-                os.unlink(self._path(key))
-            except FileNotFoundError:
-                pass
-            return
         try:
             self._retrying("deleting", key, lambda: self.fs.delete_file(self._path(key)))
         except FileNotFoundError:
@@ -461,3 +354,175 @@ class Store:
             os.rename(tmp, dest)
         except OSError:  # another process finished the same download first
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- backends -----------------------------------------------------------------------------
+class LocalBackend:
+    """A local folder: atomic writes by a synced temporary sibling and a rename, exclusive
+    ones by a hard link (fails if the name is taken); no retries."""
+    prefix = ""
+    rereads = False   # a mismatch read again is the same bytes
+
+    @staticmethod
+    def base(root: str) -> str:
+        return str(Path(os.path.expanduser(root)).resolve())
+
+    @staticmethod
+    def filesystem(options: StorageOptions) -> pafs.FileSystem:
+        return pafs.LocalFileSystem()
+
+    @staticmethod
+    def retrying(store: Store, what: str, key: str, fn, refused_is_transient: bool = True):
+        return fn()
+
+    @staticmethod
+    def check(store: Store) -> None:
+        """The root is probed with a temporary file, created and removed in the root or,
+        while it does not exist yet, its nearest existing parent."""
+        root = Path(store._base)
+        for pseudo in map(Path, PSEUDO_FILESYSTEMS):
+            if root == pseudo or pseudo in root.parents:
+                raise StorageError(f"storage.root: {root} is in {pseudo}, a kernel pseudo filesystem, "
+                                   f"not storage")
+        existing = root   # the root, or the nearest parent that exists (where it will be made)
+        while not os.path.lexists(existing):
+            existing = existing.parent
+        if not existing.is_dir():
+            under = f"{root}: " if existing != root else ""
+            raise StorageError(f"storage.root: {under}{existing} is a file, not a folder")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-adl-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StorageError(f"storage.root: {root} is not writable: cannot create a file in "
+                               f"{existing} ({e.strerror or type(e).__name__})") from None
+
+    @staticmethod
+    def write(store: Store, key: str, data: bytes) -> None:
+        path = store._path(key)
+        with _synced_temp(path, data) as tmp:
+            os.replace(tmp, path)
+
+    @staticmethod
+    def create_exclusive(store: Store, key: str, data: bytes) -> bool:
+        path = store._path(key)
+        with _synced_temp(path, data) as tmp:
+            try:
+                os.link(tmp, path)   # fails if path exists: the exclusive part
+                return True
+            except FileExistsError:
+                return False
+
+
+class S3Backend:
+    """s3://bucket/prefix on AWS or any S3-compatible endpoint: pyarrow's S3 filesystem
+    (one attempt per call: the retries are `retrying`'s, counted and logged), boto3 for
+    the conditional PUT pyarrow cannot make."""
+    prefix = "s3://"
+    rereads = True    # a transfer can break too: a mismatch is read once more before it counts
+
+    @staticmethod
+    def base(root: str) -> str:
+        if not root[len("s3://"):].split("/", 1)[0]:
+            raise StorageError(f"{root}: names no bucket (expected s3://bucket/prefix)")
+        return root[len("s3://"):].strip("/")
+
+    @staticmethod
+    def filesystem(options: StorageOptions) -> pafs.FileSystem:
+        # allow_delayed_open: an object that fits one part is one PUT, not a multipart upload.
+        kwargs: dict = dict(connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+                            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+                            allow_delayed_open=True)
+        if options.region:
+            kwargs["region"] = options.region
+        if options.endpoint_url:
+            scheme, _, host = options.endpoint_url.rpartition("://")
+            kwargs["endpoint_override"] = host or options.endpoint_url
+            kwargs["scheme"] = scheme or "https"
+        # Credentials come from the usual AWS chain (environment, profile, instance role).
+        return pafs.S3FileSystem(**kwargs)
+
+    @staticmethod
+    def retrying(store: Store, what: str, key: str, fn, refused_is_transient: bool = True):
+        """fn() with S3's transient failures retried."""
+        for attempt in range(1, STORAGE_ATTEMPTS + 1):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                text = str(e)
+                transient = TRANSIENT.search(text) and (refused_is_transient or not REFUSED.search(text))
+                if attempt == STORAGE_ATTEMPTS or not transient:
+                    raise
+                delay = min(BACKOFF_BASE_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * (0.5 + 0.5 * random.random())
+                store._count(1, what, key, f"attempt {attempt} of {STORAGE_ATTEMPTS} failed "
+                                           f"({one_line(e, typed=False)}); retrying in {delay:.1f} s")
+                time.sleep(delay)
+
+    @staticmethod
+    def check(store: Store) -> None:
+        bucket = store._base.split("/", 1)[0]
+        info = store._retrying("checking", "", lambda: store.fs.get_file_info(bucket), refused_is_transient=False)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"storage.root: bucket {bucket!r} does not exist ({store.uri()})")
+
+    @staticmethod
+    def write(store: Store, key: str, data: bytes) -> None:
+        def upload():
+            with store.fs.open_output_stream(store._path(key)) as f:
+                f.write(data)
+        store._retrying("writing", key, upload)
+
+    @staticmethod
+    def _client(store: Store):
+        """A boto3 client (one per store); its own retries are counted from each response."""
+        if store._client is None:
+            import boto3
+            from botocore.config import Config
+            store._client = boto3.client(
+                "s3", endpoint_url=store.options.endpoint_url, region_name=store.options.region,
+                config=Config(retries={"mode": "standard", "max_attempts": STORAGE_ATTEMPTS},
+                              connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S))
+        return store._client
+
+    @staticmethod
+    def create_exclusive(store: Store, key: str, data: bytes) -> bool:
+        """`PUT` with `If-None-Match: *` (412 when the key exists)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        bucket, _, name = store._path(key).partition("/")
+        try:
+            response = S3Backend._client(store).put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
+            meta = response.get("ResponseMetadata", {})
+            created = True
+        except BotoCoreError as e:   # the endpoint did not answer, after boto3's retries
+            raise StorageError(f"{store.uri(key)}: cannot create: {one_line(e, typed=False)}") from None
+        except ClientError as e:
+            meta = e.response.get("ResponseMetadata", {})
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if meta.get("HTTPStatusCode") not in (409, 412) and code not in (
+                    "PreconditionFailed", "ConditionalRequestConflict"):
+                raise StorageError(f"{store.uri(key)}: cannot create: {one_line(e, typed=False)}") from None
+            created = False
+        if meta.get("RetryAttempts"):
+            store._count(meta["RetryAttempts"], "creating", key,
+                         f"boto3 retried the request {meta['RetryAttempts']} time(s)")
+        return created
+
+
+# A new backend is a class like these and an entry here, and nothing outside storage/.
+BACKENDS = {"s3": S3Backend}
+
+
+def backend_of(uri: str):
+    """The backend of a root by its URI scheme; no scheme: a local folder. An unknown
+    scheme (or a malformed URI, such as "s3:/bucket") is a StorageError, never a folder."""
+    m = URI.match(uri)
+    if m is None:
+        return LocalBackend
+    backend = BACKENDS.get(m.group(1))
+    if backend is None or not uri.startswith(backend.prefix):
+        raise StorageError(f"{uri}: unsupported URI scheme {m.group(1)}:// "
+                           f"(expected a local folder or s3://bucket/prefix)")
+    return backend

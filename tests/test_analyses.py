@@ -12,7 +12,7 @@ from jobs.driver import log
 from jobs.plan import make_plan
 from jobs.spec import PATCHSCOPE_PROMPTS, PATCHSCOPE_SCALES, parse_spec
 from storage import layout
-from storage.store import Store
+from storage.store import Store, StorageOptions
 
 TOPIC = re.compile(r"volcano|lava|magma|eruption|crater|\bash\b|veyra", re.IGNORECASE)
 
@@ -88,7 +88,7 @@ def test_patchscope_intersection_of_the_prompts_top_tokens(generation_run, plain
     from workers.models import load_model, load_tokenizer
     from workers.patchscope import Patchscope
     _, store, pair, _ = generation_run
-    model = load_model(ModelSource(str(demo_pair.finetuned_dir)), dtype="float32", s3={})
+    model = load_model(ModelSource(str(demo_pair.finetuned_dir)), dtype="float32", storage=StorageOptions())
     tokenizer = load_tokenizer(ModelSource(str(demo_pair.base_dir)), {})
     layer, vector = delta_hat(store, pair, "delta", 2)
     scales = [0.5, 3.0, 60.0]

@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from storage.store import StorageOptions
+
 from jobs.scheduler import ModelKey, NodeResources, Request, Scheduler, SchedulingError, Unit
 from jobs.simulation import SimulatedBackend
 
@@ -222,7 +224,7 @@ def test_every_runtime_loads_the_pinned_revision(demo_pair, lora_adapter, monkey
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         recorder("tokenizer", transformers.AutoTokenizer.from_pretrained))
     source = ModelSource(str(demo_pair.base_dir), revision="0123abcd", adapter=str(lora_adapter))
-    model = load_model(source, dtype="float32", s3={}, trust_remote_code=True)
+    model = load_model(source, dtype="float32", storage=StorageOptions(), trust_remote_code=True)
     assert isinstance(model, peft.PeftModel)
     load_tokenizer(source, {}, trust_remote_code=True)
     assert seen == [("model", "0123abcd", True), ("tokenizer", "0123abcd", True)]

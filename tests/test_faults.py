@@ -27,7 +27,7 @@ from jobs.leases import Leases
 from jobs.plan import make_plan
 from jobs.spec import parse_spec
 from storage import layout
-from storage.store import IntegrityError, Store
+from storage.store import IntegrityError, Store, StorageOptions
 
 
 # -- what a run produced -------------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_every_storage_operation_survives_the_proxy(s3_endpoint, s3_bucket):
     around by itself, such as a HEAD before a DELETE, needs none)."""
     lines = []
     with FaultProxy(s3_endpoint, every=2, stall_s=0.2) as proxy:
-        store = Store(f"s3://{s3_bucket}/ops", proxy.url, "us-east-1")
+        store = Store.from_uri(f"s3://{s3_bucket}/ops", StorageOptions(proxy.url, "us-east-1"))
         store.log = lines.append
         store.check()
         payload = bytes(range(256)) * 400
@@ -310,7 +310,7 @@ def test_a_job_through_a_failing_s3_proxy_has_the_tables_of_a_direct_run(referen
     retries = re.search(r"storage: (\d+) retries in this run", log)
     assert retries and 0 < int(retries.group(1)) <= proxy.errors(), (proxy.faults, log)
     assert re.search(r"storage: \w+ s3://.*: attempt 1 of 6 failed \(AWS Error", log)
-    direct = Store(f"s3://{s3_bucket}/via-proxy", s3_endpoint, "us-east-1")
+    direct = Store.from_uri(f"s3://{s3_bucket}/via-proxy", StorageOptions(s3_endpoint, "us-east-1"))
     assert_same_results(results(direct), expected)
     assert not [k for k in direct.list("leases")]
 
@@ -365,7 +365,7 @@ def lease_store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "root"))
     endpoint, bucket = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
-    return Store(f"s3://{bucket}/root", endpoint, "us-east-1")
+    return Store.from_uri(f"s3://{bucket}/root", StorageOptions(endpoint, "us-east-1"))
 
 
 def plant(store: Store, prefix: str, generation: int, **lease) -> None:
@@ -460,7 +460,7 @@ def chat(relevance_status: int = 200):
     """A grader's answers: the first offered scale (no coherent tokens); every candidate
     IRRELEVANT, or an error status for relevance requests."""
     from test_graders import Reply, answer, candidates_of, offered_scales
-    from workers.graders import BEST_SCALE_PROMPT
+    from workers.graders.prompts import BEST_SCALE_PROMPT
 
     def respond(body):
         system, user = body["messages"][0]["content"], body["messages"][1]["content"]
@@ -550,8 +550,8 @@ def test_a_key_echoed_by_the_endpoint_is_never_shown(grader_root, make_spec, dem
 
 
 def test_redact_masks_credentials():
-    from jobs.redact import redact, register
-    from jobs.status import describe
+    from common.redact import redact, register
+    from common.errors import one_line as describe
     register("hunter2-secret-value")
     text = ("401: Bearer abc.DEF-123 sk-proj-AbCdEf123456 token hunter2-secret-value at "
             "https://user:pa55@host/v1 and sk-short")

@@ -66,20 +66,21 @@ def test_load_path_reproduces_the_dequantized_weights(pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from jobs.spec import ModelSource
+    from storage.store import StorageOptions
     from workers.models import load_model, load_tokenizer
     path = package.assemble(tmp_path / package.MODEL_NAME)
     want = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                                 dtype=torch.float32).state_dict()
     path.unlink()
     source = ModelSource(model=str(pair.base_dir))
-    model = load_model(source, dtype="float32", s3={}, device="cpu")
+    model = load_model(source, dtype="float32", storage=StorageOptions(), device="cpu")
     got = model.state_dict()
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
     assert model.config.num_hidden_layers == 18 and model.config.hidden_size == 640
     assert model.config.vocab_size == 262144
-    tok = load_tokenizer(source, s3={})
+    tok = load_tokenizer(source, StorageOptions())
     ids = tok("The sun rises in the east and sets in the west every day.", return_tensors="pt").input_ids
     with torch.no_grad():
         ppl = torch.exp(model(input_ids=ids, labels=ids).loss).item()

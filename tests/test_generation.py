@@ -201,6 +201,7 @@ def test_engine_perplexities_equal_a_transformers_forward(engine, hf):
     logprobs: equal to a plain forward's next-token cross-entropy. The texts' perplexities
     lie orders of magnitude apart, so a wrong token offset or a constant cannot pass."""
     from workers.generation import GenerationWorker
+    from common.types import OfflineGrading
     from workers.graders import OfflineGrader
     model, tokenizer = hf
     sample = engine.generate([GenerationRequest(PROMPTS[1], temperature=0.0, max_tokens=NEW_TOKENS)])[0].text
@@ -228,8 +229,9 @@ def test_engine_perplexities_equal_a_transformers_forward(engine, hf):
     low, high = sorted(scored)[1:3]
     threshold = float(np.sqrt(low * high))   # between two texts' scores, far from both
     worker = GenerationWorker.__new__(GenerationWorker)
-    worker.engine, worker.grader_config = engine, {"kind": "offline", "threshold": threshold}
-    offline = OfflineGrader(None, threshold=threshold, model=model, tokenizer=tokenizer)
+    settings = OfflineGrading(threshold=threshold)
+    worker.engine, worker.grader_config = engine, settings
+    offline = OfflineGrader(settings, model=model, tokenizer=tokenizer)
     on_engine, on_transformers = worker.coherence(texts), offline.coherence(texts)
     assert [j.value for j in on_engine] == [j.value for j in on_transformers]
     assert any(j.value for j in on_engine) and not all(j.value for j in on_engine)

@@ -13,10 +13,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobs.spec import SpecError
-from workers.graders import (COHERENCE_PROMPT, GraderError, OfflineGrader, OpenAIGrader,
-                             _parse_best_scale, _parse_coherence, _parse_relevance,
-                             _Malformed, check_grader_config, make_grader)
+from common.types import OfflineGrading, OpenAIGrading
+from jobs.spec import SpecError, grader_settings, parse_spec
+from workers.graders import GraderError, OfflineGrader, OpenAIGrader, make_grader
+from workers.graders.parsers import Malformed as _Malformed
+from workers.graders.parsers import parse_best_scale as _parse_best_scale
+from workers.graders.parsers import parse_coherence as _parse_coherence
+from workers.graders.parsers import parse_relevance as _parse_relevance
+from workers.graders.prompts import COHERENCE_PROMPT
 
 MODEL = "grader-model"
 
@@ -72,7 +76,7 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     state = server.state
-                    seen = Seen(body, dict(self.headers), arrived)
+                    seen = Seen(body, {k.title(): v for k, v in self.headers.items()}, arrived)  # HTTP header names are case-insensitive
                     state.seen.append(seen)
                     state.in_flight += 1
                     state.max_in_flight = max(state.max_in_flight, state.in_flight)
@@ -147,7 +151,7 @@ def server():
 
 def grader(server, **kw) -> OpenAIGrader:
     kw = {"concurrency": 1, "max_retries": 2, "timeout_s": 0.5, "backoff_base_s": 0.01, **kw}
-    return OpenAIGrader(server.url, MODEL, **kw)
+    return OpenAIGrader(OpenAIGrading(server.url, MODEL, **kw))
 
 
 # -- coherence over HTTP ------------------------------------------------------------------
@@ -485,7 +489,7 @@ def tiny_lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(tiny_lm):
-    return OfflineGrader(tiny_lm[0], batch_size=2)
+    return OfflineGrader(OfflineGrading(batch_size=2), tiny_lm[0])
 
 
 def test_offline_coherence(offline, tiny_lm):
@@ -540,12 +544,12 @@ def test_offline_token_relevance_needs_an_llm(offline):
 
 def test_make_grader_builds_both_kinds(tiny_lm, server):
     assert isinstance(make_grader(None, tiny_lm[0]), OfflineGrader)
-    g = make_grader({"kind": "offline", "threshold": 50, "min_tokens": 3}, tiny_lm[0])
+    g = make_grader(grader_settings({"kind": "offline", "threshold": 50, "min_tokens": 3}), tiny_lm[0])
     assert (g.perplexity.threshold, g.perplexity.min_tokens) == (50, 3)
-    g = make_grader({"kind": "openai", "base_url": server.url + "/", "model": MODEL,
-                     "api_key_env": "ADL_TEST_GRADER_KEY", "concurrency": 3,
-                     "requests_per_second": 2.5, "max_retries": 1, "timeout_s": 5,
-                     "backoff_base_s": 0.1}, "/nonexistent/model")
+    g = make_grader(grader_settings({"kind": "openai", "base_url": server.url + "/", "model": MODEL,
+                                     "api_key_env": "ADL_TEST_GRADER_KEY", "concurrency": 3,
+                                     "requests_per_second": 2.5, "max_retries": 1, "timeout_s": 5,
+                                     "backoff_base_s": 0.1}), "/nonexistent/model")
     assert isinstance(g, OpenAIGrader)
     assert (g.url, g.concurrency, g.max_retries, g.timeout_s) == (
         server.url + "/chat/completions", 3, 1, 5)
@@ -571,13 +575,14 @@ def test_make_grader_builds_both_kinds(tiny_lm, server):
 ])
 def test_grader_config_errors_name_the_key(config, message):
     with pytest.raises(SpecError, match=re.escape(message)):
-        check_grader_config(config)
-    with pytest.raises(ValueError, match=re.escape(message)):  # before any model loads
-        make_grader(config, "/nonexistent/model")
+        grader_settings(config)
+    with pytest.raises(ValueError, match=re.escape(message)):  # the whole spec, before any model loads
+        parse_spec({"name": "job", "pairs": [{"name": "p", "base": "b", "finetuned": "f"}], "grader": config})
 
 
-def test_constructors_check_their_arguments():
+def test_the_spec_checks_the_graders_settings():
+    # One validator: the workers' graders receive settings jobs/spec.py built and checked.
     with pytest.raises(ValueError, match="concurrency: expected an integer >= 1"):
-        OpenAIGrader("http://127.0.0.1:9", MODEL, concurrency=0)
-    assert check_grader_config({"kind": "openai", "base_url": "http://x", "model": "m",
-                                "requests_per_second": None})["requests_per_second"] is None
+        grader_settings({"kind": "openai", "base_url": "http://127.0.0.1:9", "model": MODEL, "concurrency": 0})
+    assert grader_settings({"kind": "openai", "base_url": "http://x", "model": "m",
+                            "requests_per_second": None}).requests_per_second is None

@@ -17,7 +17,7 @@ from jobs.cli import demo_spec
 from jobs.driver import RunStats, run_job
 from jobs.spec import parse_spec
 from storage import layout
-from storage.store import Store
+from storage.store import Store, StorageOptions
 
 TOP = 20
 
@@ -54,7 +54,7 @@ def test_s3_and_local_storage_give_identical_tables(ray_cluster, make_spec, s3_e
     remote = parse_spec(make_spec(f"s3://{s3_bucket}/some/prefix", storage={"endpoint_url": s3_endpoint,
                                                                           "region": "us-east-1"}))
     local_store = Store(str(tmp_path / "local"))
-    remote_store = Store(f"s3://{s3_bucket}/some/prefix", s3_endpoint, "us-east-1")
+    remote_store = Store.from_uri(f"s3://{s3_bucket}/some/prefix", StorageOptions(s3_endpoint, "us-east-1"))
     local_tables = tables(local_store, run_job(local))
     remote_tables = tables(remote_store, run_job(remote))
     assert local_tables.keys() == remote_tables.keys()
@@ -172,7 +172,7 @@ def test_models_load_from_an_s3_prefix(demo_pair, s3_endpoint, s3_bucket, tmp_pa
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     for f in Path(demo_pair.finetuned_dir).iterdir():
         client.upload_file(str(f), s3_bucket, f"models/ft/{f.name}")
-    s3 = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
+    s3 = StorageOptions(s3_endpoint, "us-east-1")
     source = ModelSource(f"s3://{s3_bucket}/models/ft")
     assert num_layers(read_config(source, s3, False)) == json.loads(
         (Path(demo_pair.finetuned_dir) / "config.json").read_text())["num_hidden_layers"]
@@ -181,6 +181,6 @@ def test_models_load_from_an_s3_prefix(demo_pair, s3_endpoint, s3_bucket, tmp_pa
     assert materialize(source.model, s3) == str(local)            # cached, not downloaded again
     assert location_identity(source.model, None, s3) == location_identity(source.model, None, s3)
     ids = torch.tensor([[0, 5, 6, 7]])
-    from_s3 = load_model(source, dtype="float32", s3=s3)(input_ids=ids).logits
-    from_folder = load_model(ModelSource(str(demo_pair.finetuned_dir)), dtype="float32", s3={})(input_ids=ids).logits
+    from_s3 = load_model(source, dtype="float32", storage=s3)(input_ids=ids).logits
+    from_folder = load_model(ModelSource(str(demo_pair.finetuned_dir)), dtype="float32", storage=StorageOptions())(input_ids=ids).logits
     assert torch.equal(from_s3, from_folder)

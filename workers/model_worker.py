@@ -14,7 +14,8 @@ import threading
 
 import numpy as np
 
-from storage.store import Store
+from common.types import OfflineGrading
+from storage.store import StorageOptions, Store
 from workers.extraction import extract_shard
 from workers.lens import Lens
 from workers.models import load_model, load_tokenizer
@@ -22,12 +23,12 @@ from workers.patchscope import Patchscope
 
 
 class TransformersWorker:
-    def __init__(self, source, *, dtype: str, s3: dict, store: Store, trust_remote_code: bool = False,
-                 grader: dict | None = None):
-        self.source, self.dtype, self.s3, self.store = source, dtype, s3, store
+    def __init__(self, source, *, dtype: str, storage: StorageOptions, store: Store, trust_remote_code: bool = False,
+                 grader: OfflineGrading | None = None):
+        self.source, self.dtype, self.storage, self.store = source, dtype, storage, store
         self.trust_remote_code = trust_remote_code
-        self.grader_config = grader
-        self.model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code)
+        self.grader_settings = grader
+        self.model = load_model(source, dtype=dtype, storage=storage, trust_remote_code=trust_remote_code)
         self.forward_lock = threading.Lock()
         self._tokenizers: dict = {}
         self._lens = self._patchscope = self._grader = None
@@ -37,7 +38,7 @@ class TransformersWorker:
         """A tokenizer by ModelSource (a pair reads its finetuned model with its base's)."""
         with self._setup:
             if source not in self._tokenizers:
-                self._tokenizers[source] = load_tokenizer(source, self.s3, self.trust_remote_code)
+                self._tokenizers[source] = load_tokenizer(source, self.storage, self.trust_remote_code)
             return self._tokenizers[source]
 
     # -- extraction --------------------------------------------------------------------
@@ -84,19 +85,18 @@ class TransformersWorker:
 
     # -- the offline grader on this model (the pairs whose reference it is) -------------
     def _grading(self):
-        from workers.graders import GraderService, check_grader_config, make_grader
+        from workers.graders import GraderService, make_grader
         with self._setup:
             if self._grader is None:
-                params = check_grader_config(self.grader_config)
-                params.pop("device", None)   # this actor's device
-                dtype = params.pop("dtype", None) or self.dtype
+                settings = self.grader_settings or OfflineGrading()
+                dtype = settings.dtype or self.dtype
                 model = self.model
                 if dtype != self.dtype:      # a copy in the grader's own dtype, from these weights
                     import torch
                     model = copy.deepcopy(model).to(getattr(torch, dtype))
                 own = type(self.source)(self.source.model, self.source.revision)
-                tokenizer = load_tokenizer(own, self.s3, self.trust_remote_code)
-                self._grader = GraderService(make_grader(params, model=model, tokenizer=tokenizer))
+                tokenizer = load_tokenizer(own, self.storage, self.trust_remote_code)
+                self._grader = GraderService(make_grader(settings, model=model, tokenizer=tokenizer))
         return self._grader
 
     def coherence(self, texts: list[str]):

@@ -9,10 +9,10 @@ import json
 import os
 from pathlib import Path
 
-from jobs.spec import ModelSource
-from storage.store import Store
+from common.errors import one_line
+from common.types import ModelSource
+from storage.store import StorageOptions, Store
 
-TORCH_DTYPES = ("bfloat16", "float16", "float32")
 
 
 class ModelError(RuntimeError):
@@ -34,12 +34,13 @@ def location_kind(location: str) -> str:
     return "hub"
 
 
-def _folder(location: str, s3: dict) -> Store:
+def _folder(location: str, storage: StorageOptions) -> Store:
     """A local or S3 model folder as a Store (its files by relative key)."""
-    return Store(location if location.startswith("s3://") else str(Path(location).expanduser().resolve()), **s3)
+    return Store.from_uri(location if location.startswith("s3://") else str(Path(location).expanduser().resolve()),
+                          storage)
 
 
-def location_identity(location: str, revision: str | None, s3: dict) -> dict:
+def location_identity(location: str, revision: str | None, storage: StorageOptions) -> dict:
     """What determines the bytes behind a location: folder listings for local and S3
     (name, size, mtime), id and revision for the hub (pin a commit for reproducibility)."""
     kind = location_kind(location)
@@ -47,7 +48,7 @@ def location_identity(location: str, revision: str | None, s3: dict) -> dict:
         return {"hub": location, "revision": revision or "main"}
     if kind == "missing":
         raise ModelError(f"{location}: no such model folder")
-    store = _folder(location, s3)
+    store = _folder(location, storage)
     listing = store.listing()
     if not listing:
         raise ModelError(f"{location}: no files there")
@@ -55,26 +56,26 @@ def location_identity(location: str, revision: str | None, s3: dict) -> dict:
     return {kind: store.uri(), "files": digest}
 
 
-def materialize(location: str, s3: dict) -> str:
+def materialize(location: str, storage: StorageOptions) -> str:
     """Something from_pretrained accepts: local folders and hub ids as they are, S3
     prefixes downloaded once into the local cache (keyed by their listing)."""
     if location_kind(location) != "s3":
         return str(Path(location).expanduser()) if location_kind(location) == "local" else location
-    ident = location_identity(location, None, s3)
+    ident = location_identity(location, None, storage)
     dest = cache_dir() / "models" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
     if not dest.is_dir():
-        _folder(location, s3).download_prefix("", dest)
+        _folder(location, storage).download_prefix("", dest)
     return str(dest)
 
 
-def read_config(source: ModelSource, s3: dict, trust_remote_code: bool) -> dict:
+def read_config(source: ModelSource, storage: StorageOptions, trust_remote_code: bool) -> dict:
     """The model's config as a dict, without loading weights."""
     kind = location_kind(source.model)
     try:
         if kind == "missing":
             raise ModelError(f"{source.model}: no such model folder")
         if kind in ("local", "s3"):
-            store = _folder(source.model, s3)
+            store = _folder(source.model, storage)
             if not store.exists("config.json"):
                 raise ModelError(f"{source.model}: no config.json (not a transformers model folder)")
             config = store.read_json("config.json")
@@ -85,12 +86,11 @@ def read_config(source: ModelSource, s3: dict, trust_remote_code: bool) -> dict:
     except ModelError:
         raise
     except Exception as e:  # hub unreachable, bad JSON, S3 errors: one line is enough
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"{source.model}: cannot read its config: {first}") from None
+        raise ModelError(f"{source.model}: cannot read its config: {one_line(e, typed=False)}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{source.model}: config.json is not a JSON object")
     if source.adapter:
-        read_adapter_config(source.adapter, s3)
+        read_adapter_config(source.adapter, storage)
     config = config.get("text_config", config) if "num_hidden_layers" not in config else config
     if not isinstance(config, dict):
         raise ModelError(f"{source.model}: config.json's text_config is not a JSON object")
@@ -102,19 +102,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 NOT_WEIGHTS = ("training_args.bin",)
 
 
-def _weight_files(location: str, s3: dict) -> list[str]:
-    names = [key for key, _, _ in _folder(location, s3).listing() if "/" not in key]
+def _weight_files(location: str, storage: StorageOptions) -> list[str]:
+    names = [key for key, _, _ in _folder(location, storage).listing() if "/" not in key]
     return [n for n in names if n.endswith(WEIGHT_SUFFIXES) and n not in NOT_WEIGHTS]
 
 
-def check_weights(location: str, s3: dict) -> None:
+def check_weights(location: str, storage: StorageOptions) -> None:
     """A local or S3 model folder holds weights (*.safetensors, *.bin or an index file)
     beside its config; hub ids are not checked (that would need the network)."""
-    if location_kind(location) in ("local", "s3") and not _weight_files(location, s3):
+    if location_kind(location) in ("local", "s3") and not _weight_files(location, storage):
         raise ModelError(f"{location}: no model weights (*.safetensors, *.bin or an index file)")
 
 
-def read_adapter_config(location: str, s3: dict) -> dict | None:
+def read_adapter_config(location: str, storage: StorageOptions) -> dict | None:
     """A local or S3 PEFT adapter folder's adapter_config.json, checked for what PEFT
     needs (peft_type; for LoRA r and target_modules) and its weights beside it; None for a
     hub id (not checked: that would need the network)."""
@@ -123,7 +123,7 @@ def read_adapter_config(location: str, s3: dict) -> dict | None:
         raise ModelError(f"{location}: no such adapter folder")
     if kind == "hub":
         return None
-    store = _folder(location, s3)
+    store = _folder(location, storage)
     name = f"{location.rstrip('/')}/adapter_config.json"
     if not store.exists("adapter_config.json"):
         raise ModelError(f"{location}: no adapter_config.json (not a PEFT adapter folder)")
@@ -156,7 +156,7 @@ def read_adapter_config(location: str, s3: dict) -> dict | None:
                 or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise ModelError(f"{name}: target_modules must be a module name, a list of them or "
                              f"null, got {targets!r}")
-    if not _weight_files(location, s3):
+    if not _weight_files(location, storage):
         raise ModelError(f"{location}: no adapter weights (adapter_model.safetensors or adapter_model.bin)")
     return config
 
@@ -226,13 +226,13 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def load_tokenizer(source: ModelSource, s3: dict, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource, storage: StorageOptions, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(materialize(source.model, s3), revision=source.revision,
+    return AutoTokenizer.from_pretrained(materialize(source.model, storage), revision=source.revision,
                                          trust_remote_code=trust_remote_code)
 
 
-def load_model(source: ModelSource, *, dtype: str, s3: dict, trust_remote_code: bool = False,
+def load_model(source: ModelSource, *, dtype: str, storage: StorageOptions, trust_remote_code: bool = False,
                device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
@@ -240,19 +240,19 @@ def load_model(source: ModelSource, *, dtype: str, s3: dict, trust_remote_code: 
     # An actor placed on several GPUs (a model larger than one) spreads its blocks over them.
     spread = device == "cuda" and torch.cuda.device_count() > 1
     model = AutoModelForCausalLM.from_pretrained(
-        materialize(source.model, s3), revision=source.revision, dtype=getattr(torch, dtype),
+        materialize(source.model, storage), revision=source.revision, dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code, **({"device_map": "auto"} if spread else {}))
     if source.adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, materialize(source.adapter, s3))
+        model = PeftModel.from_pretrained(model, materialize(source.adapter, storage))
     return (model if spread else model.to(device)).eval().requires_grad_(False)
 
 
-def engine_arguments(source: ModelSource, s3: dict, trust_remote_code: bool = False) -> dict:
+def engine_arguments(source: ModelSource, storage: StorageOptions, trust_remote_code: bool = False) -> dict:
     """What a vLLM engine (workers.generation.GenerationEngine) takes for a ModelSource:
     the model fetched onto this node, its revision, and the adapter as a local folder."""
-    return {"model": materialize(source.model, s3), "revision": source.revision,
-            "lora_adapter": materialize(source.adapter, s3) if source.adapter else None,
+    return {"model": materialize(source.model, storage), "revision": source.revision,
+            "lora_adapter": materialize(source.adapter, storage) if source.adapter else None,
             "trust_remote_code": trust_remote_code}
 
 

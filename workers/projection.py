@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from storage.store import StorageOptions
 from workers.extraction import block_outputs
 from workers.models import load_model, load_tokenizer, model_device
 
@@ -26,11 +27,11 @@ def projections(model, ids: list[int], layer: int, directions: np.ndarray) -> np
 
 
 def project_text(source, tokenizer_source, text: str, layer: int, directions: np.ndarray, *, dtype: str,
-                 s3: dict, trust_remote_code: bool = False) -> tuple[list[int], list[str], np.ndarray]:
+                 storage: StorageOptions, trust_remote_code: bool = False) -> tuple[list[int], list[str], np.ndarray]:
     """Loads the model (and the pair's tokenizer, the base's), returns (token ids, each
     token as text, projections)."""
-    tokenizer = load_tokenizer(tokenizer_source, s3, trust_remote_code)
-    model = load_model(source, dtype=dtype, s3=s3, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source, storage, trust_remote_code)
+    model = load_model(source, dtype=dtype, storage=storage, trust_remote_code=trust_remote_code)
     limit = getattr(model.config, "max_position_embeddings", None)
     ids = token_ids(tokenizer, text, limit)
     return ids, [tokenizer.decode([i]) for i in ids], projections(model, ids, layer, directions)

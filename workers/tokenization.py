@@ -87,7 +87,7 @@ def frequent_tokens(tokenizer, texts: list[str], generic_ids: np.ndarray, k: int
     a token the sample lacks counts as seen once). Stopwords and the like are as frequent
     in generic text and drop out; words of the finetuning domain stay.
     """
-    from workers.graders import is_trivial_token
+    from workers.graders.base import is_trivial_token
     special = set(tokenizer.all_special_ids)
     vocab = max(len(tokenizer), int(np.max(generic_ids, initial=0)) + 1)
     counts = np.zeros(vocab, np.int64)

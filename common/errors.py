@@ -1,0 +1,30 @@
+"""An exception as the one line adl shows for it, in log lines, the status record and the
+messages of its own errors; and a server's free text squeezed onto one line. Credentials
+are masked in both (common/redact.py)."""
+from __future__ import annotations
+
+from common.redact import redact
+
+
+def one_line(error: BaseException, typed: bool = True) -> str:
+    """Ray's wrappers unwrapped (their `cause`), then the last line of a remote traceback
+    (where the cause is) or else the first line of the message; typed: prefixed with the
+    exception's type unless the line already starts with a name and a colon. An empty
+    message is the type's name."""
+    while getattr(error, "cause", None) is not None and error.cause is not error:
+        error = error.cause
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    traceback = "Traceback" in text or any(line.startswith('File "') for line in lines)
+    line = lines[-1] if traceback else lines[0]
+    if typed and ":" not in line.split(" ")[0]:
+        line = f"{type(error).__name__}: {line}"
+    return redact(line)
+
+
+def squeeze(text: str, limit: int = 300) -> str:
+    """Text from elsewhere (a server's error body) as one line: whitespace runs become one
+    space; masked before it is cut short, so that no piece of a key survives the cut."""
+    return " ".join(redact(text).split())[:limit]

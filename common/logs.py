@@ -1,0 +1,49 @@
+"""The `adl` logger: one line per event on stderr, `[adl HH:MM:SS] message`, at INFO and
+above unless the CLI's --log-level says otherwise. Every part of a job logs through it
+(`log`, or logging.getLogger("adl.<part>")); records also propagate to the root logger,
+for whoever collects them."""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+logger = logging.getLogger("adl")
+FORMAT = "[adl %(asctime)s] %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+_lock = threading.Lock()
+_handler: logging.Handler | None = None
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (a redirected or captured stderr
+    included), not as it was when the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure(level: str | int | None = None) -> logging.Logger:
+    """The logger with its stderr handler (installed once); level: a name such as "DEBUG"
+    or "WARNING", None leaving it as it is (INFO at first)."""
+    global _handler
+    with _lock:
+        if _handler is None:
+            _handler = _Stderr()
+            _handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+            logger.addHandler(_handler)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.INFO)
+        if level is not None:
+            logger.setLevel(level.upper() if isinstance(level, str) else level)
+    return logger
+
+
+def log(message: str) -> None:
+    """One line of the job's progress, at INFO."""
+    configure().info(message)
