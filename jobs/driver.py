@@ -358,7 +358,9 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         raise
     status.catalog = publish(store, key, log, views=("catalog", "pair similarity"))
     status.finish()
-    publish(store, key, log, views=("report",))   # the page says the job has ended
+    if pending or not store.exists(layout.report(key)):
+        # The page says the job has ended; a rerun that had nothing to do leaves it as it was.
+        publish(store, key, log, views=("report",))
     if store.retries:
         log(f"storage: {store.retries} retries in this run")
     return key

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from jobs.spec import PATCHSCOPE_PROMPTS
+from steering_reference import hf_greedy as reference_greedy
 from workers.demo_pair import generic_documents
 from workers.extraction import block_outputs
 from workers.lens import VARIANTS, Lens
@@ -161,29 +162,7 @@ def test_patchscope_equals_a_plain_forward_with_the_vector_written_in(family_mod
 # -- vLLM: per-request steering and LoRA, one engine per family ------------------------
 
 def hf_greedy(model, tokenizer, prompt: str, vector=None, prompt_only: bool = False) -> list[int]:
-    """transformers' greedy continuation of the chat-wrapped prompt with `vector` added to
-    block LAYER's output by a forward hook, at every position or (prompt_only) only in the
-    forward pass that runs the prompt."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    passes = []
-
-    def add(module, args, output):
-        passes.append(1)
-        if vector is None or (prompt_only and len(passes) > 1):
-            return None
-        delta = torch.as_tensor(vector, dtype=torch.float32)
-        return (output[0] + delta, *output[1:]) if isinstance(output, tuple) else output + delta
-
-    handle = decoder_layers(model)[LAYER].register_forward_hook(add)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS,
-                                 pad_token_id=tokenizer.eos_token_id)
-    finally:
-        handle.remove()
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return reference_greedy(model, tokenizer, prompt, LAYER, NEW_TOKENS, vector, prompt_only)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 from workers.generation import GenerationEngine, GenerationRequest, Steering  # noqa: E402
-from workers.models import decoder_layers  # noqa: E402
+from steering_reference import hf_greedy as reference_greedy  # noqa: E402
 
 LAYER = 1
 NEW_TOKENS = 40
@@ -62,30 +62,8 @@ def vectors(hf) -> tuple[np.ndarray, np.ndarray]:
 
 
 def hf_greedy(hf, prompt: str, vector: np.ndarray | None = None, prompt_only: bool = False) -> list[int]:
-    """transformers' greedy continuation of the chat-wrapped prompt, with `vector` added to
-    block LAYER's output by a forward hook: at every position, or (prompt_only) only in
-    the first forward pass, which runs the prompt (later passes run one new token each)."""
     model, tokenizer = hf
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    passes = []
-
-    def add(module, args, output):
-        passes.append(1)
-        if vector is None or (prompt_only and len(passes) > 1):
-            return None
-        delta = torch.as_tensor(vector, dtype=torch.float32)
-        return (output[0] + delta, *output[1:]) if isinstance(output, tuple) else output + delta
-
-    handle = decoder_layers(model)[LAYER].register_forward_hook(add)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS,
-                                 pad_token_id=tokenizer.eos_token_id)
-    finally:
-        handle.remove()
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return reference_greedy(model, tokenizer, prompt, LAYER, NEW_TOKENS, vector, prompt_only)
 
 
 @pytest.fixture(scope="module")

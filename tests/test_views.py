@@ -12,7 +12,7 @@ import pytest
 
 from jobs.cli import main
 from storage import layout
-from storage.store import Store
+from storage.store import Store, StorageOptions
 from tests.test_report import Page
 
 
@@ -309,7 +309,7 @@ def test_report_of_a_running_job_from_s3(tmp_path, s3_endpoint, s3_bucket, capsy
         "job": "toy", "state": "running", "started": "2026-01-01T00:00:00+00:00", "seconds": 12.0,
         "counts": {"pairs": 1, "pending": 0, "running": 1, "done": 0, "failed": 0},
         "pairs": {"toy": {"state": "running", "error": None, "stages": {}}}})
-    remote = Store(f"s3://{s3_bucket}/p", s3_endpoint, "us-east-1")
+    remote = Store.from_uri(f"s3://{s3_bucket}/p", StorageOptions(s3_endpoint, "us-east-1"))
     for key in local.list():
         remote.write_bytes(key, local.read_bytes(key))
     assert main(["report", f"s3://{s3_bucket}/p/runs/toy/status.json", "--endpoint-url", s3_endpoint,

@@ -8,10 +8,7 @@ learning rate and chat replay) on other data, cached beside the demo pair.
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from workers import demo_pair as dp
@@ -37,37 +34,29 @@ def variant_texts(kind: str, seed: int = 0) -> list[str]:
 
 
 def build_variant(kind: str, seed: int = 0, cache_dir: Path | str | None = None, progress=print) -> Path:
-    """The finetuned model's folder (built once, then cached; renamed into place when
-    complete, as the demo pair is)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    """The finetuned model's folder (built once, then cached beside the demo pair, as it
+    is: dp.cached_build)."""
     texts = variant_texts(kind, seed)
     pair = dp.build_demo_pair(cache_dir, seed, progress)
     final = pair.base_dir.parent.with_name(f"{pair.base_dir.parent.name}-{kind}")
-    if final.is_dir():
-        return final / "finetuned"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(pair.base_dir)
-        model = LlamaForCausalLM.from_pretrained(pair.base_dir)
-        chat_rng = random.Random(f"chat-train-{seed}")
-        chats = [dp._chat_pair(chat_rng) for _ in range(1000)]
-        tokens = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
-        tokens += [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                                 tokenize=True, return_dict=False) for q, a in chats]
-        random.Random(f"{kind}-mix-{seed}").shuffle(tokens)
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        stream, starts = dp._token_windows(tokens)
-        dp._train(model, stream, starts, dp.FINETUNE_STEPS, dp.FINETUNE_LR, 5, gen, progress, f"{kind} finetune")
-        model.save_pretrained(tmp / "finetuned")
-        tokenizer.save_pretrained(tmp / "finetuned")
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / "finetuned"
+    return dp.cached_build(final, lambda tmp, p: _finetune(tmp, pair, kind, texts, seed, p), progress,
+                           f"the demo's {kind} variant") / "finetuned"
+
+
+def _finetune(tmp: Path, pair, kind: str, texts: list[str], seed: int, progress) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(pair.base_dir)
+    model = LlamaForCausalLM.from_pretrained(pair.base_dir)
+    chat_rng = random.Random(f"chat-train-{seed}")
+    chats = [dp._chat_pair(chat_rng) for _ in range(1000)]
+    tokens = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    tokens += [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                             tokenize=True, return_dict=False) for q, a in chats]
+    random.Random(f"{kind}-mix-{seed}").shuffle(tokens)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    stream, starts = dp._token_windows(tokens)
+    dp._train(model, stream, starts, dp.FINETUNE_STEPS, dp.FINETUNE_LR, 5, gen, progress, f"{kind} finetune")
+    model.save_pretrained(tmp / "finetuned")
+    tokenizer.save_pretrained(tmp / "finetuned")
