@@ -211,11 +211,17 @@ def test_report_command(tmp_path, capsys):
     assert not list((tmp_path / "root").glob("runs/*/report.html"))
 
 
-def test_report_from_s3(tmp_path, s3_endpoint, s3_bucket, capsys):
-    local, _ = write_run(tmp_path)
-    remote = Store.from_uri(f"s3://{s3_bucket}/prefix", StorageOptions(s3_endpoint, "us-east-1"))
+def copy_to_s3(local: Store, root: str, endpoint: str) -> Store:
+    """Every file of a local root, copied to the S3 root (moto on loopback)."""
+    remote = Store.from_uri(root, StorageOptions(endpoint, "us-east-1"))
     for key in local.list():
         remote.write_bytes(key, local.read_bytes(key))
+    return remote
+
+
+def test_report_from_s3(tmp_path, s3_endpoint, s3_bucket, capsys):
+    local, _ = write_run(tmp_path)
+    remote = copy_to_s3(local, f"s3://{s3_bucket}/prefix", s3_endpoint)
     assert main(["report", f"s3://{s3_bucket}/prefix/runs/toy/run.json", "--endpoint-url", s3_endpoint,
                  "--region", "us-east-1"]) == 0
     assert capsys.readouterr().out.strip() == f"s3://{s3_bucket}/prefix/runs/toy/report.html"

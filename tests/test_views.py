@@ -12,7 +12,7 @@ import pytest
 
 from jobs.cli import main
 from storage import layout
-from storage.store import Store, StorageOptions
+from storage.store import Store
 from tests.test_report import Page
 
 
@@ -303,15 +303,13 @@ def test_a_family_of_finetunes_is_more_alike_than_an_unrelated_one(five_pairs):
 
 def test_report_of_a_running_job_from_s3(tmp_path, s3_endpoint, s3_bucket, capsys):
     """`adl report` on an S3 status record of a job still running: the page says so."""
-    from tests.test_report import write_run
+    from tests.test_report import copy_to_s3, write_run
     local, _ = write_run(tmp_path)
     local.write_json(layout.run_status("toy"), {
         "job": "toy", "state": "running", "started": "2026-01-01T00:00:00+00:00", "seconds": 12.0,
         "counts": {"pairs": 1, "pending": 0, "running": 1, "done": 0, "failed": 0},
         "pairs": {"toy": {"state": "running", "error": None, "stages": {}}}})
-    remote = Store.from_uri(f"s3://{s3_bucket}/p", StorageOptions(s3_endpoint, "us-east-1"))
-    for key in local.list():
-        remote.write_bytes(key, local.read_bytes(key))
+    remote = copy_to_s3(local, f"s3://{s3_bucket}/p", s3_endpoint)
     assert main(["report", f"s3://{s3_bucket}/p/runs/toy/status.json", "--endpoint-url", s3_endpoint,
                  "--region", "us-east-1"]) == 0
     assert capsys.readouterr().out.strip() == f"s3://{s3_bucket}/p/runs/toy/report.html"
