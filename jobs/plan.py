@@ -45,6 +45,12 @@ class Documents:
         return self.doc_ids[s], self.token_ids[s]
 
 
+def model_label(source: ModelSource) -> str:
+    """A model's short name (its folder's last two parts): an activation set's name and
+    its actors' label."""
+    return "/".join((source.adapter or source.model).rstrip("/").split("/")[-2:])
+
+
 @dataclass(frozen=True)
 class ActivationSet:
     prefix: str               # storage key prefix, content-addressed
@@ -220,7 +226,7 @@ def make_plan(spec: JobSpec) -> Plan:
             source = getattr(pair, role)
             # The readable part of the prefix comes from the location alone, so that
             # every pair naming the same model shares the set.
-            name = "/".join((source.adapter or source.model).rstrip("/").split("/")[-2:])
+            name = model_label(source)
             prefix = layout.activation_set(name, identity)
             return sets.setdefault(prefix, ActivationSet(prefix, source, layers, identity, docs, name,
                                                          parameters[role]))

@@ -23,7 +23,7 @@ import numpy as np
 from jobs import analyses
 from jobs.causal import causal_effect, needs_base
 from jobs.agent_stage import agent_stage
-from jobs.plan import ActivationSet, PairPlan
+from jobs.plan import ActivationSet, PairPlan, model_label
 from jobs.scheduler import ModelKey
 from jobs.spec import JobSpec, ModelSource
 from jobs.steering import baseline_requests, baseline_rows, steer
@@ -40,8 +40,7 @@ REDUCE_IN_FLIGHT = 4        # shards' partial sums read at once per pair (memory
 
 
 # -- the model actors a stage needs -------------------------------------------------------
-def _label(source: ModelSource) -> str:
-    return "/".join((source.adapter or source.model).rstrip("/").split("/")[-2:])
+_label = model_label
 
 
 def transformers(source: ModelSource) -> ModelKey:
