@@ -27,9 +27,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import harness  # noqa: F401  (puts the repository root on sys.path)
 
-sys.path.insert(0, str(common.ROOT / "tests"))
+sys.path.insert(0, str(harness.ROOT / "tests"))
 from test_graders import ChatServer, Reply  # noqa: E402
 
 from jobs.agent_stage import PairAgents, runs_of  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=1.0)
     ap.add_argument("--pairs-at-once", type=int, default=4)
     args = ap.parse_args()
-    common.header("agent stage: chat requests in flight against a slow endpoint")
+    harness.header("agent stage: chat requests in flight against a slow endpoint")
     with ChatServer() as server:
         state = server.respond(responder(args.latency))
         settings = parse_spec({

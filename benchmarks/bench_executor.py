@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
+import harness
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--before", default="3294bf9", help="git revision of the executor to compare with")
     ap.add_argument("--documents", type=int, default=2000)
     args = ap.parse_args()
-    common.header("executor: the demo job end to end vs the sum of its units' own times")
+    harness.header("executor: the demo job end to end vs the sum of its units' own times")
     with tempfile.TemporaryDirectory(prefix="adl-bench-exec-") as tmp:
         tmp = Path(tmp)
         old = tmp / "before"
@@ -77,14 +77,14 @@ def main() -> None:
                 work.mkdir()
                 results[name].append(run_once(tree, demo_job(work / "out", args.documents), work))
         for name, runs in results.items():
-            wall = common.median([r["wall"] for r in runs])
-            cpu = common.median([r["cpu"] for r in runs])
-            units = common.median([r["units"] for r in runs])
+            wall = harness.median([r["wall"] for r in runs])
+            cpu = harness.median([r["cpu"] for r in runs])
+            units = harness.median([r["units"] for r in runs])
             print(f"  {name:22s} wall {wall:6.1f} s (driver process CPU {cpu:5.1f} s), units' own times {units:6.1f} s, "
                   f"wall / units {wall / units:4.2f}, model loads {runs[0]['loads']}")
         ours, before = (results[n] for n in trees)
         print(f"ratio: ours / before wall time = "
-              f"{common.median([r['wall'] for r in ours]) / common.median([r['wall'] for r in before]):.3f}; "
+              f"{harness.median([r['wall'] for r in ours]) / harness.median([r['wall'] for r in before]):.3f}; "
               f"loads {ours[0]['loads']} vs {before[0]['loads']} (median of {args.reps} runs each)")
 
 

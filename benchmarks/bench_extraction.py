@@ -15,12 +15,12 @@ import argparse
 import io
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import harness  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from common import fmt_times, header, interleaved, median, method_layer, si, timed, verdict
+from harness import fmt_times, header, interleaved, median, method_layer, si, timed, verdict
 from jobs.spec import ModelSource
 from storage import layout
 from storage.store import Store, StorageOptions
@@ -42,15 +42,15 @@ def main() -> None:
     args = ap.parse_args()
 
     header("extraction: TransformersWorker.extract vs a bare truncated forward")
-    with common.temp_dir("extraction") as tmp:
-        bm = common.build_llama(Path(tmp) / "model")
+    with harness.temp_dir("extraction") as tmp:
+        bm = harness.build_llama(Path(tmp) / "model")
         layer = method_layer(bm.num_layers)
         c = bm.config
         print(f"model: random-init LlamaForCausalLM, {bm.parameters:,} parameters (hidden {c['hidden_size']}, "
               f"{bm.num_layers} layers, intermediate {c['intermediate_size']}, vocab {c['vocab_size']}, "
               f"untied head); dtype {args.dtype}")
         docs = args.batch_size * args.batches
-        doc_ids, token_ids = common.make_documents(docs, N, c["vocab_size"], seed=1)
+        doc_ids, token_ids = harness.make_documents(docs, N, c["vocab_size"], seed=1)
         print(f"data: shard of {docs} documents x n={N} tokens = {docs * N} tokens, "
               f"{args.batches} batches of {args.batch_size} documents ({args.batch_size * N} tokens); "
               f"layer {layer} (int(0.5*({bm.num_layers}-1))), blocks 0..{layer} run")
@@ -63,7 +63,7 @@ def main() -> None:
         batches = [ids[i:i + args.batch_size].to(device) for i in range(0, docs, args.batch_size)]
 
         # The baseline computes exactly what we store.
-        same = torch.equal(common.plain_truncated_forward(model, batches[0][:8], layer),
+        same = torch.equal(harness.plain_truncated_forward(model, batches[0][:8], layer),
                            block_outputs(model, batches[0][:8], [layer])[:, 0])
         print(f"check: bare truncated forward == block_outputs on the same tokens: {same}")
 
@@ -74,18 +74,18 @@ def main() -> None:
             worker.extract(prefix, [layer], args.batch_size, next(shard_index), doc_ids, token_ids)
 
         def bare_truncated():
-            kept[:] = [common.plain_truncated_forward(model, b, layer) for b in batches]
-            common.sync()
+            kept[:] = [harness.plain_truncated_forward(model, b, layer) for b in batches]
+            harness.sync()
 
         def full_one_batch():
             with torch.inference_mode():
                 model(input_ids=batches[0], use_cache=False)
-            common.sync()
+            harness.sync()
 
         # Warm up on one small batch (a whole shard per variant would cost a minute).
         small_ids, small_tokens = doc_ids[:16], token_ids[:16]
         worker.extract(prefix, [layer], args.batch_size, 999_999, small_ids, small_tokens)
-        common.plain_truncated_forward(model, batches[0][:16], layer)
+        harness.plain_truncated_forward(model, batches[0][:16], layer)
         with torch.inference_mode():
             model(input_ids=batches[0][:16], use_cache=False)
 
@@ -144,8 +144,8 @@ def main() -> None:
         print(f"          (ours - bare - these parts = {(t_ours - t_bare - extra) * 1e3:+.0f} ms: hooks, stack "
               f"and Python, or just noise when the machine is busy)")
 
-        f32 = common.matmul_gflops("float32")
-        bf16 = common.matmul_gflops("bfloat16")
+        f32 = harness.matmul_gflops("float32")
+        bf16 = harness.matmul_gflops("bfloat16")
         if args.dtype == "float32":
             print(f"bfloat16: not run; this CPU's bf16 matmul runs at {bf16:.2f} GFLOP/s against "
                   f"{f32:.1f} GFLOP/s in float32 (no native bf16), a shard would take "

@@ -21,12 +21,12 @@ import argparse
 import os
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import harness  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from common import fmt_times, header, interleaved, median, verdict
+from harness import fmt_times, header, interleaved, median, verdict
 from storage import layout
 from storage.store import Store, mismatch
 from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
 
     header("reducer: shard_sums + finish (verified, unverified) vs pyarrow.parquet.read_table of the same shards")
-    with common.temp_dir("reducer") as tmp:
+    with harness.temp_dir("reducer") as tmp:
         store = Store(str(Path(tmp) / "store"))
         base, ft, shards, digests = write_sets(store, args.docs, args.shard_size, args.hidden)
         paths = [store.uri(layout.shard(p, i)) for p in (base, ft) for i in range(shards)]

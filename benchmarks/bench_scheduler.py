@@ -22,9 +22,12 @@ The table below is an assumption, not a measurement (GPU-seconds on one whole GP
   of wall time per pair) on CPUs
   generate:  0.7 M tokens at 60,000 / size(B) tokens/s; baselines 0.1 M tokens
 An actor holding a fraction f of a GPU computes at f of its speed (GPUs are shared,
-not multiplied); one on d whole GPUs at d times.
+not multiplied); one on d whole GPUs at d times. An actor does one call at a time; a
+unit's calls on several actors run at once, each in its own actor's queue (patchscope:
+2/3 of its work on the finetuned model, 1/3 on the base, as jobs/analyses.patchscope
+splits its variants), and every other unit holds all its actors while it runs.
 
-    .venv/bin/python benchmarks/bench_scheduler.py [--gpus 8] [--gpu-memory 80] [--object-storage]
+    .venv/bin/python benchmarks/bench_scheduler.py [--gpus 8] [--gpu-memory 80] [--object-storage] [--case even]
 """
 from __future__ import annotations
 
@@ -34,16 +37,17 @@ from collections import Counter
 
 import numpy as np
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import harness  # noqa: F401  (puts the repository root on sys.path)
 
 from jobs.driver import job_units
 from jobs.executor import ActorRequests
 from jobs.plan import ActivationSet, Documents, PairPlan, Plan
-from jobs.scheduler import NodeResources, Scheduler
+from jobs.scheduler import ModelKey, NodeResources, Scheduler
 from jobs.simulation import SimulatedBackend
 from jobs.spec import Analyses, Compute, Generation, JobSpec, ModelSource, Pair
 
 SIZES_B = (1.0, 3.0, 8.0, 14.0, 32.0)
+CASES = ("even", "uneven", "crowded")
 
 
 class Costs:
@@ -71,8 +75,20 @@ class Costs:
             return 1.0
         if unit.kind == "similarity":   # the embedder, on CPUs
             return 10.0
-        gpus = next(iter(actors.values())).slot.request.gpus
-        return self.cost(unit) / (gpus if gpus > 0 else 1.0)
+        if unit.kind == "patchscope":
+            # Two calls at once, as jobs/analyses.patchscope makes them: the finetuned
+            # model's (two of the three variants, then the grading) and the base model's
+            # (the third), each on its own actor at that actor's speed.
+            pair = unit.subject.pair
+            parts = {ModelKey("transformers", pair.finetuned): 2 / 3, ModelKey("transformers", pair.base): 1 / 3}
+            return {key: self.cost(unit) * part / _speed(actors[key]) for key, part in parts.items()}
+        return self.cost(unit) / _speed(next(iter(actors.values())))
+
+
+def _speed(actor) -> float:
+    """An actor's speed in whole GPUs (one CPU-only actor counts as one)."""
+    gpus = actor.slot.request.gpus
+    return gpus if gpus > 0 else 1.0
 
 
 def workload(case: str, seed: int = 0):
@@ -145,10 +161,11 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu-memory", type=float, default=80.0)
     ap.add_argument("--object-storage", action="store_true", help="load weights at 0.5 GB/s, not 2 GB/s")
+    ap.add_argument("--case", choices=CASES, action="append", help="only this case (repeatable)")
     args = ap.parse_args()
     print(f"{args.gpus} x {args.gpu_memory:g} GB GPUs, bfloat16, loads from "
           f"{'object storage' if args.object_storage else 'local disk'}")
-    for case in ("even", "uneven", "crowded"):
+    for case in args.case or CASES:
         r = simulate(case, args.gpus, args.gpu_memory, args.object_storage)
         print(f"{case}: {r['pairs']} pairs over {r['models']} models")
         print(f"  ours   {r['total'] / 3600:7.2f} h  GPU utilisation {r['util']:6.1%}  loads {r['loads']} "

@@ -21,10 +21,10 @@ from storage.store import StorageOptions
 import argparse
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import harness  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
-from common import fmt_times, header, interleaved, median, method_layer, si
+from harness import fmt_times, header, interleaved, median, method_layer, si
 from jobs.spec import ModelSource
 from workers.extraction import block_outputs
 from workers.models import load_model
@@ -42,8 +42,8 @@ def main() -> None:
     args = ap.parse_args()
 
     header("truncation: first-n-tokens, stop-after-layer-L forward vs full documents through the whole model")
-    with common.temp_dir("truncation") as tmp:
-        bm = common.build_llama(Path(tmp) / "model")
+    with harness.temp_dir("truncation") as tmp:
+        bm = harness.build_llama(Path(tmp) / "model")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(ModelSource(model=str(bm.folder)), dtype="float32", storage=StorageOptions(), device=device)
         c = bm.config
@@ -51,7 +51,7 @@ def main() -> None:
         layer = method_layer(blocks)
         print(f"model: random-init LlamaForCausalLM, {bm.parameters:,} parameters (hidden {hidden}, "
               f"{blocks} layers, intermediate {c['intermediate_size']}, vocab {vocab}); float32 on {device}; layer {layer}")
-        _, tokens = common.make_documents(args.docs, args.length, vocab, seed=2)
+        _, tokens = harness.make_documents(args.docs, args.length, vocab, seed=2)
         full = torch.as_tensor(tokens).to(device)
         first_n = full[:, :N].contiguous()     # the truncated run's tokens = the naive run's first n
         print(f"data: {args.docs} documents; naive: {args.length} tokens each in batches of {args.naive_batch}, "
@@ -66,11 +66,11 @@ def main() -> None:
                     o = model(input_ids=full[i:i + args.naive_batch], output_hidden_states=True, use_cache=False)
                     parts.append(o.hidden_states[layer + 1][:, :N])
             out["naive"] = torch.cat(parts)
-            common.sync()
+            harness.sync()
 
         def truncated():
             out["truncated"] = block_outputs(model, first_n, [layer], truncate=True)[:, 0]
-            common.sync()
+            harness.sync()
 
         with torch.inference_mode():   # warm-up, small
             model(input_ids=full[:2], use_cache=False)
@@ -82,7 +82,7 @@ def main() -> None:
         print(f"check: same activations, max |naive - truncated| = {diff:.2e} (max |act| {scale:.2f})")
 
         # -- analytic FLOPs ------------------------------------------------------------
-        per_block = common.block_linear_params(model)
+        per_block = harness.block_linear_params(model)
         head = hidden * vocab
 
         def flops(seq: int, n_blocks: int, with_head: bool) -> float:

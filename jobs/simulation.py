@@ -2,10 +2,16 @@
 scheduler simulation (benchmarks/bench_scheduler.py) and the test that the simulated and
 the real runs decide alike use it.
 
-A simulated actor is loaded `load_s(key)` seconds after its creation; a unit starts when
-every actor it needs is loaded and free (an actor does one unit's work at a time, as a
-Ray actor runs its calls in turn), and takes `work_s(unit, actors)` seconds. Time jumps
-from one unit's end to the next.
+A simulated actor is loaded `load_s(key)` seconds after its creation and does one call at
+a time, in the order they came (as a Ray actor runs its calls in turn). `work_s(unit,
+actors)` says how long a unit's work takes:
+- seconds (a number): the unit starts when every actor it needs is loaded and free, and
+  holds them all until it ends;
+- {key: seconds}: the unit makes one call on each of those actors at once, as the real
+  stages do (patchscope's finetuned-side and base-side forwards): each call waits in its
+  own actor's queue and holds that actor only for its own seconds, and the unit ends
+  with its last call (its other actors, if any, are held until then).
+Time jumps from one unit's end to the next.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ class SimulatedActor:
 
 class SimulatedBackend:
     def __init__(self, nodes: list[NodeResources], load_s: Callable[[ModelKey], float],
-                 work_s: Callable[[Unit, dict], float]):
+                 work_s: Callable[[Unit, dict], float | dict]):
         self._nodes, self.load_s, self.work_s = list(nodes), load_s, work_s
         self.now = 0.0
         self.actors: list[SimulatedActor] = []
@@ -51,15 +57,27 @@ class SimulatedBackend:
 
     def start(self, unit: Unit, actors: dict) -> None:
         handles = list(actors.values())
-        begin = max([self.now] + [a.busy_until for a in handles])
-        seconds = self.work_s(unit, actors)
-        end = begin + seconds
+        work = self.work_s(unit, actors)
+        if isinstance(work, dict):   # one call per actor, each in its own actor's queue
+            ends = {}
+            for key, seconds in work.items():
+                actor = actors[key]
+                ends[key] = max(self.now, actor.busy_until) + seconds
+                actor.busy_until = ends[key]
+                self.work_gpu_seconds += seconds * actor.slot.request.gpus
+            end = max(ends.values(), default=self.now)
+            for key, actor in actors.items():
+                if key not in work:
+                    actor.busy_until = max(actor.busy_until, end)
+        else:
+            end = max([self.now] + [a.busy_until for a in handles]) + work
+            for a in handles:
+                a.busy_until = end
+            # The unit's GPUs: its first actor's (a vLLM engine's while a grader waits on it).
+            if handles:
+                self.work_gpu_seconds += work * handles[0].slot.request.gpus
         for a in handles:
-            a.busy_until = end
             a.units.append(unit.name)
-        # The unit's GPUs: its first actor's (a vLLM engine's while a grader waits on it).
-        if handles:
-            self.work_gpu_seconds += seconds * handles[0].slot.request.gpus
         self._seq += 1
         heapq.heappush(self._events, (end, self._seq, unit))
 

@@ -88,6 +88,22 @@ def test_many_pairs_on_two_slots_share_the_base_and_fail_nothing():
     assert all(u.state == "done" for u in units) and backend.peak == 2
 
 
+def test_a_simulated_unit_with_a_call_per_actor_holds_each_actor_for_its_own_call_only():
+    """Two units sharing actor B, each with a 10 s call on its own actor and a 1 s call
+    on B (patchscope's shape): B serves both in turn, so both end at 11 s (load 1 s +
+    10 s); holding every actor for the whole unit would end the second at 21 s."""
+    a, b, c = (ModelKey("transformers", m) for m in "abc")
+    units = [Unit("one", "patchscope", (a, b)), Unit("two", "patchscope", (c, b))]
+    calls = {"one": {a: 10.0, b: 1.0}, "two": {c: 10.0, b: 1.0}}
+    ended = {}
+    backend = Watched([NodeResources("node", 3.0, 0)], work_s=lambda u, actors: calls[u.name])
+    scheduler = Scheduler(units, lambda key: Request(cpus=1, gpus=0), backend,
+                          on_change=lambda u: ended.setdefault(u.name, backend.now) if u.state == "done" else None)
+    scheduler.run()
+    assert ended == {"one": 11.0, "two": 11.0}
+    assert backend.actors[-1].busy_until == 11.0 and [x.busy_until for x in backend.actors if x.key == b] == [3.0]
+
+
 def test_gpu_actors_pack_by_fraction_and_whole_gpus():
     big, small = ModelKey("vllm", "big"), ModelKey("transformers", "small")
     requests = {big: Request(1, 2.0), small: Request(1, 0.25)}
@@ -252,6 +268,7 @@ def test_the_scheduler_benchmark_runs_the_drivers_units():
     """benchmarks/bench_scheduler.py on its crowded case (40 pairs of 32B models on 8 GPUs):
     the driver's units on the real scheduler finish, each model loading once. Kept here so
     that a change to the driver's units cannot leave the benchmark broken unseen."""
+    import subprocess
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -262,3 +279,9 @@ def test_the_scheduler_benchmark_runs_the_drivers_units():
     r = bench_scheduler.simulate("crowded", 8, 80.0, False)
     assert r["pairs"] == 40 and r["loads"] == r["distinct"] == 101 and r["reloads"] == 0
     assert 0 < r["util"] <= r["bound_util"] <= 1 and r["total"] >= r["bound"]
+    # And as the script it is (its own imports: a module of benchmarks/ once shadowed common/).
+    script = Path(bench_scheduler.__file__)
+    run = subprocess.run([sys.executable, str(script), "--case", "crowded"], capture_output=True, text=True,
+                         cwd=script.parent.parent, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "crowded: 40 pairs over 50 models" in run.stdout and "loads 101 for 101" in run.stdout, run.stdout
