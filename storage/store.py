@@ -17,8 +17,8 @@ the object and what differs). `create_exclusive` writes an object only if none e
 
 On S3 every request that fails transiently (5xx, SlowDown, a dropped or stalled
 connection) is retried here, up to STORAGE_ATTEMPTS times with exponential back-off and
-bounded timeouts; each retry is counted (`retries`) and, where the store has a `log`,
-logged. pyarrow's and boto3's own retries are off or counted, so every retry shows.
+bounded timeouts; each retry is counted (`retries`) and logged (the `adl.storage` logger,
+at INFO). pyarrow's and boto3's own retries are off or counted, so every retry shows.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -44,6 +45,7 @@ import pyarrow.parquet as pq
 
 from common.errors import one_line
 
+logger = logging.getLogger("adl.storage")
 
 class StorageError(RuntimeError):
     """A storage problem worth one line to the user (unreachable endpoint, missing bucket,
@@ -135,7 +137,6 @@ class Store:
         self._base = self.backend.base(self.root)
         self._fs: pafs.FileSystem | None = None
         self._client = None
-        self.log = None            # where retries are reported (the driver sets it); None: counted only
         self.retries = 0           # requests retried through this store
         self.written: dict | None = None   # key -> digest of every write, in a session(record=True)
         self._counter = threading.Lock()
@@ -152,7 +153,7 @@ class Store:
         return (Store, (self.root, self.options))
 
     def session(self, record: bool = False) -> "Store":
-        """The same store (sharing its connection and log) with its own retry count and,
+        """The same store (sharing its connection) with its own retry count and,
         with record, a record of what it writes (`written`: key -> digest)."""
         other = copy.copy(self)
         other._fs = self.fs
@@ -182,8 +183,7 @@ class Store:
 
     def _count(self, n: int, what: str, key: str, why: str) -> None:
         total = self.counted(n)
-        if self.log is not None:
-            self.log(f"storage: {what} {self.uri(key)}: {why} [{total} storage retries so far]")
+        logger.info(f"storage: {what} {self.uri(key)}: {why} [{total} storage retries so far]")
 
     def _retrying(self, what: str, key: str, fn, refused_is_transient: bool = True):
         return self.backend.retrying(self, what, key, fn, refused_is_transient)
