@@ -3,6 +3,10 @@
 `Store.from_uri(uri, StorageOptions(...))` picks the backend by the URI's scheme
 (`BACKENDS`; no scheme: `LocalBackend`); a backend holds what differs (the pyarrow
 filesystem, retries, the root's check, atomic and exclusive writes), the Store the rest.
+The scheme's recognition is here alone: `storage_kind` says which backend serves a
+location ("local", "s3"; a LocationError for any other URI), `location_problem` why its
+backend refuses it, `uri_forms` what the backends' URIs look like; the spec's checks and
+the model loader (workers/models.py) ask these, so a new backend touches storage/ only.
 
 Every write is atomic: a reader sees a whole object or none. Locally that is a write
 to a temporary sibling and a rename; on S3 the object is uploaded in one piece from
@@ -46,6 +50,7 @@ import pyarrow.parquet as pq
 from common.errors import one_line
 
 logger = logging.getLogger("adl.storage")
+
 
 class StorageError(RuntimeError):
     """A storage problem worth one line to the user (unreachable endpoint, missing bucket,
@@ -364,6 +369,10 @@ class LocalBackend:
     rereads = False   # a mismatch read again is the same bytes
 
     @staticmethod
+    def problem(root: str) -> str | None:
+        return None
+
+    @staticmethod
     def base(root: str) -> str:
         return str(Path(os.path.expanduser(root)).resolve())
 
@@ -420,12 +429,21 @@ class S3Backend:
     (one attempt per call: the retries are `retrying`'s, counted and logged), boto3 for
     the conditional PUT pyarrow cannot make."""
     prefix = "s3://"
+    form = "s3://bucket/prefix"   # what a root looks like, for messages
     rereads = True    # a transfer can break too: a mismatch is read once more before it counts
 
     @staticmethod
-    def base(root: str) -> str:
+    def problem(root: str) -> str | None:
+        """Why root is no S3 root, without naming it (None: it is one)."""
         if not root[len("s3://"):].split("/", 1)[0]:
-            raise StorageError(f"{root}: names no bucket (expected s3://bucket/prefix)")
+            return f"names no bucket (expected {S3Backend.form})"
+        return None
+
+    @staticmethod
+    def base(root: str) -> str:
+        why = S3Backend.problem(root)
+        if why:
+            raise StorageError(f"{root}: {why}")
         return root[len("s3://"):].strip("/")
 
     @staticmethod
@@ -515,14 +533,50 @@ class S3Backend:
 BACKENDS = {"s3": S3Backend}
 
 
+def uri_forms() -> str:
+    """What the backends' roots look like, for messages: "s3://bucket/prefix"."""
+    return " or ".join(backend.form for backend in BACKENDS.values())
+
+
+class LocationError(StorageError):
+    """A URI no backend serves: of another scheme ("gs://bucket/x") or malformed
+    ("s3:/bucket"). `problem` says which without naming the location, for callers that
+    name it their own way (the spec's checks)."""
+
+    def __init__(self, location: str, scheme: str, served: bool):
+        self.location, self.scheme = location, scheme
+        self.problem = f"malformed {scheme}:// URI" if served else f"unsupported URI scheme {scheme}://"
+        super().__init__(f"{location}: unsupported URI scheme {scheme}:// (expected a local folder or {uri_forms()})")
+
+
+def uri_scheme(location: str) -> str | None:
+    """The scheme of a URI-shaped location (a scheme, a colon and a slash: "s3" for
+    s3://bucket/x and for the typo s3:/bucket, "gs" for gs://bucket/x); None for a path."""
+    m = URI.match(location)
+    return m.group(1) if m else None
+
+
+def storage_kind(location: str) -> str:
+    """Which backend serves a location: "local" for a path (no URI scheme), else the
+    name of its backend in BACKENDS ("s3"). Any other URI, or a malformed one
+    ("s3:/bucket"), is a LocationError, never a folder named after it."""
+    scheme = uri_scheme(location)
+    if scheme is None:
+        return "local"
+    backend = BACKENDS.get(scheme)
+    if backend is None or not location.startswith(backend.prefix):
+        raise LocationError(location, scheme, served=backend is not None)
+    return scheme
+
+
 def backend_of(uri: str):
-    """The backend of a root by its URI scheme; no scheme: a local folder. An unknown
-    scheme (or a malformed URI, such as "s3:/bucket") is a StorageError, never a folder."""
-    m = URI.match(uri)
-    if m is None:
-        return LocalBackend
-    backend = BACKENDS.get(m.group(1))
-    if backend is None or not uri.startswith(backend.prefix):
-        raise StorageError(f"{uri}: unsupported URI scheme {m.group(1)}:// "
-                           f"(expected a local folder or s3://bucket/prefix)")
-    return backend
+    """The backend of a root by its URI scheme (storage_kind)."""
+    kind = storage_kind(uri)
+    return LocalBackend if kind == "local" else BACKENDS[kind]
+
+
+def location_problem(location: str) -> str | None:
+    """Why a location's backend refuses it as a root, without naming it ("names no
+    bucket (expected s3://bucket/prefix)"); None where it takes it. LocationError for a
+    URI no backend serves."""
+    return backend_of(location).problem(location)
