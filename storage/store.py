@@ -47,14 +47,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from common.errors import one_line
-
 logger = logging.getLogger("adl.storage")
 
 
 class StorageError(RuntimeError):
     """A storage problem worth one line to the user (unreachable endpoint, missing bucket,
     a file that is not what it should be)."""
+
+
+def _reason(e: BaseException) -> str:
+    """What pyarrow, boto3 or the OS said, for a message of ours: the first line (pyarrow
+    may go on with a schema dump), or the type's name where it said nothing. These are
+    errors raised here, in-process, by libraries: never a Ray wrapper or a remote
+    traceback, which common/errors.py one_line (what the job shows them through, masked)
+    unwraps; storage imports nothing of ours."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # A URI-shaped location: a scheme, a colon and a slash. Only s3:// is storage; anything
@@ -214,7 +221,7 @@ class Store:
             raise
         except OSError as e:
             where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
-            raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {one_line(e, typed=False)}") from None
+            raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {_reason(e)}") from None
 
     # -- reading ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -283,7 +290,7 @@ class Store:
             if NOT_PARQUET in str(e):
                 raise StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or "
                                    f"another format)") from None
-            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {one_line(e, typed=False)}") from None
+            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {_reason(e)}") from None
 
     def _infos(self, prefix: str):
         sel = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
@@ -476,7 +483,7 @@ class S3Backend:
                     raise
                 delay = min(BACKOFF_BASE_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * (0.5 + 0.5 * random.random())
                 store._count(1, what, key, f"attempt {attempt} of {STORAGE_ATTEMPTS} failed "
-                                           f"({one_line(e, typed=False)}); retrying in {delay:.1f} s")
+                                           f"({_reason(e)}); retrying in {delay:.1f} s")
                 time.sleep(delay)
 
     @staticmethod
@@ -515,13 +522,13 @@ class S3Backend:
             meta = response.get("ResponseMetadata", {})
             created = True
         except BotoCoreError as e:   # the endpoint did not answer, after boto3's retries
-            raise StorageError(f"{store.uri(key)}: cannot create: {one_line(e, typed=False)}") from None
+            raise StorageError(f"{store.uri(key)}: cannot create: {_reason(e)}") from None
         except ClientError as e:
             meta = e.response.get("ResponseMetadata", {})
             code = str(e.response.get("Error", {}).get("Code", ""))
             if meta.get("HTTPStatusCode") not in (409, 412) and code not in (
                     "PreconditionFailed", "ConditionalRequestConflict"):
-                raise StorageError(f"{store.uri(key)}: cannot create: {one_line(e, typed=False)}") from None
+                raise StorageError(f"{store.uri(key)}: cannot create: {_reason(e)}") from None
             created = False
         if meta.get("RetryAttempts"):
             store._count(meta["RetryAttempts"], "creating", key,
