@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from itertools import combinations
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +38,17 @@ SETS = ("steered", "unsteered", "base", "finetune_data", "generic_chat")
 PACKAGED_EMBEDDER = "all-MiniLM-L6-v2 (packaged)"
 
 logger = logging.getLogger("adl.analyses")
+
+
+def _judged(judgements: list, none: Callable[[int], str], some: Callable[[int, int], str]) -> None:
+    """The grader's judgements of a stage's work: none of them made (an unreachable
+    grader, say) is the stage's failure, GradingFailed with none(total) and the first
+    error (no table: the pair fails); some failed is a log line, some(failed, total)."""
+    failed = [j for j in judgements if not j.ok]
+    if judgements and len(failed) == len(judgements):
+        raise GradingFailed(f"{none(len(judgements))}: {failed[0].error}")
+    if failed:
+        logger.info(some(len(failed), len(judgements)))
 
 
 # -- patchscope -------------------------------------------------------------------------
@@ -72,14 +84,10 @@ def patchscope(ctx) -> None:
     scales = list(a.patchscope_scales)
     judgements = ray.get(ctx.grader_handle().best_scales.remote(
         [{s: list(g[4][i]) for i, s in enumerate(scales)} for g in groups]))
-    failed = [j for j in judgements if not j.ok]
-    if judgements and len(failed) == len(judgements):
-        # The stage's work failed (an unreachable grader, say): no table, the pair fails.
-        raise GradingFailed(f"patchscope: the grader chose no best scale for any of the {len(judgements)} "
-                            f"(layer, position, variant): {failed[0].error}")
-    if failed:
-        logger.info(f"{pair.pair.name}: patchscope: {len(failed)} of {len(judgements)} (layer, position, variant) "
-                    f"have no best scale (the grader failed on them; no row of theirs is chosen)")
+    _judged(judgements,
+            lambda n: f"patchscope: the grader chose no best scale for any of the {n} (layer, position, variant)",
+            lambda failed, n: f"{pair.pair.name}: patchscope: {failed} of {n} (layer, position, variant) "
+                              f"have no best scale (the grader failed on them; no row of theirs is chosen)")
     out_rows = []
     for (layer, pos, variant, ids, tokens, probs), j in zip(groups, judgements):
         chosen = j.value["scale"] if j.ok else None
@@ -144,15 +152,10 @@ def token_relevance(ctx) -> None:
     except GraderError as e:   # raised in the actor: Ray's message carries the remote traceback
         reason = str(e).strip().splitlines()[-1].split("GraderError: ", 1)[-1]
         return _skip_relevance(store, pair, reason)
-    every = [j for judgements in judged for j in judgements]
-    failed = [j for j in every if not j.ok]
-    if every and len(failed) == len(every):
-        # Not one token labelled (an unreachable grader): the stage failed, not a result.
-        raise GradingFailed(f"token_relevance: the grader labelled none of the {len(every)} tokens: "
-                            f"{failed[0].error}")
-    if failed:
-        logger.info(f"{pair.pair.name}: token relevance: the grader failed on {len(failed)} of {len(every)} tokens "
-                    f"(counted as not relevant, recorded per list as 'failed')")
+    _judged([j for judgements in judged for j in judgements],
+            lambda n: f"token_relevance: the grader labelled none of the {n} tokens",
+            lambda failed, n: f"{pair.pair.name}: token relevance: the grader failed on {failed} of {n} tokens "
+                              f"(counted as not relevant, recorded per list as 'failed')")
 
     rows, metrics = [], []
     for (layer, pos, source, group), judgements in zip(lists, judged):
