@@ -80,7 +80,7 @@ def main() -> None:
 
         def pair_stage(i: int) -> None:
             agents = PairAgents(f"pair-{i}", settings, {"adl": overview, "blackbox": "examples"},
-                                {"adl": tools, "blackbox": tools}, None, None, log=lambda line: None)
+                                {"adl": tools, "blackbox": tools}, None, None)
             out = agents.run_all(keys)
             with lock:
                 records.extend(out)

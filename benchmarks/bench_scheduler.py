@@ -135,7 +135,7 @@ def simulate(case: str, gpus: int, gpu_memory: float, object_storage: bool):
                    generation=Generation(enabled=True), analyses=Analyses(enabled=True))
     plan = Plan(spec, tuple(sets), tuple(pairs))
     costs = Costs(sizes, object_storage)
-    units, _ = job_units(spec, pairs, _NothingStored(), log=lambda m: None)
+    units, _ = job_units(spec, pairs, _NothingStored())
     backend = SimulatedBackend([NodeResources("node0", 1000.0, gpus)], costs.load_s, costs.work_s)
     requests = ActorRequests(plan)
     scheduler = Scheduler(units, requests, backend)

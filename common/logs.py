@@ -1,7 +1,9 @@
 """The `adl` logger: one line per event on stderr, `[adl HH:MM:SS] message`, at INFO and
-above unless the CLI's --log-level says otherwise. Every part of a job logs through it
-(`log`, or logging.getLogger("adl.<part>")); records also propagate to the root logger,
-for whoever collects them."""
+above unless the CLI's --log-level says otherwise. Every part logs through a child of it,
+`logging.getLogger("adl.<part>")` (adl.driver, adl.scheduler, adl.storage, ...), whose
+records reach its handler; configure() installs that handler (the CLI, and run_job for a
+job run in-process, call it). Records also propagate to the root logger, for whoever
+collects them."""
 from __future__ import annotations
 
 import logging
@@ -42,8 +44,3 @@ def configure(level: str | int | None = None) -> logging.Logger:
         if level is not None:
             logger.setLevel(level.upper() if isinstance(level, str) else level)
     return logger
-
-
-def log(message: str) -> None:
-    """One line of the job's progress, at INFO."""
-    configure().info(message)

@@ -319,7 +319,7 @@ def _refuse(turn: dict, messages: list, remaining: int, calls_left: int, outcome
 
 
 def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list[Tool], chat,
-              max_llm_calls: int, context: dict | None = None, log=None) -> RunResult:
+              max_llm_calls: int, context: dict | None = None) -> RunResult:
     """One investigation. chat(messages) -> Reply (ChatEndpoint.chat with the model and
     sampling settings bound). context is handed to every tool call (e.g. the run's identity
     for sample seeds). Never raises for what the agent does; an endpoint that does not
@@ -404,8 +404,7 @@ def run_agent(agent: str, budget: int, run: int, first_message: str, tools: list
             remaining -= cost
             result.interactions_used += cost
             turn.update(outcome="tool", cost=cost, tool_seconds=round(time.monotonic() - started, 3))
-            if log:
-                log(f"{label}: {tool.name} ({cost} interaction{'s' if cost != 1 else ''}, {remaining} left)")
+            logger.debug(f"{label}: {tool.name} ({cost} interaction{'s' if cost != 1 else ''}, {remaining} left)")
             memo = (f"You have {remaining} model interaction{'s' if remaining != 1 else ''} left."
                     if remaining else "You have no model interactions left." if budget else "")
             messages.append({"role": "user", "content": (

@@ -20,6 +20,7 @@ graded, as `agent.parquet` with one transcript per run beside it (README, "Table
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from jobs.agent import AGENTS, Tool, Usage, endpoint, run_agent
 from jobs.hypothesis import Grading, HypothesisGrader
 from storage import layout
+
+logger = logging.getLogger("adl.agent")
 
 COMPLETE = ("done", "failed")
 
@@ -63,7 +66,6 @@ class PairAgents:
     tools: dict[str, list[Tool]]         # agent -> tools
     description: str | None
     organism_type: str | None
-    log: object = print
     spend: Usage = field(default_factory=Usage)      # agent + grader, this run of the stage
     grader_spend: Usage = field(default_factory=Usage)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -95,9 +97,9 @@ class PairAgents:
                   "model": s.model, "usage": result.usage.as_dict(), "seconds": result.seconds,
                   "messages": result.messages, "turns": result.turns, "grading": grading.as_dict()}
         mean = "" if grading.mean is None else f", mean grade {grading.mean:.2f}"
-        self.log(f"{self.pair}: agent {agent} b{budget} r{run}: {status}"
-                 + (f" ({reason})" if reason and status != "done" else "")
-                 + f", {result.llm_calls} LLM calls, {result.interactions_used} interactions{mean}")
+        logger.info(f"{self.pair}: agent {agent} b{budget} r{run}: {status}"
+                    + (f" ({reason})" if reason and status != "done" else "")
+                    + f", {result.llm_calls} LLM calls, {result.interactions_used} interactions{mean}")
         return record
 
     def run_all(self, keys, reuse=lambda key: None, save=lambda key, record: None) -> list[dict]:
@@ -183,7 +185,7 @@ def agent_stage(ctx) -> None:
     agents = PairAgents(pair.pair.name, s,
                         {"adl": adl_first_message(evidence, s), "blackbox": blackbox_first_message(evidence, s)},
                         {"adl": adl_tools(evidence, models, s), "blackbox": blackbox_tools(models)},
-                        pair.pair.description, pair.pair.organism_type, ctx.log)
+                        pair.pair.description, pair.pair.organism_type)
     keys = runs_of(s)
     path = lambda key: ctx.path(layout.agent_transcript(*key))
 
@@ -194,10 +196,10 @@ def agent_stage(ctx) -> None:
     def save(key, record):
         store.write_json(path(key), record)
 
-    ctx.log(f"{pair.pair.name}: agent, {len(keys)} runs ({', '.join(a for a in AGENTS)}) on {s.model}")
+    logger.info(f"{pair.pair.name}: agent, {len(keys)} runs ({', '.join(a for a in AGENTS)}) on {s.model}")
     for where, name in (("agent.api_key_env", s.api_key_env), ("agent.grader.api_key_env", s.grader.api_key_env)):
         if name and not os.environ.get(name):   # fine for a local server; a hosted one will refuse
-            ctx.log(f"{pair.pair.name}: {where}: ${name} is not set, requests go without a key")
+            logger.info(f"{pair.pair.name}: {where}: ${name} is not set, requests go without a key")
     start = time.monotonic()
     try:
         records = agents.run_all(keys, reuse, save)
@@ -211,5 +213,5 @@ def agent_stage(ctx) -> None:
     table = agent_table([table_row(r) for r in records], **{"adl.agent_model": s.model,
                                                             "adl.grader_model": s.grader.model or s.model})
     store.write_table(ctx.path(layout.AGENT), table, **TABLE_PARQUET_OPTIONS)
-    ctx.log(f"{pair.pair.name}: agent stage, {len(records)} runs in {time.monotonic() - start:.1f} s, "
-            f"{agents.spend.calls} LLM calls, {agents.spend.total_tokens} tokens")
+    logger.info(f"{pair.pair.name}: agent stage, {len(records)} runs in {time.monotonic() - start:.1f} s, "
+                f"{agents.spend.calls} LLM calls, {agents.spend.total_tokens} tokens")

@@ -16,7 +16,9 @@ not relevant and are counted per list (`failed`).
 """
 from __future__ import annotations
 
+import logging
 from itertools import combinations
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +37,19 @@ PATCHSCOPE_VARIANTS = {"delta": "finetuned", "base_mean": "base", "finetuned_mea
 SETS = ("steered", "unsteered", "base", "finetune_data", "generic_chat")
 PACKAGED_EMBEDDER = "all-MiniLM-L6-v2 (packaged)"
 
+logger = logging.getLogger("adl.analyses")
+
+
+def _judged(judgements: list, none: Callable[[int], str], some: Callable[[int, int], str]) -> None:
+    """The grader's judgements of a stage's work: none of them made (an unreachable
+    grader, say) is the stage's failure, GradingFailed with none(total) and the first
+    error (no table: the pair fails); some failed is a log line, some(failed, total)."""
+    failed = [j for j in judgements if not j.ok]
+    if judgements and len(failed) == len(judgements):
+        raise GradingFailed(f"{none(len(judgements))}: {failed[0].error}")
+    if failed:
+        logger.info(some(len(failed), len(judgements)))
+
 
 # -- patchscope -------------------------------------------------------------------------
 def patchscope(ctx) -> None:
@@ -51,8 +66,8 @@ def patchscope(ctx) -> None:
     for variant, role in PATCHSCOPE_VARIANTS.items():
         targets[role] += [(r, variant) for r in rows]
     vectors = {v: decode_vectors(table.column(v), "float64") for v in PATCHSCOPE_VARIANTS}
-    ctx.log(f"{pair.pair.name}: patchscope, {len(rows) * len(PATCHSCOPE_VARIANTS)} vectors x "
-            f"{len(a.patchscope_scales)} scales x {len(a.patchscope_prompts)} prompts")
+    logger.info(f"{pair.pair.name}: patchscope, {len(rows) * len(PATCHSCOPE_VARIANTS)} vectors x "
+                f"{len(a.patchscope_scales)} scales x {len(a.patchscope_prompts)} prompts")
     calls = {}
     for role, items in targets.items():   # both models at once, each on its own actor
         batch = np.stack([unit_scaled(vectors[v][r].astype(np.float64), float(norms[r])) for r, v in items])
@@ -69,20 +84,16 @@ def patchscope(ctx) -> None:
     scales = list(a.patchscope_scales)
     judgements = ray.get(ctx.grader_handle().best_scales.remote(
         [{s: list(g[4][i]) for i, s in enumerate(scales)} for g in groups]))
-    failed = [j for j in judgements if not j.ok]
-    if judgements and len(failed) == len(judgements):
-        # The stage's work failed (an unreachable grader, say): no table, the pair fails.
-        raise GradingFailed(f"patchscope: the grader chose no best scale for any of the {len(judgements)} "
-                            f"(layer, position, variant): {failed[0].error}")
-    if failed:
-        ctx.log(f"{pair.pair.name}: patchscope: {len(failed)} of {len(judgements)} (layer, position, variant) "
-                f"have no best scale (the grader failed on them; no row of theirs is chosen)")
+    _judged(judgements,
+            lambda n: f"patchscope: the grader chose no best scale for any of the {n} (layer, position, variant)",
+            lambda failed, n: f"{pair.pair.name}: patchscope: {failed} of {n} (layer, position, variant) "
+                              f"have no best scale (the grader failed on them; no row of theirs is chosen)")
     out_rows = []
     for (layer, pos, variant, ids, tokens, probs), j in zip(groups, judgements):
         chosen = j.value["scale"] if j.ok else None
         coherent = set(j.value["tokens"]) if j.ok else set()
         if not j.ok:
-            ctx.log(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale ({j.error})")
+            logger.info(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale ({j.error})")
         for i, scale in enumerate(scales):
             is_chosen = chosen is not None and scale == chosen
             for rank, (tid, tok, p) in enumerate(zip(ids[i], tokens[i], probs[i])):
@@ -93,8 +104,8 @@ def patchscope(ctx) -> None:
 
 
 # -- token relevance --------------------------------------------------------------------
-def _skip_relevance(store: Store, pair: PairPlan, reason: str, log) -> None:
-    log(f"{pair.pair.name}: token relevance skipped: {reason}")
+def _skip_relevance(store: Store, pair: PairPlan, reason: str) -> None:
+    logger.info(f"{pair.pair.name}: token relevance skipped: {reason}")
     store.write_json(f"{pair.out_dir}/{layout.TOKEN_RELEVANCE_JSON}",
                      {"status": "skipped", "reason": reason, "metrics": []})
 
@@ -108,15 +119,15 @@ def token_relevance(ctx) -> None:
     from workers.graders import OFFLINE_RELEVANCE, GraderError
     from workers.models import load_tokenizer
     from workers.tokenization import frequent_tokens
-    pair, spec, store, log = ctx.pair, ctx.spec, ctx.store, ctx.log
+    pair, spec, store = ctx.pair, ctx.spec, ctx.store
     marker = ctx.path(layout.TOKEN_RELEVANCE_JSON)
     where = f"pair {pair.pair.name}"
     if not pair.pair.description:
-        return _skip_relevance(store, pair, f"{where} has no description of its finetuning domain", log)
+        return _skip_relevance(store, pair, f"{where} has no description of its finetuning domain")
     if not pair.pair.finetune_data:
-        return _skip_relevance(store, pair, f"{where} has no finetune_data to take frequent tokens from", log)
+        return _skip_relevance(store, pair, f"{where} has no finetune_data to take frequent tokens from")
     if ctx.grader is None:   # the offline grader: no model can judge relevance to a description
-        return _skip_relevance(store, pair, OFFLINE_RELEVANCE, log)
+        return _skip_relevance(store, pair, OFFLINE_RELEVANCE)
     grader = ctx.grader
     a = spec.analyses
     tokenizer = load_tokenizer(pair.pair.base, spec.storage.options, spec.trust_remote_code)
@@ -134,22 +145,17 @@ def token_relevance(ctx) -> None:
         for (layer, pos), group in df.groupby(["layer", "position"]):
             lists.append((int(layer), int(pos), source, group.sort_values("rank")))
     lists.sort(key=lambda x: (x[0], x[1], x[2]))
-    log(f"{pair.pair.name}: token relevance, {len(lists)} token lists")
+    logger.info(f"{pair.pair.name}: token relevance, {len(lists)} token lists")
     try:
         judged = ray.get(grader.token_relevances.remote([list(g.token) for *_, g in lists], pair.pair.description,
                                                         [t for _, t in frequent]))
     except GraderError as e:   # raised in the actor: Ray's message carries the remote traceback
         reason = str(e).strip().splitlines()[-1].split("GraderError: ", 1)[-1]
-        return _skip_relevance(store, pair, reason, log)
-    every = [j for judgements in judged for j in judgements]
-    failed = [j for j in every if not j.ok]
-    if every and len(failed) == len(every):
-        # Not one token labelled (an unreachable grader): the stage failed, not a result.
-        raise GradingFailed(f"token_relevance: the grader labelled none of the {len(every)} tokens: "
-                            f"{failed[0].error}")
-    if failed:
-        log(f"{pair.pair.name}: token relevance: the grader failed on {len(failed)} of {len(every)} tokens "
-            f"(counted as not relevant, recorded per list as 'failed')")
+        return _skip_relevance(store, pair, reason)
+    _judged([j for judgements in judged for j in judgements],
+            lambda n: f"token_relevance: the grader labelled none of the {n} tokens",
+            lambda failed, n: f"{pair.pair.name}: token relevance: the grader failed on {failed} of {n} tokens "
+                              f"(counted as not relevant, recorded per list as 'failed')")
 
     rows, metrics = [], []
     for (layer, pos, source, group), judgements in zip(lists, judged):
@@ -202,7 +208,7 @@ def similarity(ctx) -> None:
     for layer, pos in keys:
         mine = steered[(steered.layer == layer) & (steered.position == pos)]
         sets[f"steered/{layer}/{pos}"] = list(mine.text)
-    ctx.log(f"{pair.pair.name}: embedding {sum(map(len, sets.values()))} texts in {len(sets)} sets")
+    logger.info(f"{pair.pair.name}: embedding {sum(map(len, sets.values()))} texts in {len(sets)} sets")
     embedder = ctx.model("embedder", a.embedding_model or PACKAGED_EMBEDDER)
     summaries = ray.get(embedder.summaries.remote(sets))
     rows = []

@@ -10,11 +10,14 @@ table `causal_effect.parquet` (README).
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 
 from storage import layout
 from storage.tables import TABLE_PARQUET_OPTIONS, causal_effect_table, decode_vectors
+
+logger = logging.getLogger("adl.causal")
 
 
 def eval_texts(ctx) -> dict[str, list[str]]:
@@ -66,8 +69,8 @@ def causal_effect(ctx) -> None:
             directions += list(diffs)
             kinds += [("random_difference", None, i) for i in range(len(diffs))]
         directions = np.stack(directions)
-        ctx.log(f"{pair.pair.name}: causal effect at layer {layer}, {len(directions)} directions "
-                f"({c.mode}) on {', '.join(f'{len(t)} {n}' for n, t in sets.items())} texts")
+        logger.info(f"{pair.pair.name}: causal effect at layer {layer}, {len(directions)} directions "
+                    f"({c.mode}) on {', '.join(f'{len(t)} {n}' for n, t in sets.items())} texts")
         for eval_set, texts in sets.items():
             targets = (base.causal_coefficients.remote(tok, texts, layer, directions, c.max_tokens, c.batch_size)
                        if c.mode == "patch" else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -15,6 +16,8 @@ from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
 from storage.store import StorageError, StorageOptions, Store
 from workers.models import ModelError
+
+logger = logging.getLogger("adl.cli")
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
 INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError,
@@ -99,7 +102,6 @@ def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
 
 def _run(spec, report: bool = False) -> int:
     """Runs the job; exit code 1 when any pair failed (the others still ran)."""
-    from common.logs import log
     from jobs.driver import RunStats, Terminated, run_job
     from jobs.summary import run_summary
     from storage.store import Store
@@ -113,7 +115,7 @@ def _run(spec, report: bool = False) -> int:
         sys.stderr.flush()
         os._exit(143 if isinstance(e, Terminated) else 130)
     store = Store.from_uri(spec.storage.root, spec.storage.options)
-    log(f"done: {store.uri(record)}")
+    logger.info(f"done: {store.uri(record)}")
     print(run_summary(store, record))
     if report:
         from jobs.report import write_report

@@ -15,13 +15,14 @@ which time it is usually complete.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
 from common.errors import one_line
-from common.logs import log
+from common.logs import configure as configure_logging
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
@@ -33,6 +34,8 @@ from jobs.status import JobStatus
 from jobs.views import publish
 from storage import layout
 from storage.store import Store
+
+logger = logging.getLogger("adl.driver")
 
 
 @dataclass
@@ -139,36 +142,36 @@ def pair_order(pairs: list[PairPlan]) -> list[PairPlan]:
     return [p for group in sorted(groups.values(), key=lambda g: -len(g)) for p in group]
 
 
-def _set_unit(aset, store: Store, claim, release, verified: dict, log) -> "Unit | None | bool":
+def _set_unit(aset, store: Store, claim, release, verified: dict) -> "Unit | None | bool":
     """An activation set's extraction unit, None when the set is complete (present and
     verified, or made so by writing its manifest again), False when another run holds it."""
     if check_set(store, aset, deep=False).complete:   # looks complete: verify without a lease
         check = check_set(store, aset)
         if check.complete:
-            log(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
+            logger.info(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
             return None
     if not claim(aset.prefix):
         return False
     check = check_set(store, aset)   # under the lease: another run may have finished it
     if check.complete:
         release(aset.prefix)
-        log(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
+        logger.info(f"{aset.name}: activations complete, reused ({store.uri(aset.prefix)})")
         return None
     if check.manifest_problem not in (None, "absent"):
-        log(f"{aset.name}: manifest {store.uri(layout.manifest(aset.prefix))}: {check.manifest_problem}")
+        logger.info(f"{aset.name}: manifest {store.uri(layout.manifest(aset.prefix))}: {check.manifest_problem}")
     for index, why in sorted(check.problems.items()):
         if why:
-            log(f"{aset.name}: shard {index} {why}; extracting it again")
+            logger.info(f"{aset.name}: shard {index} {why}; extracting it again")
     if len(check.good) == aset.documents.num_shards:   # every shard verifies: only the manifest was bad
         store.write_json(layout.manifest(aset.prefix), set_manifest(aset, check.good))
         release(aset.prefix)
-        log(f"{aset.name}: every shard verifies; manifest written again, no extraction")
+        logger.info(f"{aset.name}: every shard verifies; manifest written again, no extraction")
         return None
     verified[aset.prefix] = check.good
     return Unit(f"extract {aset.name}", "extract", (transformers(aset.source),), subject=aset)
 
 
-def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, log=log, leases: Leases | None = None,
+def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, leases: Leases | None = None,
               verified: dict | None = None, outcome: dict | None = None) -> tuple[list[Unit], dict]:
     """The units of work the pending pairs still need, in plan order (each pair's
     activation sets, then its stages, a model's baselines before the first generation
@@ -211,13 +214,13 @@ def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, log=log, lea
                 complete[name].append(stage.name)
                 continue
             if why:
-                log(f"{name}: stage {stage.name}: {why}; running it again")
+                logger.info(f"{name}: stage {stage.name}: {why}; running it again")
             todo.append(stage)
         sets: list[Unit] = []
         if any(stage.name == "reduce" for stage in todo):
             for aset in (pair.base, pair.finetuned):
                 if aset.prefix not in extraction:
-                    extraction[aset.prefix] = _set_unit(aset, store, claim, release, verified, log)
+                    extraction[aset.prefix] = _set_unit(aset, store, claim, release, verified)
                     if extraction[aset.prefix] is False:
                         outcome["waiting"].append(aset.prefix)
                     if extraction[aset.prefix]:
@@ -268,7 +271,7 @@ def _transformers_work_first(units: list[Unit], base_of: dict[str, str]) -> list
     return sorted(units, key=lambda u: (bases.index(base_of[u.group[0]]), id(u) in later))
 
 
-def pending_pairs(plan: Plan, store: Store, log=log) -> list[PairPlan]:
+def pending_pairs(plan: Plan, store: Store) -> list[PairPlan]:
     """The pairs whose results are not complete (present and verified), saying why for
     those whose manifest is there but does not verify."""
     stages = enabled_stages(plan.spec)
@@ -278,7 +281,7 @@ def pending_pairs(plan: Plan, store: Store, log=log) -> list[PairPlan]:
         if why is None:
             continue
         if why:
-            log(f"{pair.pair.name}: {why}; redoing what does not verify")
+            logger.info(f"{pair.pair.name}: {why}; redoing what does not verify")
         pending.append(pair)
     return pending
 
@@ -287,44 +290,43 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     """Runs the job; returns the run record's key under the storage root. A pair that
     fails is recorded (stats.failed, the status record) and does not stop the others.
     Work another run on the same root holds is waited for, then taken up if still needed."""
+    configure_logging()   # the `adl` logger's handler, when the CLI has not installed it
     stats = stats or RunStats()
     store = Store.from_uri(spec.storage.root, spec.storage.options)
-    store.log = log
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
     pending = pending_pairs(plan, store)
     for pair in plan.pairs:
         if pair not in pending:
-            log(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
-    status = JobStatus(store, plan, pending, pair_stages(spec), log)
+            logger.info(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
+    status = JobStatus(store, plan, pending, pair_stages(spec))
     status.stats = stats
     key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
     private = False
     backend = None
-    leases = Leases(store, spec.name, log)
+    leases = Leases(store, spec.name)
     try:
         _stop_on_sigterm()   # a run waiting for another's work stops cleanly too
         with leases:
             todo = pending
             while todo:
                 verified, outcome = {}, {}
-                units, complete = job_units(spec, todo, store, log, leases, verified, outcome)
+                units, complete = job_units(spec, todo, store, leases, verified, outcome)
                 for name, stages in complete.items():
                     for stage in stages:
                         status.stage_skipped(name, stage)
                 for pair in outcome["finished"]:
-                    log(f"{pair.pair.name}: results completed by another run")
+                    logger.info(f"{pair.pair.name}: results completed by another run")
                     for stage in pair_stages(spec):
                         status.stage_skipped(pair.pair.name, stage)
                     status.pair_state(pair.pair.name, "done")
                 if units:
                     private = ensure_ray(spec) or private
                     _stop_on_sigterm()
-                    backend = RayBackend(plan, store, status, stats, log, grader=_llm_grader(spec),
-                                         verified=verified)
-                    scheduler = Scheduler(units, backend.requests, backend, log,
+                    backend = RayBackend(plan, store, status, stats, grader=_llm_grader(spec), verified=verified)
+                    scheduler = Scheduler(units, backend.requests, backend,
                                           _on_change(plan, units, store, status, stats, leases,
-                                                     lambda: publish(store, key, log)))
+                                                     lambda: publish(store, key)))
                     try:
                         scheduler.run()
                     finally:
@@ -347,22 +349,22 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         if backend is not None:
             backend.kill_all()
         status.finish(error="interrupted" if interrupted else one_line(e))
-        publish(store, key, log)
+        publish(store, key)
         if interrupted:
             done = sum(p["state"] == "done" for p in status.record["pairs"].values())
             sets = status.record["counts"].get("activation_sets_done", 0)
-            log(f"interrupted: {done} of {len(plan.pairs)} pairs and {sets} activation sets are complete; "
-                f"rerun the same spec to resume from there")
+            logger.info(f"interrupted: {done} of {len(plan.pairs)} pairs and {sets} activation sets are complete; "
+                        f"rerun the same spec to resume from there")
         if private:
             _stop_private_ray()
         raise
-    status.catalog = publish(store, key, log, views=("catalog", "pair similarity"))
+    status.catalog = publish(store, key, views=("catalog", "pair similarity"))
     status.finish()
     if pending or not store.exists(layout.report(key)):
         # The page says the job has ended; a rerun that had nothing to do leaves it as it was.
-        publish(store, key, log, views=("report",))
+        publish(store, key, views=("report",))
     if store.retries:
-        log(f"storage: {store.retries} retries in this run")
+        logger.info(f"storage: {store.retries} retries in this run")
     return key
 
 

@@ -16,6 +16,7 @@ its units again on a new actor that it packs itself.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import threading
@@ -31,6 +32,8 @@ from storage import layout
 from storage.store import Store
 
 POLL_S = 0.5        # how long the scheduler's loop waits for an event (SIGINT is seen in between)
+
+logger = logging.getLogger("adl.executor")
 
 
 @functools.cache
@@ -76,10 +79,9 @@ class ActorRequests:
 
 
 class RayBackend:
-    def __init__(self, plan: Plan, store: Store, status: JobStatus, stats, log, grader=None,
+    def __init__(self, plan: Plan, store: Store, status: JobStatus, stats, grader=None,
                  verified: dict | None = None):
-        self.plan, self.spec, self.store, self.status, self.stats, self.log = \
-            plan, plan.spec, store, status, stats, log
+        self.plan, self.spec, self.store, self.status, self.stats = plan, plan.spec, store, status, stats
         self.grader = grader                  # an LLM grader in the driver (LocalActor), or None
         self.verified = verified if verified is not None else {}   # set prefix -> {shard: digest} checked
         self.requests = ActorRequests(plan)
@@ -99,7 +101,7 @@ class RayBackend:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         cls, args, kwargs, options = self._constructor(key)
-        self.log(f"loading {key}")
+        logger.info(f"loading {key}")
         handle = ray.remote(_tracked_class(cls)).options(
             num_gpus=slot.request.gpus, num_cpus=slot.request.cpus, max_restarts=3, max_task_retries=3,
             scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=True),
@@ -135,7 +137,7 @@ class RayBackend:
             ray.kill(handle, no_restart=True)
             self.status.actors.ended(handle)
             return
-        self.log(f"releasing {key}")
+        logger.info(f"releasing {key}")
         self.status.actors.ended(handle)
         ray.kill(handle)
 
@@ -174,7 +176,7 @@ class RayBackend:
                 self._extract(unit, actors)
             elif unit.kind == "baselines":
                 engine = actors[next(iter(actors))]
-                self.baselines[unit.subject] = run_baselines(self.spec, unit.subject, engine, self.log)
+                self.baselines[unit.subject] = run_baselines(self.spec, unit.subject, engine)
             else:
                 with self.status.stage(unit.pair, unit.kind):
                     self._stage(unit, actors)
@@ -185,7 +187,7 @@ class RayBackend:
         finally:
             seconds = time.time() - start
             if error is None:
-                self.log(f"{unit.name}: done in {seconds:.1f} s")
+                logger.info(f"{unit.name}: done in {seconds:.1f} s")
             self.status.unit_ended(unit.name, unit.kind, seconds, error)
             self._events.put((unit, error))
 
@@ -194,7 +196,7 @@ class RayBackend:
         pair's folder (what makes it complete; jobs/integrity.py check_stage)."""
         stage, pair = self._stages[unit.kind], self._pairs[unit.pair]
         store = self.store.session(record=True)
-        stage.run(StageRun(pair, self.spec, store, actors, self.log, self.grader, self.baselines,
+        stage.run(StageRun(pair, self.spec, store, actors, self.grader, self.baselines,
                            spend=lambda usage: self.status.llm_spend(unit.pair, unit.kind, usage)))
         folder = pair.out_dir.strip("/") + "/"
         files = {key[len(folder):]: d for key, d in store.written.items() if key.startswith(folder)}
@@ -215,7 +217,7 @@ class RayBackend:
                 self.status.shards(aset.prefix, finished)
             # What was verified before the first run; a second run (its actor was lost)
             # checks storage again, so the shards the first one wrote are kept.
-            extract(aset, self.spec, self.store, actors[next(iter(actors))], self.log, on_shard,
+            extract(aset, self.spec, self.store, actors[next(iter(actors))], on_shard,
                     verified=self.verified.pop(aset.prefix, None))
         except BaseException as e:
             self.status.set_state(aset.prefix, "failed", one_line(e))

@@ -22,6 +22,7 @@ stalled past TTL_S) duplicates work but never corrupts it; it says so in the log
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -35,6 +36,8 @@ from storage.store import Store, StorageError
 TTL_S = 120.0        # a lease not renewed for this long is dead
 RENEW_S = 20.0       # how often its holder renews it
 POLL_S = 1.0         # how often a waiting run looks again
+
+logger = logging.getLogger("adl.leases")
 
 
 def _pid_alive(pid) -> bool:
@@ -51,8 +54,8 @@ class Leases:
     """The leases one run holds; a context manager that renews them while it is open and
     gives back whatever is still held when it closes."""
 
-    def __init__(self, store: Store, job: str, log):
-        self.store, self.job, self.log = store, job, log
+    def __init__(self, store: Store, job: str):
+        self.store, self.job = store, job
         self.owner = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -141,7 +144,7 @@ class Leases:
             try:
                 self.store.delete(self._key(prefix, generation))
             except (StorageError, OSError) as e:   # it expires by itself
-                self.log(f"{prefix}: could not give its lease back ({e}); it expires in {TTL_S:.0f} s")
+                logger.info(f"{prefix}: could not give its lease back ({e}); it expires in {TTL_S:.0f} s")
 
     def release_all(self) -> None:
         for prefix in list(self.held):
@@ -166,7 +169,7 @@ class Leases:
                 who = f"{lease.get('owner')}"
                 if self._reported.get(prefix) != who:
                     self._reported[prefix] = who
-                    self.log(f"{prefix}: being worked on by {self.describe(lease)}; waiting for it")
+                    logger.info(f"{prefix}: being worked on by {self.describe(lease)}; waiting for it")
             sleep(POLL_S)
 
     # -- the heartbeat ---------------------------------------------------------------------
@@ -179,14 +182,14 @@ class Leases:
                 if newer:
                     if prefix not in self.lost:
                         self.lost.add(prefix)
-                        self.log(f"{prefix}: lost its lease to another run (this run's heartbeat was late); "
-                                 f"both may do its work, with the same results")
+                        logger.info(f"{prefix}: lost its lease to another run (this run's heartbeat was late); "
+                                    f"both may do its work, with the same results")
                     continue
                 with self._lock:
                     if self.held.get(prefix) == generation:
                         self.store.write_bytes(self._key(prefix, generation), self._record())
             except (StorageError, OSError) as e:
-                self.log(f"{prefix}: could not renew its lease ({e}); trying again in {RENEW_S:.0f} s")
+                logger.info(f"{prefix}: could not renew its lease ({e}); trying again in {RENEW_S:.0f} s")
 
     def _beat(self) -> None:
         while not self._stop.wait(RENEW_S):

@@ -32,12 +32,15 @@ simulated actors and times.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 EPS = 1e-9
 UNIT_ATTEMPTS = 3   # runs of a unit whose actor was lost with its node
+
+logger = logging.getLogger("adl.scheduler")
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,9 @@ class SchedulingError(RuntimeError):
 
 class Scheduler:
     def __init__(self, units: list[Unit], request_of: Callable[[ModelKey], Request], backend: Backend,
-                 log: Callable[[str], None] = lambda m: None, on_change: Callable[[Unit], None] = lambda u: None):
+                 on_change: Callable[[Unit], None] = lambda u: None):
         self.units = list(units)
-        self.request_of, self.backend, self.log, self.on_change = request_of, backend, log, on_change
+        self.request_of, self.backend, self.on_change = request_of, backend, on_change
         self.cluster = Cluster(backend.nodes())
         self.live: dict[ModelKey, LiveActor] = {}
         self.loads: Counter = Counter()          # ModelKey -> loads
@@ -243,9 +246,9 @@ class Scheduler:
             self.released.add(key)
             self._release_reason[key] = "lost with its node"
             self.decisions.append(("lost", str(key), actor.slot.node_id))
-            self.log(f"{key}: its node {actor.slot.node_id[:12]} left the cluster; "
-                     + (f"running {', '.join(sorted(u.name for u in actor.users))} again on a new actor"
-                        if actor.users else "it will be loaded again where it is needed"))
+            logger.info(f"{key}: its node {actor.slot.node_id[:12]} left the cluster; "
+                        + (f"running {', '.join(sorted(u.name for u in actor.users))} again on a new actor"
+                           if actor.users else "it will be loaded again where it is needed"))
             for unit in actor.users:
                 unit.lost_actor = True
             self.backend.release(key, actor.handle, lost=True)
@@ -286,7 +289,7 @@ class Scheduler:
             if key in self.released:
                 why = self._release_reason.get(key, "released earlier")
                 self.reloads.append((key, why))
-                self.log(f"reloading {key} for {unit.name} (it was {why})")
+                logger.info(f"reloading {key} for {unit.name} (it was {why})")
             self.loads[key] += 1
             self.decisions.append(("create", str(key), unit.name))
             self.live[key] = LiveActor(key, self.backend.create(key, slot), slot)
@@ -344,7 +347,7 @@ class Scheduler:
                 self.live[key].users.discard(unit)
         if error is not None and unit.lost_actor and unit.attempts < UNIT_ATTEMPTS:
             unit.state = "waiting"
-            self.log(f"{unit.name}: its actor was lost with its node ({error}); it will run again")
+            logger.info(f"{unit.name}: its actor was lost with its node ({error}); it will run again")
             return
         unit.state, unit.error = ("failed", error) if error is not None else ("done", None)
         self.on_change(unit)

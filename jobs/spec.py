@@ -18,7 +18,7 @@ import yaml
 
 from common.types import DTYPES, GRADER_KINDS, ModelSource, OfflineGrading, OpenAIGrading
 from storage.layout import slug
-from storage.store import URI, StorageOptions
+from storage.store import LocationError, StorageOptions, location_problem, uri_forms, uri_scheme
 
 
 class SpecError(ValueError):
@@ -325,30 +325,28 @@ _OPTIONAL = {
 }
 
 
-_EXPECTED = {"storage": "a local folder or s3://bucket/prefix",
-             "model": "a hub id, a local folder or s3://bucket/prefix",
+_EXPECTED = {"storage": f"a local folder or {uri_forms()}",
+             "model": f"a hub id, a local folder or {uri_forms()}",
              "folder": "a hub id or a local folder",
              "file": "a local file"}
 
 
 def check_location(value: str | None, where: str, kind: str) -> None:
     """A location names something adl can read or write: kind is "storage" (local folder
-    or s3://bucket/prefix), "model" (hub id, local folder or s3://bucket/prefix), "folder"
-    (hub id or local folder) or "file" (a local file). Any other URI scheme is an error,
-    never a local folder named after it."""
-    if value is None:
-        return
-    m = URI.match(value)
-    if m is None:
-        return
-    if kind in ("storage", "model") and value.startswith("s3://"):
-        if not value[len("s3://"):].split("/", 1)[0]:
-            raise SpecError(f"{where}: {value!r} names no bucket (expected s3://bucket/prefix)")
+    or a storage backend's URI, s3://bucket/prefix), "model" (hub id, local folder or a
+    backend's URI), "folder" (hub id or local folder) or "file" (a local file). Any other
+    URI scheme is an error, never a local folder named after it. Which URIs a backend
+    serves, and what it needs of them, is storage's to say (storage/store.py)."""
+    if value is None or uri_scheme(value) is None:
         return
     if kind in ("folder", "file"):
         raise SpecError(f"{where}: {value!r}: expected {_EXPECTED[kind]}, not a URI")
-    what = "malformed s3:// URI" if m.group(1) == "s3" else f"unsupported URI scheme {m.group(1)}://"
-    raise SpecError(f"{where}: {value!r}: {what} (expected {_EXPECTED[kind]})")
+    try:
+        why = location_problem(value)
+    except LocationError as e:
+        raise SpecError(f"{where}: {value!r}: {e.problem} (expected {_EXPECTED[kind]})") from None
+    if why:
+        raise SpecError(f"{where}: {value!r} {why}")
 
 
 def _name(value: Any, where: str) -> str:
@@ -714,7 +712,7 @@ def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     files and the storage root; for model locations (which may be hub ids) when they start
     with "." or exist there."""
     def path(p: str | None) -> str | None:
-        if p is None or p.startswith("s3://") or Path(p).expanduser().is_absolute():
+        if p is None or uri_scheme(p) is not None or Path(p).expanduser().is_absolute():
             return p
         return str(base_dir / p)
 

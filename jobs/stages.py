@@ -13,6 +13,7 @@ units of the same scheduler (jobs/scheduler.py) with their own functions here.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, difference_ta
 SHARD_ATTEMPTS = 10
 SHARDS_IN_FLIGHT = 2        # one in its forward, one encoding and writing
 REDUCE_IN_FLIGHT = 4        # shards' partial sums read at once per pair (memory)
+
+logger = logging.getLogger("adl.stages")
 
 
 # -- the model actors a stage needs -------------------------------------------------------
@@ -78,7 +81,6 @@ class StageRun:
     spec: JobSpec
     store: Store
     actors: dict[ModelKey, Any]          # the Ray actor handles of the stage's needs
-    log: Callable[[str], None]
     grader: Any = None                   # an LLM grader in the driver (LocalActor); None: offline
     baselines: dict = field(default_factory=dict)   # ModelSource -> baseline GenerationResults
     spend: Callable[[dict], None] | None = None     # a stage's LLM calls and tokens -> the status record
@@ -156,7 +158,7 @@ def reduce_pair(ctx: StageRun) -> None:
     if unlisted:
         from storage.store import IntegrityError
         raise IntegrityError(f"{ctx.store.uri(unlisted[0])}: its set's manifest records no digest for it")
-    ctx.log(f"{pair.pair.name}: reducing {shards} shards")
+    logger.info(f"{pair.pair.name}: reducing {shards} shards")
     # No CPUs asked: model actors may hold every CPU of a small cluster, and these tasks
     # are short reads and sums that must never wait for them.
     remote = ray.remote(num_cpus=0)(_shard_sums)
@@ -171,7 +173,7 @@ def reduce_pair(ctx: StageRun) -> None:
         ready, futures = ray.wait(futures, num_returns=1)
         part, retries = ray.get(ready[0])
         if retries:
-            ctx.log(f"{pair.pair.name}: a reduce task needed {retries} storage retries")
+            logger.info(f"{pair.pair.name}: a reduce task needed {retries} storage retries")
             ctx.store.counted(retries)
         total = part if total is None else total + part
     result = finish(total)
@@ -198,7 +200,7 @@ def logit_lens(ctx: StageRun) -> None:
                ("delta", "base_mean", "finetuned_mean")}
     vectors["neg_delta"] = vectors["delta"]   # negated after the norm, inside the lens
     rows = [(r, v) for r in range(table.num_rows) if positions[r] in spec.method.positions for v in VARIANTS]
-    ctx.log(f"{pair.pair.name}: logit lens on {len(rows)} vectors")
+    logger.info(f"{pair.pair.name}: logit lens on {len(rows)} vectors")
     batch = np.stack([vectors[v][r] for r, v in rows])
     lens = ctx.model("transformers", pair.pair.finetuned)
     ids, tokens, probs = ray.get(lens.lens_top_tokens.remote(pair.pair.base, batch, [v for _, v in rows],
@@ -216,11 +218,11 @@ def baseline_sources(spec: JobSpec, pair: PairPlan) -> list[ModelSource]:
     return list(dict.fromkeys(getattr(pair.pair, role) for role in spec.generation.baseline_models))
 
 
-def run_baselines(spec: JobSpec, source: ModelSource, engine, log) -> list:
+def run_baselines(spec: JobSpec, source: ModelSource, engine) -> list:
     """A model's baseline samples: the same requests for every pair, so generated once."""
     import ray
     _, requests = baseline_requests(spec.generation, source)
-    log(f"{_label(source)}: baseline generations, {len(requests)} prompts x {spec.generation.samples} samples")
+    logger.info(f"{_label(source)}: baseline generations, {len(requests)} prompts x {spec.generation.samples} samples")
     return ray.get(engine.generate.remote(requests))
 
 
@@ -235,14 +237,14 @@ def generate(ctx: StageRun) -> None:
     # The offline grader scores on this engine (an adapter's without it: its base, the
     # reference): one model on the GPUs for the whole search, not two.
     steered = steer(pair.pair.name, spec, difference, engine,
-                    ctx.grader if ctx.grader is not None else engine, ctx.log)
+                    ctx.grader if ctx.grader is not None else engine)
     ctx.store.write_table(ctx.path(layout.GENERATIONS), generations_table(rows + steered.rows),
                           **TABLE_PARQUET_OPTIONS)
     ctx.store.write_table(ctx.path(layout.STEERING), steering_table(steered.steering), **TABLE_PARQUET_OPTIONS)
 
 
 # -- extraction (an activation set's unit) -------------------------------------------------
-def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_shard=None,
+def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, on_shard=None,
             verified: dict | None = None) -> int:
     """Every shard of the set that is not present and verified through its model's actor,
     SHARDS_IN_FLIGHT at a time; then the set's manifest, with every shard's digest.
@@ -255,13 +257,13 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_sh
         check = check_set(store, aset)
         for index, why in sorted(check.problems.items()):
             if why:
-                log(f"{aset.name}: shard {index} {why}; extracting it again")
+                logger.info(f"{aset.name}: shard {index} {why}; extracting it again")
         verified = check.good
     digests = dict(verified)
     todo = deque(i for i in range(docs.num_shards) if i not in digests)
     if todo:
-        log(f"{aset.name}: extracting layers {list(aset.layers)} from {len(docs.doc_ids)} documents "
-            f"({len(todo)} of {docs.num_shards} shards to do)")
+        logger.info(f"{aset.name}: extracting layers {list(aset.layers)} from {len(docs.doc_ids)} documents "
+                    f"({len(todo)} of {docs.num_shards} shards to do)")
     pending, lost = {}, {}     # ObjectRef -> shard index; shard index -> calls lost with the actor
     finished, extracted = docs.num_shards - len(todo), 0
 
@@ -284,7 +286,7 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_sh
             lost[index] = lost.get(index, 0) + 1
             if lost[index] > SHARD_ATTEMPTS:
                 raise
-            log(f"{aset.name}: shard {index} lost with its actor ({type(e).__name__}), retrying")
+            logger.info(f"{aset.name}: shard {index} lost with its actor ({type(e).__name__}), retrying")
             time.sleep(min(2.0 * lost[index], 10.0))   # until Ray restarts the actor
             todo.appendleft(index)
             submit()
@@ -298,9 +300,9 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, log, on_sh
         retries = marker.get("storage_retries", 0)
         if retries:
             store.counted(retries)
-        log(f"{aset.name}: shard {marker['shard']} done ({finished}/{docs.num_shards}, "
-            f"{marker['documents']} documents in {marker['seconds']:.1f} s"
-            + (f", {retries} storage retries" if retries else "") + ")")
+        logger.info(f"{aset.name}: shard {marker['shard']} done ({finished}/{docs.num_shards}, "
+                    f"{marker['documents']} documents in {marker['seconds']:.1f} s"
+                    + (f", {retries} storage retries" if retries else "") + ")")
     store.write_json(layout.manifest(aset.prefix), set_manifest(aset, digests))
     return extracted
 

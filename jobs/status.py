@@ -11,6 +11,7 @@ their manifests, never by this file.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from storage.store import Store
 
 PROGRESS_EVERY_S = 2.0
 STATES = ("pending", "running", "done", "failed")
+
+logger = logging.getLogger("adl.status")
 
 
 def _now() -> str:
@@ -101,8 +104,8 @@ class ActorLedger:
 
 
 class JobStatus:
-    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...], log):
-        self.store, self.log, self.stages = store, log, stages
+    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...]):
+        self.store, self.stages = store, stages
         self.key = layout.run_status(plan.spec.name)
         self.actors = ActorLedger()
         self._lock = threading.Lock()
@@ -142,7 +145,7 @@ class JobStatus:
             elif "_t" in entry:
                 entry["seconds"] = round(time.time() - entry.pop("_t"), 3)
         if state != "running" or error:
-            self.log(f"activations {entry['name']}: {state}" + (f": {error}" if error else ""))
+            logger.info(f"activations {entry['name']}: {state}" + (f": {error}" if error else ""))
         self.write(force=True)
 
     def shards(self, prefix: str, done: int) -> None:
@@ -164,9 +167,9 @@ class JobStatus:
                         stage.update(state="failed", error=error)
         self.write(force=True)
         counts = self.record["counts"]
-        self.log(f"pair {name}: {state}" + (f": {error}" if error else "")
-                 + f"  [{counts['done']}/{counts['pairs']} pairs done, {counts['failed']} failed, "
-                   f"{counts['running']} running]")
+        logger.info(f"pair {name}: {state}" + (f": {error}" if error else "")
+                    + f"  [{counts['done']}/{counts['pairs']} pairs done, {counts['failed']} failed, "
+                      f"{counts['running']} running]")
 
     def stage_skipped(self, pair: str, stage: str) -> None:
         """A stage of an unfinished pair whose tables an earlier run wrote."""

@@ -12,6 +12,7 @@ its own request with its own seed (jobs/seeds.py).
 from __future__ import annotations
 
 import importlib.resources
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from jobs.seeds import baseline_identity, sample_seed, search_identity, steered_identity
 from jobs.spec import Generation, JobSpec, ModelSource
 from workers.vectors import unit_scaled
+
+logger = logging.getLogger("adl.steering")
 
 
 def steering_prompts(gen: Generation) -> list[str]:
@@ -144,7 +147,7 @@ def steered_samples(pair: str, gen: Generation, keys) -> list[tuple[tuple[int, i
             for key in keys for i in range(len(steering_prompts(gen))) for k in range(gen.samples)]
 
 
-def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> PairGenerations:
+def steer(pair_name: str, spec: JobSpec, difference, engine, grader) -> PairGenerations:
     """The strength search and the final steered samples for one pair.
 
     difference: the pair's difference table (pandas); engine and grader: Ray actor handles.
@@ -167,7 +170,7 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
                 requests.append(GenerationRequest(search.prompts[s.prompt_id], n=1, temperature=search.temperature,
                                                   max_tokens=search.max_tokens, seed=seed, steering=steering))
                 owners.append(t)
-        log(f"{pair_name}: steering search, {len(batch)} strengths x {search.samples} samples")
+        logger.info(f"{pair_name}: steering search, {len(batch)} strengths x {search.samples} samples")
         results = ray.get(engine.generate.remote(requests))
         judgements = ray.get(grader.coherence.remote([r.text for r in results]))
         if judgements and not any(j.ok for j in judgements):
@@ -194,8 +197,8 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader, log) -> Pai
                       "alpha": alphas[(s.layer, s.position)], "trials": s.trials} for s in states]
 
     requests = steered_requests(pair_name, gen, vectors, alphas)
-    log(f"{pair_name}: steered generations, {len(vectors) * len(steering_prompts(gen))} prompts x "
-        f"{gen.samples} samples")
+    logger.info(f"{pair_name}: steered generations, {len(vectors) * len(steering_prompts(gen))} prompts x "
+                f"{gen.samples} samples")
     results = ray.get(engine.generate.remote(requests))
     return PairGenerations(steered_rows(pair_name, gen, vectors, alphas, results), steering_rows)
 

@@ -8,18 +8,20 @@ depend on its views.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 from common.errors import one_line
 from storage.store import Store
 
+logger = logging.getLogger("adl.views")
 _lock = threading.Lock()   # one rewrite at a time per process (pairs end in the scheduler's loop)
 
 
 VIEWS = ("catalog", "pair similarity", "report")
 
 
-def publish(store: Store, record_key: str, log, views: tuple[str, ...] = VIEWS) -> str | None:
+def publish(store: Store, record_key: str, views: tuple[str, ...] = VIEWS) -> str | None:
     """Rewrites the job's views (all, or those named); returns the catalog's key (None if
     it was not written)."""
     from jobs.catalog import write_catalog
@@ -37,5 +39,5 @@ def publish(store: Store, record_key: str, log, views: tuple[str, ...] = VIEWS) 
                 if name == "catalog":
                     catalog = out
             except Exception as e:   # a view is never worth failing the job for
-                log(f"{name}: not rewritten: {one_line(e)}")
+                logger.info(f"{name}: not rewritten: {one_line(e)}")
     return catalog

@@ -3,6 +3,10 @@
 `Store.from_uri(uri, StorageOptions(...))` picks the backend by the URI's scheme
 (`BACKENDS`; no scheme: `LocalBackend`); a backend holds what differs (the pyarrow
 filesystem, retries, the root's check, atomic and exclusive writes), the Store the rest.
+The scheme's recognition is here alone: `storage_kind` says which backend serves a
+location ("local", "s3"; a LocationError for any other URI), `location_problem` why its
+backend refuses it, `uri_forms` what the backends' URIs look like; the spec's checks and
+the model loader (workers/models.py) ask these, so a new backend touches storage/ only.
 
 Every write is atomic: a reader sees a whole object or none. Locally that is a write
 to a temporary sibling and a rename; on S3 the object is uploaded in one piece from
@@ -17,8 +21,8 @@ the object and what differs). `create_exclusive` writes an object only if none e
 
 On S3 every request that fails transiently (5xx, SlowDown, a dropped or stalled
 connection) is retried here, up to STORAGE_ATTEMPTS times with exponential back-off and
-bounded timeouts; each retry is counted (`retries`) and, where the store has a `log`,
-logged. pyarrow's and boto3's own retries are off or counted, so every retry shows.
+bounded timeouts; each retry is counted (`retries`) and logged (the `adl.storage` logger,
+at INFO). pyarrow's and boto3's own retries are off or counted, so every retry shows.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -42,12 +47,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from common.errors import one_line
+logger = logging.getLogger("adl.storage")
 
 
 class StorageError(RuntimeError):
     """A storage problem worth one line to the user (unreachable endpoint, missing bucket,
     a file that is not what it should be)."""
+
+
+def _reason(e: BaseException) -> str:
+    """What pyarrow, boto3 or the OS said, for a message of ours: the first line (pyarrow
+    may go on with a schema dump), or the type's name where it said nothing. These are
+    errors raised here, in-process, by libraries: never a Ray wrapper or a remote
+    traceback, which common/errors.py one_line (what the job shows them through, masked)
+    unwraps; storage imports nothing of ours."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # A URI-shaped location: a scheme, a colon and a slash. Only s3:// is storage; anything
@@ -135,7 +149,6 @@ class Store:
         self._base = self.backend.base(self.root)
         self._fs: pafs.FileSystem | None = None
         self._client = None
-        self.log = None            # where retries are reported (the driver sets it); None: counted only
         self.retries = 0           # requests retried through this store
         self.written: dict | None = None   # key -> digest of every write, in a session(record=True)
         self._counter = threading.Lock()
@@ -152,7 +165,7 @@ class Store:
         return (Store, (self.root, self.options))
 
     def session(self, record: bool = False) -> "Store":
-        """The same store (sharing its connection and log) with its own retry count and,
+        """The same store (sharing its connection) with its own retry count and,
         with record, a record of what it writes (`written`: key -> digest)."""
         other = copy.copy(self)
         other._fs = self.fs
@@ -182,8 +195,7 @@ class Store:
 
     def _count(self, n: int, what: str, key: str, why: str) -> None:
         total = self.counted(n)
-        if self.log is not None:
-            self.log(f"storage: {what} {self.uri(key)}: {why} [{total} storage retries so far]")
+        logger.info(f"storage: {what} {self.uri(key)}: {why} [{total} storage retries so far]")
 
     def _retrying(self, what: str, key: str, fn, refused_is_transient: bool = True):
         return self.backend.retrying(self, what, key, fn, refused_is_transient)
@@ -209,7 +221,7 @@ class Store:
             raise
         except OSError as e:
             where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
-            raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {one_line(e, typed=False)}") from None
+            raise StorageError(f"storage.root: cannot reach {self.uri()}{where}: {_reason(e)}") from None
 
     # -- reading ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -278,7 +290,7 @@ class Store:
             if NOT_PARQUET in str(e):
                 raise StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or "
                                    f"another format)") from None
-            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {one_line(e, typed=False)}") from None
+            raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {_reason(e)}") from None
 
     def _infos(self, prefix: str):
         sel = pafs.FileSelector(self._path(prefix), recursive=True, allow_not_found=True)
@@ -364,6 +376,10 @@ class LocalBackend:
     rereads = False   # a mismatch read again is the same bytes
 
     @staticmethod
+    def problem(root: str) -> str | None:
+        return None
+
+    @staticmethod
     def base(root: str) -> str:
         return str(Path(os.path.expanduser(root)).resolve())
 
@@ -420,12 +436,21 @@ class S3Backend:
     (one attempt per call: the retries are `retrying`'s, counted and logged), boto3 for
     the conditional PUT pyarrow cannot make."""
     prefix = "s3://"
+    form = "s3://bucket/prefix"   # what a root looks like, for messages
     rereads = True    # a transfer can break too: a mismatch is read once more before it counts
 
     @staticmethod
-    def base(root: str) -> str:
+    def problem(root: str) -> str | None:
+        """Why root is no S3 root, without naming it (None: it is one)."""
         if not root[len("s3://"):].split("/", 1)[0]:
-            raise StorageError(f"{root}: names no bucket (expected s3://bucket/prefix)")
+            return f"names no bucket (expected {S3Backend.form})"
+        return None
+
+    @staticmethod
+    def base(root: str) -> str:
+        why = S3Backend.problem(root)
+        if why:
+            raise StorageError(f"{root}: {why}")
         return root[len("s3://"):].strip("/")
 
     @staticmethod
@@ -458,7 +483,7 @@ class S3Backend:
                     raise
                 delay = min(BACKOFF_BASE_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * (0.5 + 0.5 * random.random())
                 store._count(1, what, key, f"attempt {attempt} of {STORAGE_ATTEMPTS} failed "
-                                           f"({one_line(e, typed=False)}); retrying in {delay:.1f} s")
+                                           f"({_reason(e)}); retrying in {delay:.1f} s")
                 time.sleep(delay)
 
     @staticmethod
@@ -497,13 +522,13 @@ class S3Backend:
             meta = response.get("ResponseMetadata", {})
             created = True
         except BotoCoreError as e:   # the endpoint did not answer, after boto3's retries
-            raise StorageError(f"{store.uri(key)}: cannot create: {one_line(e, typed=False)}") from None
+            raise StorageError(f"{store.uri(key)}: cannot create: {_reason(e)}") from None
         except ClientError as e:
             meta = e.response.get("ResponseMetadata", {})
             code = str(e.response.get("Error", {}).get("Code", ""))
             if meta.get("HTTPStatusCode") not in (409, 412) and code not in (
                     "PreconditionFailed", "ConditionalRequestConflict"):
-                raise StorageError(f"{store.uri(key)}: cannot create: {one_line(e, typed=False)}") from None
+                raise StorageError(f"{store.uri(key)}: cannot create: {_reason(e)}") from None
             created = False
         if meta.get("RetryAttempts"):
             store._count(meta["RetryAttempts"], "creating", key,
@@ -515,14 +540,50 @@ class S3Backend:
 BACKENDS = {"s3": S3Backend}
 
 
+def uri_forms() -> str:
+    """What the backends' roots look like, for messages: "s3://bucket/prefix"."""
+    return " or ".join(backend.form for backend in BACKENDS.values())
+
+
+class LocationError(StorageError):
+    """A URI no backend serves: of another scheme ("gs://bucket/x") or malformed
+    ("s3:/bucket"). `problem` says which without naming the location, for callers that
+    name it their own way (the spec's checks)."""
+
+    def __init__(self, location: str, scheme: str, served: bool):
+        self.location, self.scheme = location, scheme
+        self.problem = f"malformed {scheme}:// URI" if served else f"unsupported URI scheme {scheme}://"
+        super().__init__(f"{location}: unsupported URI scheme {scheme}:// (expected a local folder or {uri_forms()})")
+
+
+def uri_scheme(location: str) -> str | None:
+    """The scheme of a URI-shaped location (a scheme, a colon and a slash: "s3" for
+    s3://bucket/x and for the typo s3:/bucket, "gs" for gs://bucket/x); None for a path."""
+    m = URI.match(location)
+    return m.group(1) if m else None
+
+
+def storage_kind(location: str) -> str:
+    """Which backend serves a location: "local" for a path (no URI scheme), else the
+    name of its backend in BACKENDS ("s3"). Any other URI, or a malformed one
+    ("s3:/bucket"), is a LocationError, never a folder named after it."""
+    scheme = uri_scheme(location)
+    if scheme is None:
+        return "local"
+    backend = BACKENDS.get(scheme)
+    if backend is None or not location.startswith(backend.prefix):
+        raise LocationError(location, scheme, served=backend is not None)
+    return scheme
+
+
 def backend_of(uri: str):
-    """The backend of a root by its URI scheme; no scheme: a local folder. An unknown
-    scheme (or a malformed URI, such as "s3:/bucket") is a StorageError, never a folder."""
-    m = URI.match(uri)
-    if m is None:
-        return LocalBackend
-    backend = BACKENDS.get(m.group(1))
-    if backend is None or not uri.startswith(backend.prefix):
-        raise StorageError(f"{uri}: unsupported URI scheme {m.group(1)}:// "
-                           f"(expected a local folder or s3://bucket/prefix)")
-    return backend
+    """The backend of a root by its URI scheme (storage_kind)."""
+    kind = storage_kind(uri)
+    return LocalBackend if kind == "local" else BACKENDS[kind]
+
+
+def location_problem(location: str) -> str | None:
+    """Why a location's backend refuses it as a root, without naming it ("names no
+    bucket (expected s3://bucket/prefix)"); None where it takes it. LocationError for a
+    URI no backend serves."""
+    return backend_of(location).problem(location)

@@ -448,7 +448,7 @@ def test_without_a_description_the_agents_run_and_grading_is_skipped(server):
     state = server.respond(lambda body: chat_reply('FINAL(description: "about volcanoes")'))
     settings = _settings(server.url, budgets=[], baseline_budgets=[1], runs=2)
     agents = PairAgents("p", settings, {"blackbox": "examples"}, {"blackbox": [ask_model_tool(StubModels())]},
-                        None, None, log=lambda line: None)
+                        None, None)
     records = agents.run_all(runs_of(settings))
     assert [r["status"] for r in records] == ["done", "done"] and len(state.seen) == 2
     assert all(r["grading"]["status"] == "skipped" and r["grading"]["reason"] ==
@@ -462,7 +462,7 @@ def test_an_unreachable_endpoint_leaves_runs_incomplete_not_failed():
         port = s.getsockname()[1]
     settings = _settings(f"http://127.0.0.1:{port}/v1", budgets=[], baseline_budgets=[0], runs=1)
     agents = PairAgents("p", settings, {"blackbox": "examples"}, {"blackbox": [ask_model_tool(StubModels())]},
-                        "desc", None, log=lambda line: None)
+                        "desc", None)
     [record] = agents.run_all(runs_of(settings))
     assert record["status"] == "incomplete" and record["reason"].startswith("agent endpoint: APIConnectionError")
 
@@ -471,7 +471,7 @@ def test_a_pairs_runs_keep_concurrency_requests_in_flight(server):
     state = server.respond(lambda body: chat_reply('FINAL(description: "x")', delay=0.3))
     settings = _settings(server.url, budgets=[], baseline_budgets=[0], runs=9, concurrency=3,
                          grader={"repeats": 1})
-    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": []}, None, None, log=lambda line: None)
+    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": []}, None, None)
     agents.run_all(runs_of(settings))
     assert len(state.seen) == 9 and state.max_in_flight == 3
 
@@ -578,7 +578,7 @@ def test_refused_and_failing_requests(server):
     """HTTP 400 (e.g. a conversation too long for the model) fails the run; a 5xx after
     the client's retries leaves it incomplete, for a rerun to redo."""
     settings = _settings(server.url, budgets=[], baseline_budgets=[0], runs=1)
-    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": []}, None, None, log=lambda line: None)
+    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": []}, None, None)
     server.respond(lambda body: Reply(status=400, body=b'{"error": {"message": "context length exceeded"}}'))
     [record] = agents.run_all(runs_of(settings))
     assert record["status"] == "failed" and "refused" in record["reason"] and "context length" in record["reason"]
@@ -604,8 +604,7 @@ def test_a_prompt_the_engine_rejects_is_a_tool_error_and_a_dead_engine_is_not(ra
     replies = iter(['CALL(ask_model: {"prompts": ["a very long prompt"]})', 'FINAL(description: "x")'])
     server.respond(lambda body: chat_reply(next(replies)))
     settings = _settings(server.url, budgets=[], baseline_budgets=[3], runs=1)
-    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": [ask_model_tool(models)]}, None, None,
-                        log=lambda line: None)
+    agents = PairAgents("p", settings, {"blackbox": "e"}, {"blackbox": [ask_model_tool(models)]}, None, None)
     [record] = agents.run_all(runs_of(settings))
     assert record["status"] == "done" and record["interactions_used"] == 0
     assert record["turns"][0]["outcome"] == "tool_error"

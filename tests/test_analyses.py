@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jobs import analyses
-from jobs.driver import log
 from jobs.plan import make_plan
 from jobs.spec import PATCHSCOPE_PROMPTS, PATCHSCOPE_SCALES, parse_spec
 from storage import layout
@@ -212,7 +211,7 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
     target = list(first_list.token)   # in rotation 1 of this list, target[0] is never labelled
     chat_server.respond(respond)
     grader = LocalActor(GraderService(make_grader(spec.grader)))   # as the driver makes it
-    analyses.token_relevance(StageRun(plan, spec, store, {}, log, grader))
+    analyses.token_relevance(StageRun(plan, spec, store, {}, grader))
 
     record = store.read_json(f"{plan.out_dir}/{layout.TOKEN_RELEVANCE_JSON}")
     assert record["status"] == "done" and record["reason"] is None
@@ -287,7 +286,7 @@ def test_finished_stages_are_skipped(generation_run):
     from jobs.driver import job_units
     spec, store, pair0, _ = generation_run
     [plan] = make_plan(spec).pairs
-    units, complete = job_units(spec, [plan], store, log)
+    units, complete = job_units(spec, [plan], store)
     assert units == [] and complete[plan.pair.name] == [
         "reduce", "logit_lens", "generate", "patchscope", "token_relevance", "similarity"]
 

@@ -274,6 +274,25 @@ def test_root_uri_without_bucket_or_of_another_scheme(tmp_path, make_spec, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]   # no ./gs:/bucket/x
 
 
+@pytest.mark.parametrize("location, kind", [("/data/adl", "local"), ("results/adl", "local"), ("s3://b/p", "s3"),
+                                            ("s3://", "s3")])
+def test_storage_says_which_backend_serves_a_location(location, kind):
+    """One home for URI schemes (storage/store.py): the spec's checks and the model loader ask it."""
+    from storage.store import storage_kind
+    assert storage_kind(location) == kind
+
+
+@pytest.mark.parametrize("location, problem", [("s3:/b/p", "malformed s3:// URI"),
+                                               ("gs://b/p", "unsupported URI scheme gs://")])
+def test_storage_refuses_a_uri_no_backend_serves(location, problem):
+    from storage.store import LocationError, Store, storage_kind
+    with pytest.raises(LocationError) as e:
+        storage_kind(location)
+    assert e.value.problem == problem
+    with pytest.raises(LocationError, match="unsupported URI scheme"):
+        Store.from_uri(location)
+
+
 def test_unknown_scheme_in_demo_root(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert fails(["demo", "--root", "gs://bucket/x"], capsys) == (

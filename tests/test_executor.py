@@ -191,7 +191,7 @@ def test_the_simulation_runs_the_schedulers_decisions_on_a_real_ray(ray_cluster,
     """Two pairs sharing a base, one an adapter, on two actor slots: the real job's
     scheduler and the same code on simulated actors create the same actors for the same
     work, and hold as many at once."""
-    from jobs.driver import RunStats, job_units, log, run_job
+    from jobs.driver import RunStats, job_units, run_job
     from jobs.executor import ActorRequests
     from jobs.plan import make_plan
     from jobs.spec import parse_spec
@@ -200,7 +200,7 @@ def test_the_simulation_runs_the_schedulers_decisions_on_a_real_ray(ray_cluster,
     raw["pairs"].append({"name": "lora", "base": str(demo_pair.base_dir), "finetuned": {"adapter": str(lora_adapter)}})
     spec = parse_spec(raw)
     plan = make_plan(spec)
-    units, _ = job_units(spec, list(plan.pairs), Store(str(tmp_path / "empty")), log)
+    units, _ = job_units(spec, list(plan.pairs), Store(str(tmp_path / "empty")))
     simulated = Watched([NodeResources("node", 2.0, 0)])   # what ray_cluster offers: 2 CPUs
     sim = Scheduler(units, ActorRequests(plan), simulated)
     sim.run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 import shutil
 import socket
@@ -134,7 +135,6 @@ def test_the_reducer_and_the_stages_check_what_they_read(reference, make_spec, t
     """Damage that appears after the rerun's checks still never reaches a result: the
     reducer checks each shard against its set's manifest, a stage each table against the
     marker of the stage that wrote it."""
-    from jobs.driver import log
     from jobs.stages import StageRun
     from workers.reduce import shard_sums
     ref_root, _, _ = reference
@@ -152,7 +152,7 @@ def test_the_reducer_and_the_stages_check_what_they_read(reference, make_spec, t
         sums(1)
     assert sums(0).count.min() == 100   # the others still read
 
-    ctx = StageRun(plan, parse_spec(make_spec(root)), store, {}, log)
+    ctx = StageRun(plan, parse_spec(make_spec(root)), store, {})
     assert ctx.read_table(layout.DIFFERENCE).equals(store.read_table(f"{plan.out_dir}/{layout.DIFFERENCE}"))
     flip(pair_path(root, layout.DIFFERENCE), count=8)
     with pytest.raises(IntegrityError, match=r"difference.parquet: crc32"):
@@ -271,14 +271,13 @@ class FaultProxy:
         return sum(1 for fault, _, _ in self.faults if fault != "stall")
 
 
-def test_every_storage_operation_survives_the_proxy(s3_endpoint, s3_bucket):
+def test_every_storage_operation_survives_the_proxy(s3_endpoint, s3_bucket, caplog):
     """Store's S3 operations through the proxy (every second request failing): each
     succeeds, and each retry is counted and logged (a failed request the SDK works
     around by itself, such as a HEAD before a DELETE, needs none)."""
-    lines = []
-    with FaultProxy(s3_endpoint, every=2, stall_s=0.2) as proxy:
+    with caplog.at_level(logging.INFO, logger="adl.storage"), \
+            FaultProxy(s3_endpoint, every=2, stall_s=0.2) as proxy:
         store = Store.from_uri(f"s3://{s3_bucket}/ops", StorageOptions(proxy.url, "us-east-1"))
-        store.log = lines.append
         store.check()
         payload = bytes(range(256)) * 400
         digests = [store.write_bytes(f"k{i}", payload) for i in range(4)]
@@ -292,6 +291,7 @@ def test_every_storage_operation_survives_the_proxy(s3_endpoint, s3_bucket):
         assert not store.exists("k0") and store.read_bytes("lease") == b"mine"
     assert {fault for fault, _, _ in proxy.faults} == set(FAULTS)
     assert 0 < store.retries <= proxy.errors()
+    lines = [r.getMessage() for r in caplog.records if r.name == "adl.storage"]
     assert all(line.startswith("storage: ") for line in lines) and any("retrying in" in line for line in lines)
     assert lines[-1].endswith(f"[{store.retries} storage retries so far]")
 
@@ -375,7 +375,7 @@ def plant(store: Store, prefix: str, generation: int, **lease) -> None:
 
 
 def test_of_runs_claiming_at_once_exactly_one_wins(lease_store):
-    runs = [Leases(lease_store, "job", lambda m: None) for _ in range(6)]
+    runs = [Leases(lease_store, "job") for _ in range(6)]
     barrier = threading.Barrier(len(runs))
     won = []
 
@@ -399,7 +399,7 @@ def test_of_runs_claiming_at_once_exactly_one_wins(lease_store):
 def test_a_lease_whose_holder_died_is_taken_over(lease_store):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    me = Leases(lease_store, "job", lambda m: None)
+    me = Leases(lease_store, "job")
     plant(lease_store, "pairs/expired", 0, expires=time.time() - 1)              # not renewed in time
     plant(lease_store, "pairs/dead", 3, host=socket.gethostname(), pid=dead.pid)  # its process is gone
     plant(lease_store, "pairs/live", 0)                                          # another host, renewed
@@ -412,15 +412,16 @@ def test_a_lease_whose_holder_died_is_taken_over(lease_store):
     assert mine["owner"] == me.owner and mine["expires"] > time.time() + 60
 
 
-def test_a_waiting_run_goes_on_when_the_holder_is_done_and_a_lease_is_kept_alive(lease_store):
+def test_a_waiting_run_goes_on_when_the_holder_is_done_and_a_lease_is_kept_alive(lease_store, caplog):
     from jobs import leases as leases_module
-    lines = []
-    me = Leases(lease_store, "job", lines.append)
+    caplog.set_level(logging.INFO, logger="adl.leases")
+    lines = lambda: [r.getMessage() for r in caplog.records if r.name == "adl.leases"]
+    me = Leases(lease_store, "job")
     plant(lease_store, "pairs/busy", 0, expires=time.time() + 1.5)
     start = time.time()
     me.wait(["pairs/busy"])
     assert 1.0 < time.time() - start < 10
-    assert any("pairs/busy: being worked on by another run (job 'other', host elsewhere" in line for line in lines)
+    assert any("pairs/busy: being worked on by another run (job 'other', host elsewhere" in line for line in lines())
     assert me.claim("pairs/busy")
     key = f"{layout.lease('pairs/busy')}/00000001.json"
     first = lease_store.read_json(key)["expires"]
@@ -429,7 +430,7 @@ def test_a_waiting_run_goes_on_when_the_holder_is_done_and_a_lease_is_kept_alive
     assert lease_store.read_json(key)["expires"] > first
     plant(lease_store, "pairs/busy", 2)   # someone took it over (this run's heartbeat was late)
     me.renew()
-    assert any("lost its lease" in line for line in lines)
+    assert any("lost its lease" in line for line in lines())
     assert leases_module.TTL_S > 4 * leases_module.RENEW_S
 
 

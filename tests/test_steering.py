@@ -227,7 +227,7 @@ def test_steer_gives_every_search_and_steered_sample_its_own_seed(ray_cluster, m
     difference = pd.DataFrame([{"layer": 0, "position": p, "delta": rng.standard_normal(8), "finetuned_norm": 1.0}
                                for p in range(3)])   # position 2 is not analysed
     engine = FakeEngine()
-    out = steer("demo", spec, difference, engine, FakeGrader(engine), lambda message: None)
+    out = steer("demo", spec, difference, engine, FakeGrader(engine))
     requests = [r for batch in engine.batches for r in batch]
     assert all(r.n == 1 for r in requests)
     assert len({r.seed for r in requests}) == len(requests)             # no two samples share a stream

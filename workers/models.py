@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.errors import one_line
 from common.types import ModelSource
-from storage.store import StorageOptions, Store
+from storage.store import LocationError, StorageOptions, Store, storage_kind
 
 
 
@@ -24,8 +24,15 @@ def cache_dir() -> Path:
 
 
 def location_kind(location: str) -> str:
-    if location.startswith("s3://"):
-        return "s3"
+    """"local" (a folder here), the name of the storage backend that serves it ("s3": a
+    prefix there; storage/store.py storage_kind), "hub" (a hub id) or "missing" (path-like,
+    and no folder here)."""
+    try:
+        backend = storage_kind(location)
+    except LocationError:   # a URI no backend serves: the spec refuses these, an adapter's config may name one
+        backend = None
+    if backend not in (None, "local"):
+        return backend
     if Path(location).expanduser().is_dir():
         return "local"
     # A hub id is "name" or "org/name"; anything path-like that is not a folder is missing.
@@ -34,10 +41,20 @@ def location_kind(location: str) -> str:
     return "hub"
 
 
+def _remote(kind: str) -> bool:
+    """A location_kind that a storage backend serves (s3), not a folder here or a hub id."""
+    return kind not in ("local", "hub", "missing")
+
+
+def _is_folder(kind: str) -> bool:
+    """A location_kind whose files a Store reads: a folder here or a remote prefix."""
+    return kind not in ("hub", "missing")
+
+
 def _folder(location: str, storage: StorageOptions) -> Store:
     """A local or S3 model folder as a Store (its files by relative key)."""
-    return Store.from_uri(location if location.startswith("s3://") else str(Path(location).expanduser().resolve()),
-                          storage)
+    local = not _remote(location_kind(location))
+    return Store.from_uri(str(Path(location).expanduser().resolve()) if local else location, storage)
 
 
 def location_identity(location: str, revision: str | None, storage: StorageOptions) -> dict:
@@ -59,8 +76,9 @@ def location_identity(location: str, revision: str | None, storage: StorageOptio
 def materialize(location: str, storage: StorageOptions) -> str:
     """Something from_pretrained accepts: local folders and hub ids as they are, S3
     prefixes downloaded once into the local cache (keyed by their listing)."""
-    if location_kind(location) != "s3":
-        return str(Path(location).expanduser()) if location_kind(location) == "local" else location
+    kind = location_kind(location)
+    if not _remote(kind):
+        return str(Path(location).expanduser()) if kind == "local" else location
     ident = location_identity(location, None, storage)
     dest = cache_dir() / "models" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
     if not dest.is_dir():
@@ -74,7 +92,7 @@ def read_config(source: ModelSource, storage: StorageOptions, trust_remote_code:
     try:
         if kind == "missing":
             raise ModelError(f"{source.model}: no such model folder")
-        if kind in ("local", "s3"):
+        if _is_folder(kind):
             store = _folder(source.model, storage)
             if not store.exists("config.json"):
                 raise ModelError(f"{source.model}: no config.json (not a transformers model folder)")
@@ -110,7 +128,7 @@ def _weight_files(location: str, storage: StorageOptions) -> list[str]:
 def check_weights(location: str, storage: StorageOptions) -> None:
     """A local or S3 model folder holds weights (*.safetensors, *.bin or an index file)
     beside its config; hub ids are not checked (that would need the network)."""
-    if location_kind(location) in ("local", "s3") and not _weight_files(location, storage):
+    if _is_folder(location_kind(location)) and not _weight_files(location, storage):
         raise ModelError(f"{location}: no model weights (*.safetensors, *.bin or an index file)")
 
 
@@ -185,7 +203,7 @@ def adapter_base_mismatch(adapter_config: dict, base: str) -> tuple[str, str] | 
     if not isinstance(recorded, str) or not recorded.strip():
         return None
     kinds = location_kind(recorded), location_kind(base)
-    if kinds == ("s3", "s3"):
+    if kinds[0] == kinds[1] and _remote(kinds[0]):
         return None if recorded.rstrip("/") == base.rstrip("/") else (recorded, "")
     if kinds == ("hub", "hub"):
         return None if recorded.lower() == base.lower() else (recorded, "")
