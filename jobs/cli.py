@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from common.errors import one_line
 from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.project import ProjectError
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(inspect(args.path, StorageOptions(args.endpoint_url, args.region)))
         return 0
     except INPUT_ERRORS as e:
-        print(f"adl: error: {e}", file=sys.stderr)
+        # Masked here, at the edge: storage's messages may quote an endpoint with its key.
+        print(f"adl: error: {one_line(e, typed=False)}", file=sys.stderr)
         return 2
 
 
