@@ -30,8 +30,8 @@ from jobs.spec import JobSpec, ModelSource
 from jobs.steering import baseline_requests, baseline_rows, steer
 from storage import layout
 from storage.store import Store
-from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, difference_table, generations_table,
-                            logit_lens_table, steering_table)
+from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, difference_safetensors, difference_table,
+                            generations_table, logit_lens_table, steering_table)
 
 # A shard whose actor's node died is resubmitted: until Ray notices the death (its health
 # checks take tens of seconds), calls fail fast as "temporarily unavailable".
@@ -147,7 +147,6 @@ def _shard_sums(store: Store, *args, **kwargs):
 
 def reduce_pair(ctx: StageRun) -> None:
     import ray
-    from safetensors.numpy import save as save_safetensors
     from workers.reduce import finish
     pair, spec = ctx.pair, ctx.spec
     shards = pair.base.documents.num_shards
@@ -185,7 +184,7 @@ def reduce_pair(ctx: StageRun) -> None:
                for name in ("delta", "base_mean", "finetuned_mean", "finetuned_norm")}
     tensors["layers"] = np.asarray(pair.layers, dtype=np.int64)
     ctx.store.write_bytes(ctx.path(layout.DIFFERENCE_SAFETENSORS),
-                          save_safetensors(tensors, metadata={k.removeprefix("adl."): v for k, v in meta.items()}))
+                          difference_safetensors(tensors, {k.removeprefix("adl."): v for k, v in meta.items()}))
 
 
 # -- the logit lens -------------------------------------------------------------------------

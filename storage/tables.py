@@ -129,6 +129,23 @@ LOGIT_LENS_SCHEMA = pa.schema([
 ])
 
 
+def difference_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The difference's vectors as a safetensors file, the same bytes on every run:
+    safetensors writes its metadata in a hash map's order, which changes from process to
+    process, so the header is written again with the metadata sorted (same tensors, same
+    offsets: only the header's order changes)."""
+    import json
+
+    from safetensors.numpy import save
+    blob = save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # the data stays 8-byte aligned, as safetensors keeps it
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
+
+
 def logit_lens_table(rows: dict[str, list]) -> pa.Table:
     return pa.Table.from_pydict(rows, schema=LOGIT_LENS_SCHEMA).replace_schema_metadata(
         _metadata("logit_lens"))
