@@ -31,7 +31,7 @@ from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
 from jobs.status import JobStatus
-from jobs.views import publish
+from jobs.views import Publisher, publish
 from storage import layout
 from storage.store import Store
 
@@ -305,6 +305,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     private = False
     backend = None
     leases = Leases(store, spec.name)
+    publisher = Publisher(store, key)   # rewrites the views as pairs end, off the scheduler's loop
     try:
         _stop_on_sigterm()   # a run waiting for another's work stops cleanly too
         with leases:
@@ -325,8 +326,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                     _stop_on_sigterm()
                     backend = RayBackend(plan, store, status, stats, grader=_llm_grader(spec), verified=verified)
                     scheduler = Scheduler(units, backend.requests, backend,
-                                          _on_change(plan, units, store, status, stats, leases,
-                                                     lambda: publish(store, key)))
+                                          _on_change(plan, units, store, status, stats, leases, publisher.request))
                     try:
                         scheduler.run()
                     finally:
@@ -349,6 +349,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         if backend is not None:
             backend.kill_all()
         status.finish(error="interrupted" if interrupted else one_line(e))
+        publisher.close()
         publish(store, key)
         if interrupted:
             done = sum(p["state"] == "done" for p in status.record["pairs"].values())
@@ -358,6 +359,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         if private:
             _stop_private_ray()
         raise
+    publisher.close()
     status.catalog = publish(store, key, views=("catalog", "pair similarity"))
     status.finish()
     if pending or not store.exists(layout.report(key)):
@@ -386,9 +388,9 @@ def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, s
                leases: Leases | None = None, pair_ended=lambda: None):
     """A pair's state follows its units: running with the first, failed with the first
     failure, done (its manifest written) when the last is done; when a pair is done or
-    failed, pair_ended() rewrites the job's views (jobs/views.py). Leases go back as soon
-    as their work has ended: an activation set's with its extraction, a pair's with the
-    last of its units."""
+    failed, pair_ended() asks for the job's views to be rewritten (jobs/views.py).
+    Leases go back as soon as their work has ended: an activation set's with its
+    extraction, a pair's with the last of its units."""
     pairs = {p.pair.name: p for p in plan.pairs}
     by_pair: dict[str, list[Unit]] = {}
     for u in units:

@@ -144,6 +144,34 @@ def test_pair_similarity_of_a_pair_with_itself_is_one(five_pairs):
     assert b"pair_similarity" == table.schema.metadata[b"adl.table"]
 
 
+def test_the_publisher_rewrites_off_the_callers_thread_coalesced_and_closes_at_once(monkeypatch):
+    """Pairs ending in a burst cost one rewrite after the first, not one each; asking never
+    waits for a rewrite; close() does not sit out the interval."""
+    from jobs import views
+    calls = []
+
+    def slow_publish(store, key):
+        calls.append(time.monotonic())
+        time.sleep(0.3)
+
+    monkeypatch.setattr(views, "publish", slow_publish)
+    publisher = views.Publisher(None, "runs/x/run.json", min_interval_s=1.0)
+    waited = []
+    for _ in range(10):   # within 0.5 s: all before the second rewrite may start (1.3 s)
+        asked = time.monotonic()
+        publisher.request()
+        waited.append(time.monotonic() - asked)
+        time.sleep(0.05)
+    assert max(waited) < 0.1, waited        # none waited for the rewrite under way
+    time.sleep(2.5)
+    assert len(calls) == 2, calls            # the first at once, the other 9 together after
+    assert calls[1] - calls[0] >= 1.0
+    publisher.request()
+    closing = time.monotonic()
+    publisher.close()
+    assert time.monotonic() - closing < 0.5 and len(calls) == 2
+
+
 def test_bad_report_paths_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs/nojob/status.json")]) == 2
     err = capsys.readouterr().err
