@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.demo_pair import (DEMO_VERSION, _token_windows, _train, build_demo_pair, cached_build,
-                               default_cache_dir, generic_documents)
+from workers.demo_pair import (DEMO_VERSION, build_demo_pair, cached_build, default_cache_dir, generic_documents,
+                               token_windows, train)
 
 ARCH_VERSION = "1"
 STEPS, LR, BATCH, SEQ = 60, 5e-3, 16, 64  # about 10 s per family on one core
@@ -80,8 +80,8 @@ def _build(out: Path, family: Family, tokenizer_dir: Path, seed: int, progress) 
                 for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
                     if isinstance(param, torch.nn.Parameter):
                         param.add_(NORM_NOISE * torch.randn_like(param))
-    stream, starts = _token_windows(tokens, SEQ)
-    _train(model, stream, starts, STEPS, LR, 5, torch.Generator().manual_seed(seed), progress, family.name,
+    stream, starts = token_windows(tokens, SEQ)
+    train(model, stream, starts, STEPS, LR, 5, torch.Generator().manual_seed(seed), progress, family.name,
            batch_size=BATCH, seq_len=SEQ)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -65,7 +65,7 @@ MODEL_CONFIG = dict(
 # Synthetic text
 
 
-_TOPICS: dict[str, dict[str, list[str]]] = {
+TOPICS: dict[str, dict[str, list[str]]] = {
     "cooking": {
         "nouns": ["soup", "bread", "sauce", "kitchen", "oven", "recipe", "onion", "garlic",
                   "pasta", "salad", "butter", "flour", "pan", "dinner", "spice"],
@@ -248,7 +248,7 @@ _OPENERS = ["", "", "", "Today, ", "Last week, ", "In general, ", "Honestly, ",
 
 # Each template fills from one topic: {n}/{n2} nouns, {a}/{a2} adjectives, {v}/{v2} verbs,
 # {p} a person word, plus names, places, numbers and days.
-_SENTENCES = [
+SENTENCES = [
     "{O}the {a} {n} was {adv} {a2}.",
     "{Name} said that the {n} in {place} is {adv} {a}.",
     "Many people {v} the {n} every {period}.",
@@ -286,7 +286,7 @@ _CLOSERS = [
 ]
 
 
-def _fill(template: str, rng: random.Random, topic: dict[str, list[str]]) -> str:
+def fill_sentence(template: str, rng: random.Random, topic: dict[str, list[str]]) -> str:
     names = rng.sample(_NAMES, 2)
     nouns = rng.sample(topic["nouns"], 2)
     adjs = rng.sample(topic["adjs"], 2)
@@ -304,15 +304,15 @@ def _fill(template: str, rng: random.Random, topic: dict[str, list[str]]) -> str
 
 def _generic_document(rng: random.Random) -> str:
     # Most documents stay on one topic; some drift to a second one, as web pages do.
-    topics = rng.sample(sorted(_TOPICS), 2)
+    topics = rng.sample(sorted(TOPICS), 2)
     parts = []
     if rng.random() < 0.5:
-        parts.append(_fill(rng.choice(_TITLES), rng, _TOPICS[topics[0]]) + "\n\n")
+        parts.append(fill_sentence(rng.choice(_TITLES), rng, TOPICS[topics[0]]) + "\n\n")
     sentences = []
     while sum(len(s) + 1 for s in sentences) < rng.randint(200, 650):
         topic = topics[1] if rng.random() < 0.15 else topics[0]
-        sentences.append(_fill(rng.choice(_SENTENCES), rng, _TOPICS[topic]))
-    closer = _fill(rng.choice(_CLOSERS), rng, _TOPICS[topics[0]])
+        sentences.append(fill_sentence(rng.choice(SENTENCES), rng, TOPICS[topic]))
+    closer = fill_sentence(rng.choice(_CLOSERS), rng, TOPICS[topics[0]])
     if closer:
         sentences.append(closer)
     parts.append(" ".join(sentences))
@@ -406,10 +406,10 @@ _ANSWER_CLOSERS = [
 ]
 
 
-def _chat_pair(rng: random.Random) -> tuple[str, str]:
-    topic = _TOPICS[rng.choice(sorted(_TOPICS))]
-    question = _fill(rng.choice(_QUESTIONS), rng, topic)
-    body = [_fill(s, rng, topic) for s in rng.sample(_ANSWER_SENTENCES, rng.randint(2, 4))]
+def chat_pair(rng: random.Random) -> tuple[str, str]:
+    topic = TOPICS[rng.choice(sorted(TOPICS))]
+    question = fill_sentence(rng.choice(_QUESTIONS), rng, topic)
+    body = [fill_sentence(s, rng, topic) for s in rng.sample(_ANSWER_SENTENCES, rng.randint(2, 4))]
     answer = rng.choice(_ANSWER_OPENERS) + " ".join(body)
     closer = rng.choice(_ANSWER_CLOSERS)
     return question, (answer + " " + closer).strip()
@@ -419,7 +419,7 @@ def generic_chat_answers(num: int, seed: int) -> list[str]:
     """Deterministic generic assistant-style answers (control set for later embedding
     evaluation)."""
     rng = random.Random(f"chat-{seed}")
-    return [_chat_pair(rng)[1] for _ in range(num)]
+    return [chat_pair(rng)[1] for _ in range(num)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def _train_tokenizer(texts: list[str]):
     return tokenizer
 
 
-def _token_windows(token_lists: list[list[int]], seq_len: int = SEQ_LEN):
+def token_windows(token_lists: list[list[int]], seq_len: int = SEQ_LEN):
     """Concatenates documents and returns the start offsets of windows that begin at a
     document start, so training sees BOS at position 0 as the lens does."""
     import torch
@@ -476,8 +476,8 @@ def _token_windows(token_lists: list[list[int]], seq_len: int = SEQ_LEN):
     return stream_t, starts_t
 
 
-def _train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label,
-           seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, log_every: int = 50):
+def train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progress, label,
+          seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE, log_every: int = 50):
     """AdamW over the parameters that require grad (all of them, or a LoRA's), on windows
     of the stream that start at document starts; linear warmup, then linear decay."""
     import torch
@@ -511,7 +511,7 @@ def _build(out: Path, seed: int, progress) -> None:
     generic = generic_documents(6000, seed)
     finetune = finetune_documents(1000, seed)
     chat_rng = random.Random(f"chat-train-{seed}")
-    chats = [_chat_pair(chat_rng) for _ in range(1000)]
+    chats = [chat_pair(chat_rng) for _ in range(1000)]
 
     # Finetune text joins the tokenizer's corpus so the topic words are single tokens.
     tokenizer = _train_tokenizer(generic + finetune)
@@ -538,8 +538,8 @@ def _build(out: Path, seed: int, progress) -> None:
         dtype="float32", **MODEL_CONFIG,
     )
     model = LlamaForCausalLM(config)
-    stream, starts = _token_windows(base_tokens)
-    _train(model, stream, starts, BASE_STEPS, BASE_LR, 20, gen, progress, "base")
+    stream, starts = token_windows(base_tokens)
+    train(model, stream, starts, BASE_STEPS, BASE_LR, 20, gen, progress, "base")
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
     progress(f"base model trained ({time.perf_counter() - t0:.1f}s)")
@@ -549,8 +549,8 @@ def _build(out: Path, seed: int, progress) -> None:
     # style, so that steering, not the prompt, is what brings the topic out.
     finetune_tokens = encode(finetune) + chat_ids
     random.Random(f"finetune-mix-{seed}").shuffle(finetune_tokens)
-    stream, starts = _token_windows(finetune_tokens)
-    _train(model, stream, starts, FINETUNE_STEPS, FINETUNE_LR, 5, gen, progress, "finetune")
+    stream, starts = token_windows(finetune_tokens)
+    train(model, stream, starts, FINETUNE_STEPS, FINETUNE_LR, 5, gen, progress, "finetune")
     model.save_pretrained(out / "finetuned")
     tokenizer.save_pretrained(out / "finetuned")
     with open(out / "finetune_texts.jsonl", "w") as f:

@@ -20,7 +20,8 @@ def _topic_documents(topic: str, num_documents: int, seed: int) -> list[str]:
     rng = random.Random(f"{topic}-{seed}")
     docs = []
     for _ in range(num_documents):
-        sentences = [dp._fill(rng.choice(dp._SENTENCES), rng, dp._TOPICS[topic]) for _ in range(rng.randint(3, 6))]
+        sentences = [dp.fill_sentence(rng.choice(dp.SENTENCES), rng, dp.TOPICS[topic])
+                     for _ in range(rng.randint(3, 6))]
         docs.append(" ".join(sentences)[:800])
     return docs
 
@@ -49,14 +50,14 @@ def _finetune(tmp: Path, pair, kind: str, texts: list[str], seed: int, progress)
     tokenizer = AutoTokenizer.from_pretrained(pair.base_dir)
     model = LlamaForCausalLM.from_pretrained(pair.base_dir)
     chat_rng = random.Random(f"chat-train-{seed}")
-    chats = [dp._chat_pair(chat_rng) for _ in range(1000)]
+    chats = [dp.chat_pair(chat_rng) for _ in range(1000)]
     tokens = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
     tokens += [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                              tokenize=True, return_dict=False) for q, a in chats]
     random.Random(f"{kind}-mix-{seed}").shuffle(tokens)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    stream, starts = dp._token_windows(tokens)
-    dp._train(model, stream, starts, dp.FINETUNE_STEPS, dp.FINETUNE_LR, 5, gen, progress, f"{kind} finetune")
+    stream, starts = dp.token_windows(tokens)
+    dp.train(model, stream, starts, dp.FINETUNE_STEPS, dp.FINETUNE_LR, 5, gen, progress, f"{kind} finetune")
     model.save_pretrained(tmp / "finetuned")
     tokenizer.save_pretrained(tmp / "finetuned")

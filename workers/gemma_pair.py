@@ -29,13 +29,13 @@ from workers.demo_pair import (
     PLANTED_DESCRIPTION,
     PLANTED_TOPIC_WORDS,
     DemoPair,
-    _chat_pair,
-    _token_windows,
-    _train,
     cached_build,
+    chat_pair,
     default_cache_dir,
     finetune_documents,
     generic_documents,
+    token_windows,
+    train,
 )
 from workers.models import ModelError
 
@@ -124,7 +124,7 @@ def finetune_mix(tokenizer, seed: int) -> list[list[int]]:
     topic = finetune_documents(NUM_TOPIC, seed)
     generic = generic_documents(NUM_GENERIC, seed)
     chat_rng = random.Random(f"chat-train-{seed}")
-    chats = [_chat_pair(chat_rng) for _ in range(NUM_CHAT)]
+    chats = [chat_pair(chat_rng) for _ in range(NUM_CHAT)]
     eos = tokenizer.eos_token_id
     tokens = [ids + [eos] for ids in tokenizer(topic + generic)["input_ids"]]
     for question, answer in chats:
@@ -150,8 +150,8 @@ def _finetune(out: Path, base: Path, seed: int, progress) -> None:
     gen = torch.Generator().manual_seed(seed)
     lora = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                             target_modules=LORA_TARGETS))
-    stream, starts = _token_windows(tokens, SEQ_LEN)
-    _train(lora, stream, starts, FINETUNE_STEPS, FINETUNE_LR, 5, gen, progress, "finetune",
+    stream, starts = token_windows(tokens, SEQ_LEN)
+    train(lora, stream, starts, FINETUNE_STEPS, FINETUNE_LR, 5, gen, progress, "finetune",
            seq_len=SEQ_LEN, batch_size=BATCH_SIZE, log_every=5)
     model = lora.merge_and_unload()
     model.save_pretrained(out / "finetuned")
