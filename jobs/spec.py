@@ -333,7 +333,7 @@ _EXPECTED = {"storage": f"a local folder or {uri_forms()}",
 
 def check_location(value: str | None, where: str, kind: str) -> None:
     """A location names something adl can read or write: kind is "storage" (local folder
-    or a storage backend's URI, s3://bucket/prefix), "model" (hub id, local folder or a
+    or a storage backend's URI), "model" (hub id, local folder or a
     backend's URI), "folder" (hub id or local folder) or "file" (a local file). Any other
     URI scheme is an error, never a local folder named after it. Which URIs a backend
     serves, and what it needs of them, is storage's to say (storage/store.py)."""
@@ -370,7 +370,7 @@ def _model_source(raw: Any, where: str, base: ModelSource | None) -> ModelSource
             raise SpecError(f"{where}.model: an adapter applies to the pair's base; leave model out")
         return ModelSource(model=base.model, revision=base.revision, adapter=values["adapter"])
     if "model" not in values:
-        raise SpecError(f"{where}.model: required (a hub id, a local folder or an s3:// prefix)")
+        raise SpecError(f"{where}.model: required ({_EXPECTED['model']})")
     return ModelSource(**values)
 
 

@@ -330,6 +330,8 @@ HUB_OR_S3 = "(expected a hub id, a local folder or s3://bucket/prefix)"
      "corpus.path: 'gs://data/corpus.jsonl': expected a local file, not a URI"),
     (lambda p, s: s.update(analyses={"embedding_model": "s3://models/minilm"}),
      "analyses.embedding_model: 's3://models/minilm': expected a hub id or a local folder, not a URI"),
+    (lambda p, s: p.update(base={"revision": "main"}),   # the forms come from storage's backends
+     "pairs[0].base.model: required (a hub id, a local folder or s3://bucket/prefix)"),
 ])
 def test_locations_of_other_schemes(tmp_path, make_spec, capsys, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
