@@ -12,19 +12,17 @@ Baseline b: the whole model, model(input_ids), for context (what skipping blocks
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import harness  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from harness import fmt_times, header, interleaved, median, method_layer, si, timed, verdict
 from jobs.spec import ModelSource
 from storage import layout
 from storage.store import Store, StorageOptions
-from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
+from storage.tables import ACTIVATIONS, activation_table
 from workers.extraction import block_outputs, stored_bits
 from workers.model_worker import TransformersWorker
 from workers.models import model_device
@@ -125,9 +123,7 @@ def main() -> None:
 
         def encode():
             nonlocal data
-            buf = io.BytesIO()
-            pq.write_table(table, buf, **ACTIVATION_PARQUET_OPTIONS)
-            data = buf.getvalue()
+            data = ACTIVATIONS.to_parquet(table)
 
         def write():
             store.write_bytes(layout.shard(prefix, 888_888), data)

@@ -9,7 +9,7 @@ Unverified: the same with digests=None (no CRC-32 over the bytes): ours / unveri
 Raw:  pyarrow.parquet.read_table of every shard file of both sets, nothing else.
 
 Data: synthetic bf16 activations (stored as uint16 bits) written with
-storage.tables.activation_table and ACTIVATION_PARQUET_OPTIONS through Store.write_table
+storage.tables.activation_table through Store.write_table (the ACTIVATIONS kind)
 under storage.layout's shard keys. Files were just written, so both sides read from the
 page cache. Target: ours / raw throughput >= 0.7x.
 
@@ -29,7 +29,7 @@ import torch
 from harness import fmt_times, header, interleaved, median, verdict
 from storage import layout
 from storage.store import Store, mismatch
-from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
+from storage.tables import ACTIVATIONS, activation_table
 from workers import reduce
 
 TARGET = 0.7
@@ -59,7 +59,7 @@ def write_sets(store: Store, docs: int, shard_size: int, hidden: int) -> tuple[s
         pair = []
         for prefix, values in ((base, act), (ft, act + bias + 0.1 * torch.randn(act.shape, generator=gen))):
             table = activation_table(ids, [LAYER], bf16_bits(values), "bfloat16")
-            pair.append(store.write_table(layout.shard(prefix, i), table, **ACTIVATION_PARQUET_OPTIONS))
+            pair.append(store.write_table(layout.shard(prefix, i), ACTIVATIONS, table))
         digests.append(tuple(pair))
     return base, ft, shards, digests
 

@@ -176,10 +176,10 @@ def agent_stage(ctx) -> None:
     agent.parquet (which marks the stage complete)."""
     from jobs.agent_tools import (EngineModels, PairEvidence, adl_first_message, adl_tools,
                                   blackbox_first_message, blackbox_tools)
-    from storage.tables import TABLE_PARQUET_OPTIONS, agent_table
+    from storage.tables import AGENT
     spec, pair, store = ctx.spec, ctx.pair, ctx.store
     s = spec.agent
-    evidence = PairEvidence.read(store, pair.out_dir, spec, pair.layers)
+    evidence = PairEvidence.read(ctx.results, spec, pair.layers)
     models = EngineModels(ctx.model("vllm", pair.pair.base), ctx.model("vllm", pair.pair.finetuned),
                           spec.generation.seed, s.ask_model, s.generate_steered)
     agents = PairAgents(pair.pair.name, s,
@@ -210,8 +210,7 @@ def agent_stage(ctx) -> None:
     if incomplete:
         raise RuntimeError(f"{len(incomplete)} of {len(records)} agent runs are incomplete "
                            f"({incomplete[-1]['reason']}); a rerun redoes only those")
-    table = agent_table([table_row(r) for r in records], **{"adl.agent_model": s.model,
-                                                            "adl.grader_model": s.grader.model or s.model})
-    store.write_table(ctx.path(layout.AGENT), table, **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(AGENT, AGENT.from_rows([table_row(r) for r in records],
+                                           **{"adl.agent_model": s.model, "adl.grader_model": s.grader.model or s.model}))
     logger.info(f"{pair.pair.name}: agent stage, {len(records)} runs in {time.monotonic() - start:.1f} s, "
                 f"{agents.spend.calls} LLM calls, {agents.spend.total_tokens} tokens")

@@ -28,7 +28,7 @@ import numpy as np
 from jobs.agent import ArgumentError, Tool, ToolError, FIRST_MESSAGE_TAIL
 from jobs.seeds import sample_seed
 from jobs.steering import steering_prompts
-from storage import layout
+from storage.tables import DIFFERENCE, GENERATIONS, LOGIT_LENS, PATCHSCOPE, STEERING
 from workers.vectors import unit_scaled
 
 MAX_PROMPT_CHARS = 4000      # a prompt longer than this is an argument error
@@ -59,12 +59,12 @@ class PairEvidence:
     samples: int                       # per prompt and target in the generations table
 
     @classmethod
-    def read(cls, store, out_dir: str, spec, layers) -> "PairEvidence":
-        read = lambda name: store.read_table(f"{out_dir}/{name}").to_pandas()
-        lens = read(layout.LOGIT_LENS)
-        scope = read(layout.PATCHSCOPE)
-        steering = read(layout.STEERING)
-        difference = read(layout.DIFFERENCE)
+    def read(cls, results, spec, layers) -> "PairEvidence":
+        """From the pair's tables (a jobs.results.PairResults)."""
+        lens = results.table(LOGIT_LENS)
+        scope = results.table(PATCHSCOPE)
+        steering = results.table(STEERING)
+        difference = results.table(DIFFERENCE)
         positions = [p for p in spec.method.positions]
         vectors = {(int(r.layer), int(r.position)): unit_scaled(np.asarray(r.delta, np.float64), float(r.finetuned_norm))
                    for r in difference.itertuples() if int(r.position) in positions}
@@ -72,7 +72,7 @@ class PairEvidence:
         return cls(layers=sorted(int(x) for x in layers), positions=positions,
                    prompts=steering_prompts(spec.generation),
                    lens=lens[lens.variant == "delta"], patchscope=scope[scope.variant == "delta"],
-                   generations=read(layout.GENERATIONS), alphas=alphas, vectors=vectors,
+                   generations=results.table(GENERATIONS), alphas=alphas, vectors=vectors,
                    lens_top_k=spec.method.lens_top_k, patchscope_top_k=spec.analyses.patchscope_top_k,
                    samples=spec.generation.samples)
 

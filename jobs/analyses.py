@@ -25,8 +25,7 @@ import numpy as np
 from jobs.plan import PairPlan
 from storage import layout
 from storage.store import Store
-from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, patchscope_table,
-                            similarity_table, token_relevance_table)
+from storage.tables import DIFFERENCE, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, TOKEN_RELEVANCE, decode_vectors
 from workers.graders import GradingFailed
 from workers.vectors import similarity as similarity_of, unit_scaled
 
@@ -54,10 +53,9 @@ def _judged(judgements: list, none: Callable[[int], str], some: Callable[[int, i
 # -- patchscope -------------------------------------------------------------------------
 def patchscope(ctx) -> None:
     import ray
-    pair, spec, store = ctx.pair, ctx.spec, ctx.store
-    out = ctx.path(layout.PATCHSCOPE)
+    pair, spec = ctx.pair, ctx.spec
     a = spec.analyses
-    table = ctx.read_table(layout.DIFFERENCE)
+    table = ctx.read_table(DIFFERENCE)
     layers = table.column("layer").to_numpy()
     positions = table.column("position").to_numpy()
     norms = table.column("finetuned_norm").to_numpy()
@@ -100,7 +98,7 @@ def patchscope(ctx) -> None:
                 out_rows.append({"layer": layer, "position": pos, "variant": variant, "scale": float(scale),
                                  "rank": rank, "token_id": int(tid), "token": tok, "probability": float(p),
                                  "chosen": is_chosen, "coherent": is_chosen and tok in coherent})
-    store.write_table(out, patchscope_table(out_rows), **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(PATCHSCOPE, PATCHSCOPE.from_rows(out_rows))
 
 
 # -- token relevance --------------------------------------------------------------------
@@ -136,9 +134,9 @@ def token_relevance(ctx) -> None:
                                a.min_generic_ratio)
     frequent_ids = {i for i, _ in frequent}
 
-    lens = ctx.read_table(layout.LOGIT_LENS).to_pandas()
+    lens = ctx.read_table(LOGIT_LENS).to_pandas()
     lens = lens[(lens.variant == "delta") & (lens["rank"] < a.relevance_top_k)]
-    scope = ctx.read_table(layout.PATCHSCOPE).to_pandas()
+    scope = ctx.read_table(PATCHSCOPE).to_pandas()
     scope = scope[(scope.variant == "delta") & scope.chosen & (scope["rank"] < a.relevance_top_k)]
     lists = []   # (layer, position, source, rows sorted by rank)
     for source, df in (("logit_lens", lens), ("patchscope", scope)):
@@ -173,8 +171,7 @@ def token_relevance(ctx) -> None:
                         "fraction_frequent": float(is_frequent.mean()),
                         # tokens the grader failed on count as not relevant
                         "tokens": len(judgements), "failed": sum(not j.ok for j in judgements)})
-    store.write_table(f"{pair.out_dir}/{layout.TOKEN_RELEVANCE}", token_relevance_table(rows),
-                      **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(TOKEN_RELEVANCE, TOKEN_RELEVANCE.from_rows(rows))
     store.write_json(marker, {"status": "done", "reason": None, "metrics": metrics,
                               "frequent_tokens": [t for _, t in frequent]})
 
@@ -192,10 +189,9 @@ def generic_chat_texts(pair: PairPlan, limit: int) -> list[str]:
 def similarity(ctx) -> None:
     import ray
     from jobs.corpus import read_texts
-    pair, spec, store = ctx.pair, ctx.spec, ctx.store
-    out = ctx.path(layout.SIMILARITY)
+    pair, spec = ctx.pair, ctx.spec
     a = spec.analyses
-    gens = ctx.read_table(layout.GENERATIONS).to_pandas()
+    gens = ctx.read_table(GENERATIONS).to_pandas()
     baseline = gens[gens.kind == "baseline"]
     sets = {"unsteered": list(baseline[baseline.model_role == "finetuned"].text),
             "base": list(baseline[baseline.model_role == "base"].text),
@@ -218,6 +214,5 @@ def similarity(ctx) -> None:
         for x, y in combinations(present, 2):
             rows.append({"layer": layer, "position": pos, "set_a": x, "set_b": y,
                          "similarity": similarity_of(named[x], named[y])})
-    store.write_table(out, similarity_table(rows, **{"adl.embedding_model": a.embedding_model or
-                                                      PACKAGED_EMBEDDER}),
-                      **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(SIMILARITY, SIMILARITY.from_rows(rows, **{"adl.embedding_model": a.embedding_model or
+                                                                PACKAGED_EMBEDDER}))

@@ -1,23 +1,21 @@
 """The job's catalog, `runs/<job>/catalog.parquet`: the headline findings of every
 finished pair of the job in one table, one row per pair x layer x analysed position, for
-analysts comparing many pairs (schema: storage.tables.CATALOG_SCHEMA, README "Tables").
+analysts comparing many pairs (schema: storage.tables.CATALOG, README "Tables").
 
 Built from the pairs' own tables after the job; optional tables (steering, similarity,
 token relevance, agent) fill their columns when present and leave them null otherwise.
 """
 from __future__ import annotations
 
-import io
 import json
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from jobs.results import PairResults, agent_summary  # noqa: F401  (agent_summary: its readers import it here)
 from jobs.triage import pair_triage
 from storage import layout
 from storage.store import Store
-from storage.tables import TABLE_PARQUET_OPTIONS, catalog_table
+from storage.tables import CATALOG, SIMILARITY, STEERING
 
 TOP_TOKENS = 10
 
@@ -31,10 +29,10 @@ def pair_rows(store: Store, pair: dict, positions: list[int], control: bool = Fa
     diff = results.norms().to_dict("records")
     top = {key: (list(g.token), [float(p) for p in g.probability])
            for key, g in results.lens_top("delta", TOP_TOKENS).groupby(["layer", "position"])}
-    steering = results.table(layout.STEERING, ["layer", "position", "alpha"])
+    steering = results.table(STEERING, ["layer", "position", "alpha"])
     alpha = {} if steering is None else {(r.layer, r.position): r.alpha for r in steering.itertuples()}
     similarities: dict = {}
-    sim = results.table(layout.SIMILARITY)
+    sim = results.table(SIMILARITY)
     for r in ([] if sim is None else sim.itertuples()):
         similarities.setdefault((r.layer, r.position), []).append(
             {"set_a": r.set_a, "set_b": r.set_b, "similarity": r.similarity})
@@ -66,8 +64,8 @@ def build_catalog(store: Store, record: dict) -> pa.Table:
     controls = {p.get("name") for p in record["spec"].get("pairs", []) if p.get("control")}
     rows = [row for pair in record["pairs"] for row in pair_rows(store, pair, positions, pair["name"] in controls)]
     rows.sort(key=lambda r: (r["pair"], r["layer"], r["position"]))
-    return catalog_table(rows, record["job"], **{"adl.pairs": json.dumps(pair_states(store, record),
-                                                                          sort_keys=True)})
+    return CATALOG.from_rows(rows, **{"adl.job": record["job"],
+                                      "adl.pairs": json.dumps(pair_states(store, record), sort_keys=True)})
 
 
 def pair_states(store: Store, record: dict) -> dict:
@@ -93,8 +91,5 @@ def write_catalog(store: Store, record_key: str) -> str:
     record = store.read_json(record_key)
     table = build_catalog(store, record)
     key = layout.run_catalog(record["job"])
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **TABLE_PARQUET_OPTIONS)
-    if not (store.exists(key) and store.read_bytes(key) == buf.getvalue()):
-        store.write_bytes(key, buf.getvalue())
+    store.write_table(key, CATALOG, table, if_changed=True)
     return key

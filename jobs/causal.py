@@ -14,8 +14,7 @@ import logging
 
 import numpy as np
 
-from storage import layout
-from storage.tables import TABLE_PARQUET_OPTIONS, causal_effect_table, decode_vectors
+from storage.tables import CAUSAL_EFFECT, DIFFERENCE, decode_vectors
 
 logger = logging.getLogger("adl.causal")
 
@@ -47,7 +46,7 @@ def causal_effect(ctx) -> None:
     import ray
     from workers.causal import random_directions
     pair, spec, c = ctx.pair, ctx.spec, ctx.spec.causal_effect
-    table = ctx.read_table(layout.DIFFERENCE, ["layer", "position", "delta"])
+    table = ctx.read_table(DIFFERENCE, ["layer", "position", "delta"])
     layers, positions = table.column("layer").to_numpy(), table.column("position").to_numpy()
     delta = decode_vectors(table.column("delta"), "float64")
     sets = eval_texts(ctx)
@@ -79,9 +78,7 @@ def causal_effect(ctx) -> None:
             rows.append(_row(layer, None, eval_set, "none", None, out["none"], out["none"]))
             for (kind, position, index), sums in zip(kinds, out["directions"]):
                 rows.append(_row(layer, position, eval_set, kind, index, sums, out["none"]))
-    ctx.store.write_table(ctx.path(layout.CAUSAL_EFFECT),
-                          causal_effect_table(rows, **{"adl.mode": c.mode, "adl.after_k": c.after_k}),
-                          **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(CAUSAL_EFFECT, CAUSAL_EFFECT.from_rows(rows, **{"adl.mode": c.mode, "adl.after_k": c.after_k}))
 
 
 def needs_base(spec) -> bool:

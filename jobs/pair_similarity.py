@@ -8,16 +8,14 @@ difference tables; no model work.
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from jobs.results import PairResults
 from storage import layout
 from storage.store import Store
-from storage.tables import TABLE_PARQUET_OPTIONS, pair_similarity_table
+from storage.tables import PAIR_SIMILARITY
 
 
 def pair_similarity_rows(store: Store, record: dict) -> list[dict]:
@@ -48,17 +46,14 @@ def pair_similarity_rows(store: Store, record: dict) -> list[dict]:
 
 
 def build_pair_similarity(store: Store, record: dict) -> pa.Table:
-    return pair_similarity_table(pair_similarity_rows(store, record), record["job"])
+    return PAIR_SIMILARITY.from_rows(pair_similarity_rows(store, record), **{"adl.job": record["job"]})
 
 
 def write_pair_similarity(store: Store, record_key: str) -> str:
     from jobs.summary import read_run_record
     record = read_run_record(store, record_key)
-    buf = io.BytesIO()
-    pq.write_table(build_pair_similarity(store, record), buf, **TABLE_PARQUET_OPTIONS)
     key = layout.run_pair_similarity(record["job"])
-    if not (store.exists(key) and store.read_bytes(key) == buf.getvalue()):
-        store.write_bytes(key, buf.getvalue())
+    store.write_table(key, PAIR_SIMILARITY, build_pair_similarity(store, record), if_changed=True)
     return key
 
 

@@ -19,6 +19,7 @@ from jobs.triage import RATIO_POSITIONS, pair_triage
 from jobs.summary import read_run_record
 from storage import layout
 from storage.store import StorageError, StorageOptions, Store
+from storage.tables import AGENT, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING, TOKEN_RELEVANCE
 
 TOP = 20                # tokens shown per list (the method grades the top 20)
 HEADLINE_TOKENS = 8     # tokens per layer in the index
@@ -97,40 +98,40 @@ def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     results = PairResults(store, d)
     data = PairData(pair["name"], d, store.uri(d), spec_pair, results.complete)
     data.results = results
-    data.lens = results.table(layout.LOGIT_LENS)
+    data.lens = results.table(LOGIT_LENS)
     data.difference = results.norms()
-    data.patchscope = results.table(layout.PATCHSCOPE)
-    data.generations = results.table(layout.GENERATIONS)
-    data.steering = results.table(layout.STEERING)
-    data.similarity = results.table(layout.SIMILARITY)
-    data.relevance = results.table(layout.TOKEN_RELEVANCE)
+    data.patchscope = results.table(PATCHSCOPE)
+    data.generations = results.table(GENERATIONS)
+    data.steering = results.table(STEERING)
+    data.similarity = results.table(SIMILARITY)
+    data.relevance = results.table(TOKEN_RELEVANCE)
     data.relevance_status = results.json(layout.TOKEN_RELEVANCE_JSON)
-    data.agent = results.table(layout.AGENT)
+    data.agent = results.table(AGENT)
     if data.agent is not None:
         data.agent = data.agent.astype(object).where(data.agent.notna(), None)   # nulls as None, not NaN
         for path in data.agent.transcript.dropna():
             data.transcripts[path] = store.read_json_or_none(f"{d}/{path}")
     elif spec.get("agent", {}).get("enabled"):
-        data.notes["agent"] = f"did not run: no {layout.AGENT} for this pair"
+        data.notes["agent"] = f"did not run: no {AGENT.file} for this pair"
 
     generation_on = bool(spec.get("generation", {}).get("enabled"))
     no_generation = "did not run: the job spec has no generation section"
     if data.lens is None:
         data.notes["logit lens"] = "not written yet: the pair's results are incomplete"
     if data.patchscope is None:
-        data.notes["patchscope"] = f"did not run: no {layout.PATCHSCOPE} for this pair"
+        data.notes["patchscope"] = f"did not run: no {PATCHSCOPE.file} for this pair"
     if data.generations is None:
-        data.notes["generations"] = no_generation if not generation_on else f"did not run: no {layout.GENERATIONS}"
+        data.notes["generations"] = no_generation if not generation_on else f"did not run: no {GENERATIONS.file}"
     if data.steering is None:
-        data.notes["steering"] = no_generation if not generation_on else f"did not run: no {layout.STEERING}"
+        data.notes["steering"] = no_generation if not generation_on else f"did not run: no {STEERING.file}"
     if data.similarity is None:
         data.notes["similarity"] = (no_generation + " (similarity embeds the generations)" if not generation_on
-                                    else f"did not run: no {layout.SIMILARITY} for this pair")
+                                    else f"did not run: no {SIMILARITY.file} for this pair")
     status = data.relevance_status
     if status and status.get("status") == "skipped":
         data.notes["token relevance"] = f"skipped: {status.get('reason') or 'no reason recorded'}"
     elif data.relevance is None:
-        data.notes["token relevance"] = f"did not run: no {layout.TOKEN_RELEVANCE} for this pair"
+        data.notes["token relevance"] = f"did not run: no {TOKEN_RELEVANCE.file} for this pair"
     return data
 
 

@@ -1,30 +1,38 @@
-"""One reader of a pair's results folder, shared by the catalog, the summary, the report
-and the job-level views (triage, pair similarity): the pair tables they re-read and
-filter (delta, the lens's top tokens, patchscope at the chosen scale, ...) come from here.
+"""One reader of a pair's results folder, shared by the stages that read earlier stages'
+tables, the catalog, the summary, the report, the agent's evidence and the job-level
+views (triage, pair similarity): the pair tables they re-read and filter (delta, the
+lens's top tokens, patchscope at the chosen scale, ...) come from here.
 
-A table is read once per reader and checked against the digest the pair's manifest
-records for it, when the pair is complete (a running pair has no manifest yet: what its
-finished stages wrote is read as it is). It reads only; it never writes.
+A table is read by its kind (storage/tables.py: a file of another kind or schema version
+is refused), once per reader, and checked against the digest recorded for it: the
+pair's manifest when the pair is complete, else the marker of the stage that wrote it.
+A running pair's file that no marker records yet is read as it is, except by a stage
+(recorded_only: markers alone count): a stage reads only what a finished stage wrote.
+It never writes.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from jobs.integrity import read_record
 from storage import layout
-from storage.store import Store
-from storage.tables import decode_vectors
+from storage.store import IntegrityError, Store
+from storage.tables import AGENT, DIFFERENCE, LOGIT_LENS, PATCHSCOPE, SIMILARITY, TableKind, decode_vectors
 
 NORM_COLUMNS = ["layer", "position", "num_documents", "delta_norm", "finetuned_norm"]
+MARKER = ".done.json"
 
 
 class PairResults:
-    def __init__(self, store: Store, pair_dir: str):
-        self.store, self.dir = store, pair_dir
-        manifest = store.read_json_or_none(layout.manifest(pair_dir)) if store.exists(layout.manifest(pair_dir)) \
-            else None
+    def __init__(self, store: Store, pair_dir: str, recorded_only: bool = False):
+        self.store, self.dir, self.recorded_only = store, pair_dir, recorded_only
+        manifest = store.read_json_or_none(layout.manifest(pair_dir)) if not recorded_only else None
         self.complete = manifest is not None
-        self.files = (manifest.get("files") or {}) if isinstance(manifest, dict) else {}
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        # file name -> digest; None until asked, for a running pair or a stage (the
+        # markers are read then: a stage redone under an old manifest is not that manifest's)
+        self._digests: dict | None = (files if isinstance(files, dict) else {}) if self.complete else None
         self._cache: dict = {}
 
     def key(self, name: str) -> str:
@@ -33,38 +41,56 @@ class PairResults:
     def has(self, name: str) -> bool:
         return self.store.exists(self.key(name))
 
-    def arrow(self, name: str, columns: list[str] | None = None):
+    def digest(self, name: str) -> dict | None:
+        """The digest recorded for a file of the folder: the manifest's, or (running pair)
+        its stage marker's; None when nothing records it."""
+        if self._digests is None:   # a running pair: what its stages' markers record
+            self._digests = {}
+            for key in self.store.list(self.dir):
+                if key.endswith(MARKER) and key.count("/") == self.dir.count("/") + 1:
+                    marker, _ = read_record(self.store, key)
+                    files = marker.get("files") if marker is not None else None
+                    if isinstance(files, dict):
+                        self._digests.update(files)
+        return self._digests.get(name)
+
+    def arrow(self, kind: TableKind, columns: list[str] | None = None):
         """A table of the folder (pyarrow), None when absent."""
-        cache = (name, tuple(columns) if columns else None)
+        cache = (kind.file, tuple(columns) if columns else None)
         if cache not in self._cache:
-            self._cache[cache] = (self.store.read_table(self.key(name), columns=columns,
-                                                        digest=self.files.get(name))
-                                  if self.has(name) else None)
+            digest = self.digest(kind.file)
+            if digest is None and self.recorded_only:
+                raise IntegrityError(f"{self.store.uri(self.key(kind.file))}: no stage marker of the pair "
+                                     f"records it")
+            self._cache[cache] = (self.store.read_table(self.key(kind.file), kind, columns, digest)
+                                  if digest is not None or self.has(kind.file) else None)
         return self._cache[cache]
 
-    def table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame | None:
-        t = self.arrow(name, columns)
+    def table(self, kind: TableKind, columns: list[str] | None = None) -> pd.DataFrame | None:
+        t = self.arrow(kind, columns)
         return None if t is None else t.to_pandas()
 
     def json(self, name: str):
-        return self.store.read_json(self.key(name), digest=self.files.get(name)) if self.has(name) else None
+        digest = self.digest(name)
+        return self.store.read_json(self.key(name), digest=digest) if digest is not None or self.has(name) \
+            else None
 
     # -- the filtered views its readers share ------------------------------------------
     def norms(self) -> pd.DataFrame | None:
         """difference.parquet without its vectors: (layer, position) -> documents and norms."""
-        return self.table(layout.DIFFERENCE, NORM_COLUMNS)
+        return self.table(DIFFERENCE, NORM_COLUMNS)
 
     def delta(self, name: str = "delta") -> tuple[list[tuple[int, int]], np.ndarray] | None:
         """[(layer, position)] and the (rows, hidden) float64 vectors of a difference column
         (delta, base_mean, finetuned_mean)."""
-        t = self.arrow(layout.DIFFERENCE, ["layer", "position", name])
+        t = self.arrow(DIFFERENCE, ["layer", "position", name])
         if t is None:
             return None
         keys = list(zip(t.column("layer").to_pylist(), t.column("position").to_pylist()))
         return keys, decode_vectors(t.column(name), "float64").astype(np.float64)
 
     def lens_top(self, variant: str = "delta", k: int | None = None) -> pd.DataFrame | None:
-        lens = self.table(layout.LOGIT_LENS)
+        lens = self.table(LOGIT_LENS)
         if lens is None:
             return None
         rows = lens[lens.variant == variant]
@@ -73,7 +99,7 @@ class PairResults:
         return rows.sort_values(["layer", "position", "rank"])
 
     def chosen_patchscope(self, variant: str = "delta", k: int | None = None) -> pd.DataFrame | None:
-        ps = self.table(layout.PATCHSCOPE)
+        ps = self.table(PATCHSCOPE)
         if ps is None:
             return None
         rows = ps[(ps.variant == variant) & ps.chosen]
@@ -91,7 +117,7 @@ class PairResults:
 
     def similarity_to_data(self) -> dict | None:
         """(layer, position) -> (steered, unsteered) similarity to the finetuning data."""
-        sim = self.table(layout.SIMILARITY)
+        sim = self.table(SIMILARITY)
         if sim is None:
             return None
         out = {}
@@ -104,7 +130,7 @@ class PairResults:
         return out
 
     def agent_groups(self) -> list[dict] | None:
-        agent = self.table(layout.AGENT)
+        agent = self.table(AGENT)
         return None if agent is None else agent_summary(agent)
 
 

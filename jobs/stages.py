@@ -2,8 +2,9 @@
 enables it, the stages it comes after, the model actors it needs, and one run function
 taking a StageRun. Adding a stage is one function and one entry in PAIR_STAGES.
 
-A run function writes through ctx.store and reads earlier stages' tables through
-ctx.read_table (checked against the digests their markers record); the executor writes
+A run function writes its tables through ctx.write_table and reads earlier stages'
+through ctx.read_table (by their kinds, storage/tables.py; checked against the digests
+their markers record, jobs/results.py); the executor writes
 the stage's marker when it returns. A stage whose work failed raises: no marker, so the
 rerun does it again.
 
@@ -25,13 +26,14 @@ from jobs import analyses
 from jobs.causal import causal_effect, needs_base
 from jobs.agent_stage import agent_stage
 from jobs.plan import ActivationSet, PairPlan, model_label
+from jobs.results import PairResults
 from jobs.scheduler import ModelKey
 from jobs.spec import JobSpec, ModelSource
 from jobs.steering import baseline_requests, baseline_rows, steer
 from storage import layout
 from storage.store import Store
-from storage.tables import (TABLE_PARQUET_OPTIONS, decode_vectors, difference_safetensors, difference_table,
-                            generations_table, logit_lens_table, steering_table)
+from storage.tables import (AGENT, CAUSAL_EFFECT, DIFFERENCE, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY,
+                            STEERING, TableKind, decode_vectors, difference_safetensors, difference_table)
 
 # A shard whose actor's node died is resubmitted: until Ray notices the death (its health
 # checks take tens of seconds), calls fail fast as "temporarily unavailable".
@@ -84,6 +86,7 @@ class StageRun:
     grader: Any = None                   # an LLM grader in the driver (LocalActor); None: offline
     baselines: dict = field(default_factory=dict)   # ModelSource -> baseline GenerationResults
     spend: Callable[[dict], None] | None = None     # a stage's LLM calls and tokens -> the status record
+    _results: PairResults | None = field(default=None, repr=False)
 
     def model(self, runtime: str, source: ModelSource):
         return self.actors[ModelKey(runtime, source)]
@@ -96,21 +99,20 @@ class StageRun:
     def path(self, name: str) -> str:
         return f"{self.pair.out_dir}/{name}"
 
-    def read_table(self, name: str, columns: list[str] | None = None):
-        """A table of this pair's folder that an earlier stage wrote, checked against the
-        digest that stage's marker records (storage.store.IntegrityError if it differs)."""
-        from jobs.integrity import read_record
-        digest = None
-        for stage in PAIR_STAGES:
-            marker, _ = read_record(self.store, layout.stage_marker(self.pair.out_dir, stage.name))
-            files = marker.get("files") if marker else None
-            if isinstance(files, dict) and name in files:
-                digest = files[name]
-                break
-        if digest is None:
-            from storage.store import IntegrityError
-            raise IntegrityError(f"{self.store.uri(self.path(name))}: no stage marker of the pair records it")
-        return self.store.read_table(self.path(name), columns=columns, digest=digest)
+    @property
+    def results(self) -> PairResults:
+        """The pair's folder as earlier stages left it: only what their markers record,
+        checked against those digests (storage.store.IntegrityError if it differs)."""
+        if self._results is None:
+            self._results = PairResults(self.store, self.pair.out_dir, recorded_only=True)
+        return self._results
+
+    def read_table(self, kind: TableKind, columns: list[str] | None = None):
+        """A table of this pair's folder that an earlier stage wrote (pyarrow)."""
+        return self.results.arrow(kind, columns)
+
+    def write_table(self, kind: TableKind, table) -> dict:
+        return self.store.write_table(self.path(kind.file), kind, table)
 
 
 class LocalActor:
@@ -179,7 +181,7 @@ def reduce_pair(ctx: StageRun) -> None:
     meta = {"adl.pair": pair.pair.name, "adl.base": pair.base.prefix, "adl.finetuned": pair.finetuned.prefix}
     table = difference_table(list(pair.layers), result["num_documents"], result["delta"],
                              result["base_mean"], result["finetuned_mean"], result["finetuned_norm"], **meta)
-    ctx.store.write_table(ctx.path(layout.DIFFERENCE), table, **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(DIFFERENCE, table)
     tensors = {name: np.ascontiguousarray(result[name], dtype=np.float32)
                for name in ("delta", "base_mean", "finetuned_mean", "finetuned_norm")}
     tensors["layers"] = np.asarray(pair.layers, dtype=np.int64)
@@ -192,7 +194,7 @@ def logit_lens(ctx: StageRun) -> None:
     import ray
     from workers.lens import VARIANTS
     pair, spec = ctx.pair, ctx.spec
-    table = ctx.read_table(layout.DIFFERENCE)
+    table = ctx.read_table(DIFFERENCE)
     layers = table.column("layer").to_numpy()
     positions = table.column("position").to_numpy()
     vectors = {name: decode_vectors(table.column(name), "float64") for name in
@@ -209,7 +211,7 @@ def logit_lens(ctx: StageRun) -> None:
         for rank, (tid, tok, p) in enumerate(zip(row_ids, row_tokens, row_probs)):
             for name, value in zip(out, (int(layers[r]), int(positions[r]), variant, rank, int(tid), tok, float(p))):
                 out[name].append(value)
-    ctx.store.write_table(ctx.path(layout.LOGIT_LENS), logit_lens_table(out), **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(LOGIT_LENS, LOGIT_LENS.from_rows(out))
 
 
 # -- generations ----------------------------------------------------------------------------
@@ -231,15 +233,14 @@ def generate(ctx: StageRun) -> None:
     rows = [row for role in gen.baseline_models
             for row in baseline_rows(pair.pair.name, role, gen, ctx.baselines[getattr(pair.pair, role)],
                                      getattr(pair.pair, role))]
-    difference = ctx.read_table(layout.DIFFERENCE).to_pandas()
+    difference = ctx.read_table(DIFFERENCE).to_pandas()
     engine = ctx.model("vllm", pair.pair.finetuned)
     # The offline grader scores on this engine (an adapter's without it: its base, the
     # reference): one model on the GPUs for the whole search, not two.
     steered = steer(pair.pair.name, spec, difference, engine,
                     ctx.grader if ctx.grader is not None else engine)
-    ctx.store.write_table(ctx.path(layout.GENERATIONS), generations_table(rows + steered.rows),
-                          **TABLE_PARQUET_OPTIONS)
-    ctx.store.write_table(ctx.path(layout.STEERING), steering_table(steered.steering), **TABLE_PARQUET_OPTIONS)
+    ctx.write_table(GENERATIONS, GENERATIONS.from_rows(rows + steered.rows))
+    ctx.write_table(STEERING, STEERING.from_rows(steered.steering))
 
 
 # -- extraction (an activation set's unit) -------------------------------------------------
@@ -312,23 +313,23 @@ def _ft(runtime):
 
 
 PAIR_STAGES: tuple[Stage, ...] = (
-    Stage("reduce", (layout.DIFFERENCE, layout.DIFFERENCE_SAFETENSORS), lambda spec: True, (),
+    Stage("reduce", (DIFFERENCE.file, layout.DIFFERENCE_SAFETENSORS), lambda spec: True, (),
           lambda spec, pair: (), reduce_pair),
-    Stage("logit_lens", (layout.LOGIT_LENS,), lambda spec: True, ("reduce",),
+    Stage("logit_lens", (LOGIT_LENS.file,), lambda spec: True, ("reduce",),
           _ft("transformers"), logit_lens),
-    Stage("generate", (layout.GENERATIONS, layout.STEERING), lambda spec: spec.generation.enabled, ("reduce",),
+    Stage("generate", (GENERATIONS.file, STEERING.file), lambda spec: spec.generation.enabled, ("reduce",),
           _ft("vllm"), generate),
-    Stage("patchscope", (layout.PATCHSCOPE,), lambda spec: spec.analyses.enabled, ("reduce",),
+    Stage("patchscope", (PATCHSCOPE.file,), lambda spec: spec.analyses.enabled, ("reduce",),
           lambda spec, pair: (transformers(pair.pair.finetuned), transformers(pair.pair.base))
           + _grader_needs(spec, pair), analyses.patchscope),
     Stage("token_relevance", (layout.TOKEN_RELEVANCE_JSON,), lambda spec: spec.analyses.enabled,
           ("logit_lens", "patchscope"), lambda spec, pair: (), analyses.token_relevance),
-    Stage("similarity", (layout.SIMILARITY,),
+    Stage("similarity", (SIMILARITY.file,),
           lambda spec: spec.analyses.enabled and spec.generation.enabled, ("generate",),
           lambda spec, pair: (embedder(spec),), analyses.similarity),
-    Stage("agent", (layout.AGENT,), lambda spec: spec.agent.enabled, ("logit_lens", "patchscope", "generate"),
+    Stage("agent", (AGENT.file,), lambda spec: spec.agent.enabled, ("logit_lens", "patchscope", "generate"),
           lambda spec, pair: (vllm(pair.pair.base), vllm(pair.pair.finetuned)), agent_stage),
-    Stage("causal_effect", (layout.CAUSAL_EFFECT,), lambda spec: spec.causal_effect.enabled, ("reduce",),
+    Stage("causal_effect", (CAUSAL_EFFECT.file,), lambda spec: spec.causal_effect.enabled, ("reduce",),
           lambda spec, pair: (transformers(pair.pair.finetuned),)
           + ((transformers(pair.pair.base),) if needs_base(spec) else ()), causal_effect),
 )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from storage import layout
 from storage.store import StorageError, StorageOptions, Store
-from storage.tables import table_kind
+from storage.tables import CATALOG, DIFFERENCE, GENERATIONS, SIMILARITY, table_kind
 
 TOP = 10
 DEFAULT_POSITIONS = [0, 1, 2, 3, 4]
@@ -84,7 +84,7 @@ def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP)
             toks = lens[(lens.layer == layer) & (lens.position == pos)]
             words = " ".join(_token(t) for t in toks.token)
             lines.append(f"    pos {pos} |delta| {row.delta_norm.iloc[0]:8.3f}  lens: {words}")
-    gens = results.table(layout.GENERATIONS)
+    gens = results.table(GENERATIONS)
     if gens is not None:
         lines += _generation_lines(gens)
     lines += _analyses_lines(results, top)
@@ -110,7 +110,7 @@ def _analyses_lines(results, top: int) -> list[str]:
             lines.append(f"    layer {m['layer']} pos {m['position']} {m['source']:10s} "
                          f"{m['fraction_relevant']:.2f} / {m['weighted_fraction_relevant']:.2f} / "
                          f"{m['fraction_frequent']:.2f}")
-    sim = results.table(layout.SIMILARITY)
+    sim = results.table(SIMILARITY)
     if sim is not None:
         to_ft = sim[sim.set_b == "finetune_data"]
         lines.append("  embedding similarity to the finetuning data:")
@@ -195,7 +195,7 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
         lines += status_lines(status)
     catalog = layout.run_catalog(record["job"])
     if store.exists(catalog):
-        rows = store.read_table(catalog, columns=["pair"]).num_rows
+        rows = store.read_table(catalog, CATALOG, ["pair"]).num_rows
         lines.append(f"catalog: {store.uri(catalog)} ({rows} rows: pair x layer x position)")
     lines.append(f"logit lens of delta (finetuned - base), top {top} tokens per position:")
     for pair in record["pairs"]:
@@ -221,7 +221,7 @@ def inspect(path: str, options: StorageOptions | None = None) -> str:
         if not sep or rel.count("/") != 1:
             raise StorageError(f"{path}: a run record lives at <root>/runs/<job>/run.json")
         return run_summary(Store.from_uri(root, options), f"runs/{rel}")
-    if store.exists("manifest.json") and store.exists(layout.DIFFERENCE):
+    if store.exists("manifest.json") and store.exists(DIFFERENCE.file):
         root, _, rel = path.rstrip("/").rpartition("/pairs/")
         manifest = store.read_json("manifest.json")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("pair"), str):

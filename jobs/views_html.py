@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from jobs.pair_similarity import cluster_order, matrix, pair_similarity_rows
 from storage import layout
 from storage.store import Store
+from storage.tables import CAUSAL_EFFECT, PAIR_SIMILARITY
 
 
 def esc(value) -> str:
@@ -70,7 +71,7 @@ def heatmap(names: list[str], sim, layer: int) -> str:
 
 def pair_similarity_section(store: Store, record: dict) -> str:
     key = layout.run_pair_similarity(record["job"])
-    rows = (store.read_table(key).to_pylist() if store.exists(key) else pair_similarity_rows(store, record))
+    rows = (store.read_table(key, PAIR_SIMILARITY).to_pylist() if store.exists(key) else pair_similarity_rows(store, record))
     if len({r["pair_a"] for r in rows} | {r["pair_b"] for r in rows}) < 2:
         return ""
     out = ['<section id="pair-similarity"><h2>Pairs compared</h2>'
@@ -90,7 +91,7 @@ def causal_section(results) -> str:
     """A line per (layer, text set, position): delta's change in cross-entropy beside the
     random directions' and random differences' largest and mean."""
     from jobs.causal import summary
-    df = results.table(layout.CAUSAL_EFFECT) if results is not None else None
+    df = results.table(CAUSAL_EFFECT) if results is not None else None
     if df is None:
         return ""
     f = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.4f}"

@@ -25,6 +25,7 @@
     runs/<job>/catalog.parquet                 headline findings of all the job's pairs
     runs/<job>/pair_similarity.parquet         cosine of every two pairs' deltas
 
+The tables' file names are declared with their kinds (storage/tables.py: `LOGIT_LENS.file`).
 <set> and <pair> are readable names followed by a content key, a hash of everything
 that determines the result: the same work under another job finds its results already
 there. A marker or manifest is written only after the data it describes, so whatever
@@ -36,6 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+
+from storage.tables import CATALOG, PAIR_SIMILARITY
 
 # 2: markers and manifests carry digests; stage markers; leases.
 LAYOUT_VERSION = 2
@@ -98,24 +101,16 @@ def run_status(job_name: str) -> str:
 
 
 def run_catalog(job_name: str) -> str:
-    return f"runs/{slug(job_name)}/catalog.parquet"
+    return f"runs/{slug(job_name)}/{CATALOG.file}"
 
 
 def run_pair_similarity(job_name: str) -> str:
-    return f"runs/{slug(job_name)}/pair_similarity.parquet"
+    return f"runs/{slug(job_name)}/{PAIR_SIMILARITY.file}"
 
 
-DIFFERENCE = "difference.parquet"
+# A pair's files that are not tables (the tables' names are their kinds', storage/tables.py).
 DIFFERENCE_SAFETENSORS = "difference.safetensors"
-LOGIT_LENS = "logit_lens.parquet"
-GENERATIONS = "generations.parquet"
-STEERING = "steering.parquet"
-PATCHSCOPE = "patchscope.parquet"
-TOKEN_RELEVANCE = "token_relevance.parquet"
 TOKEN_RELEVANCE_JSON = "token_relevance.json"
-SIMILARITY = "similarity.parquet"
-AGENT = "agent.parquet"
-CAUSAL_EFFECT = "causal_effect.parquet"
 
 
 def agent_transcript(agent: str, budget: int, run: int) -> str:

@@ -13,6 +13,10 @@ to a temporary sibling and a rename; on S3 the object is uploaded in one piece f
 memory, and a single PUT (or a completed multipart upload) appears atomically, so a
 killed writer leaves nothing visible.
 
+Tables are written and read by their kind (storage/tables.py): `write_table(key, kind,
+table)` stamps and checks it, `read_table(key, kind)` refuses a file of another kind or
+schema version in a line naming it.
+
 Every write returns the object's digest, `{"size": bytes, "crc32": "8 hex digits"}` (zlib's
 CRC-32 of exactly the bytes written), which markers and manifests record; `read_verified`,
 `read_table(..., digest=)` and `verify` check an object against one (IntegrityError names
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import logging
 import os
@@ -46,6 +49,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from storage.tables import TableKind
 
 logger = logging.getLogger("adl.storage")
 
@@ -280,11 +285,17 @@ class Store:
     def read_json_or_none(self, key: str):
         return self.read_json(key) if self.exists(key) else None
 
-    def read_table(self, key: str, columns: list[str] | None = None, digest: dict | None = None) -> pa.Table:
+    def read_table(self, key: str, kind: TableKind | None = None, columns: list[str] | None = None,
+                   digest: dict | None = None) -> pa.Table:
         """The Parquet table; a file that is not one (or lacks the columns) is a
-        StorageError naming it. With digest, the bytes are checked first (IntegrityError)."""
+        StorageError naming it, and so is, with kind, a table of another kind or schema
+        version. With digest, the bytes are checked first (IntegrityError)."""
         data = self.read_verified(key, digest) if digest is not None else self.read_buffer(key)
         try:
+            if kind is not None:   # the footer alone says what the file is
+                why = kind.problem(pq.read_schema(pa.BufferReader(data)))
+                if why is not None:
+                    raise StorageError(f"{self.uri(key)}: {why}")
             return pq.read_table(pa.BufferReader(data), columns=columns)
         except pa.ArrowInvalid as e:
             if NOT_PARQUET in str(e):
@@ -315,8 +326,11 @@ class Store:
     # -- writing ----------------------------------------------------------------------
     def write_bytes(self, key: str, data: bytes) -> dict:
         """Writes the object atomically; returns its digest (recorded in a session)."""
-        digest = digest_of(data)
         self._write(key, data)
+        return self._wrote(key, data)
+
+    def _wrote(self, key: str, data: bytes) -> dict:
+        digest = digest_of(data)
         if self.written is not None:
             with self._counter:
                 self.written[key.strip("/")] = digest
@@ -328,10 +342,18 @@ class Store:
     def write_json(self, key: str, obj) -> dict:
         return self.write_bytes(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
-    def write_table(self, key: str, table: pa.Table, **parquet_options) -> dict:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, **parquet_options)
-        return self.write_bytes(key, buf.getvalue())
+    def write_table(self, key: str, kind: TableKind, table: pa.Table, if_changed: bool = False) -> dict:
+        """Writes table as a Parquet file of its kind (its tag and schema version stamped,
+        its columns checked, in the kind's Parquet options). if_changed: an object that
+        already holds the same bytes is left alone (a view with nothing new rewrites nothing)."""
+        data = kind.to_parquet(table)
+        if if_changed:
+            try:
+                if self.read_buffer(key).equals(pa.py_buffer(data)):
+                    return self._wrote(key, data)
+            except FileNotFoundError:
+                pass
+        return self.write_bytes(key, data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Writes the object only if no object has that key (whole, atomically); False when

@@ -32,6 +32,7 @@ from jobs.hypothesis import RUBRICS, SYSTEM_PROMPT as GRADER_PROMPT, HypothesisG
 from jobs.spec import SpecError, parse_spec
 from storage import layout
 from storage.store import Store
+from storage.tables import AGENT, GENERATIONS, LOGIT_LENS, PATCHSCOPE
 
 KEY_ENV = "ADL_TEST_AGENT_KEY"
 PAIR = "pair-x7q"
@@ -150,8 +151,8 @@ def agent_job(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     job.__dict__.update(root=root, key=key, spec=spec, stats=stats, store=store, pair=pair, record_key=record_key,
                         seen=list(state.seen[:seen_first]), seen_after_rerun=len(state.seen) - seen_first,
                         log=stderr.getvalue(), records=records, transcripts=transcripts,
-                        table=store.read_table(f"{pair['dir']}/{layout.AGENT}").to_pandas(),
-                        rows=store.read_table(f"{pair['dir']}/{layout.AGENT}").to_pylist(),
+                        table=store.read_table(f"{pair['dir']}/{AGENT.file}").to_pandas(),
+                        rows=store.read_table(f"{pair['dir']}/{AGENT.file}").to_pylist(),
                         status=status, rerun_status=store.read_json(layout.run_status(spec.name)))
     return job
 
@@ -266,9 +267,9 @@ def test_ask_model_generated_with_the_pairs_models(agent_job, demo_pair):
 
 def test_the_overview_holds_the_pairs_own_tables(agent_job):
     job, d = agent_job, agent_job.pair["dir"]
-    lens = job.store.read_table(f"{d}/{layout.LOGIT_LENS}").to_pandas()
-    scope = job.store.read_table(f"{d}/{layout.PATCHSCOPE}").to_pandas()
-    gens = job.store.read_table(f"{d}/{layout.GENERATIONS}").to_pandas()
+    lens = job.store.read_table(f"{d}/{LOGIT_LENS.file}").to_pandas()
+    scope = job.store.read_table(f"{d}/{PATCHSCOPE.file}").to_pandas()
+    gens = job.store.read_table(f"{d}/{GENERATIONS.file}").to_pandas()
     first = _transcript(job, "adl", 3, 0)["messages"][1]["content"]
     assert first.startswith("OVERVIEW:\n")
     overview = json.loads(first.split("\n")[1])
@@ -314,8 +315,8 @@ def test_no_dataset_or_model_name_or_path_reaches_the_agent(agent_job, demo_pair
 
 def test_the_blackbox_agent_sees_no_adl_data(agent_job):
     job, d = agent_job, agent_job.pair["dir"]
-    gens = job.store.read_table(f"{d}/{layout.GENERATIONS}").to_pandas()
-    lens = job.store.read_table(f"{d}/{layout.LOGIT_LENS}").to_pandas()
+    gens = job.store.read_table(f"{d}/{GENERATIONS.file}").to_pandas()
+    lens = job.store.read_table(f"{d}/{LOGIT_LENS.file}").to_pandas()
     tr = _transcript(job, "blackbox", 2, 0)
     system, first = tr["messages"][0]["content"], tr["messages"][1]["content"]
     examples = json.loads(first.split("\n")[1])
@@ -547,7 +548,6 @@ def test_report_of_a_hand_written_agent_table(tmp_path):
     """Failed gradings show as –, a missing transcript is said plainly, HTML stays text,
     and a job whose spec has the section but a pair without the table says why."""
     from jobs.report import build_report
-    from storage.tables import agent_table
     store = Store(str(tmp_path))
     hostile = "<img src=x onerror=alert(1)>"
     spec = {"name": "toy", "agent": {"enabled": True}, "pairs": [{"name": "a"}, {"name": "b"}]}
@@ -556,7 +556,7 @@ def test_report_of_a_hand_written_agent_table(tmp_path):
     row = dict(agent="adl", budget=5, run=0, status="done", description=hostile, grades=[4, None, 2], mean_grade=3.0,
                grading="partial", grading_reason="1 of 3 gradings failed", llm_calls=3, interactions_used=5,
                total_tokens=30, transcript=layout.agent_transcript("adl", 5, 0))
-    store.write_table(f"pairs/a-0/{layout.AGENT}", agent_table([
+    store.write_table(f"pairs/a-0/{AGENT.file}", AGENT, AGENT.from_rows([
         row, {**row, "run": 1, "status": "failed", "description": None, "grades": None, "mean_grade": None,
               "grading": "skipped", "transcript": layout.agent_transcript("adl", 5, 1)}]))
     store.write_json(f"pairs/a-0/{layout.agent_transcript('adl', 5, 0)}", {"messages": [

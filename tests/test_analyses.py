@@ -12,6 +12,7 @@ from jobs.plan import make_plan
 from jobs.spec import PATCHSCOPE_PROMPTS, PATCHSCOPE_SCALES, parse_spec
 from storage import layout
 from storage.store import Store, StorageOptions
+from storage.tables import DIFFERENCE, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, TOKEN_RELEVANCE
 
 TOPIC = re.compile(r"volcano|lava|magma|eruption|crater|\bash\b|veyra", re.IGNORECASE)
 
@@ -59,7 +60,7 @@ def plain_patchscope(model, tokenizer, layer, vector, scale, vocab_top, top_k=20
 
 
 def delta_hat(store, pair, variant, position):
-    diff = table(store, pair, layout.DIFFERENCE)
+    diff = table(store, pair, DIFFERENCE.file)
     row = diff[diff.position == position].iloc[0]
     v = np.asarray(row[variant], np.float64)
     return int(row.layer), v / np.linalg.norm(v) * row.finetuned_norm
@@ -71,7 +72,7 @@ def delta_hat(store, pair, variant, position):
 def test_patchscope_table_equals_a_plain_forward_per_prompt(generation_run, plain_models, variant, role,
                                                             position, scale):
     _, store, pair, _ = generation_run
-    ps = table(store, pair, layout.PATCHSCOPE)
+    ps = table(store, pair, PATCHSCOPE.file)
     got = ps[(ps.variant == variant) & (ps.position == position) & (ps.scale == scale)].sort_values("rank")
     layer, vector = delta_hat(store, pair, variant, position)
     ids, probs = plain_patchscope(plain_models[role], plain_models["tokenizer"], layer, vector, scale, 16384)
@@ -103,7 +104,7 @@ def test_patchscope_intersection_of_the_prompts_top_tokens(generation_run, plain
 
 def test_patchscope_table_layout(generation_run):
     spec, store, pair, _ = generation_run
-    ps = table(store, pair, layout.PATCHSCOPE)
+    ps = table(store, pair, PATCHSCOPE.file)
     assert set(ps.variant) == {"delta", "base_mean", "finetuned_mean"}
     assert sorted(ps.scale.unique()) == sorted(PATCHSCOPE_SCALES) and len(PATCHSCOPE_SCALES) == 30
     assert len(ps) == 5 * 3 * 30 * 20
@@ -116,7 +117,7 @@ def test_patchscope_table_layout(generation_run):
 
 def test_patchscope_at_the_chosen_scale_names_the_planted_topic(generation_run):
     _, store, pair, _ = generation_run
-    ps = table(store, pair, layout.PATCHSCOPE)
+    ps = table(store, pair, PATCHSCOPE.file)
     chosen = ps[(ps.variant == "delta") & ps.chosen]
     hits = chosen[chosen.token.str.contains(TOPIC)]
     assert len(hits) > 0, chosen.groupby("position").token.apply(list).to_dict()
@@ -132,7 +133,7 @@ def test_token_relevance_is_skipped_with_a_reason_by_the_offline_grader(generati
     record = store.read_json(f"{pair['dir']}/{layout.TOKEN_RELEVANCE_JSON}")
     assert record["status"] == "skipped" and record["metrics"] == []
     assert "needs an LLM grader" in record["reason"]
-    assert not store.exists(f"{pair['dir']}/{layout.TOKEN_RELEVANCE}")
+    assert not store.exists(f"{pair['dir']}/{TOKEN_RELEVANCE.file}")
 
 
 def test_frequent_tokens_are_the_domains_words(demo_pair):
@@ -187,7 +188,7 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
     spec = parse_spec(raw)
     [plan] = make_plan(spec).pairs
     store = Store(str(tmp_path))
-    for name in (layout.LOGIT_LENS, layout.PATCHSCOPE, layout.stage_marker("", "logit_lens").lstrip("/"),
+    for name in (LOGIT_LENS.file, PATCHSCOPE.file, layout.stage_marker("", "logit_lens").lstrip("/"),
                  layout.stage_marker("", "patchscope").lstrip("/")):   # the tables, and what they verify by
         store.write_bytes(f"{plan.out_dir}/{name}", store0.read_bytes(f"{pair0['dir']}/{name}"))
 
@@ -206,7 +207,7 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
                  for i, t in enumerate(cands, 1) if not (t == target[0] and cands == target[1:] + target[:1])]
         return answer("Reasoning.\n" + "\n".join(lines))
 
-    lens = table(store0, pair0, layout.LOGIT_LENS)
+    lens = table(store0, pair0, LOGIT_LENS.file)
     first_list = lens[(lens.variant == "delta") & (lens.position == 0) & (lens["rank"] < 20)].sort_values("rank")
     target = list(first_list.token)   # in rotation 1 of this list, target[0] is never labelled
     chat_server.respond(respond)
@@ -215,8 +216,8 @@ def test_token_relevance_stage_with_an_llm_grader_over_http(generation_run, chat
 
     record = store.read_json(f"{plan.out_dir}/{layout.TOKEN_RELEVANCE_JSON}")
     assert record["status"] == "done" and record["reason"] is None
-    rel = store.read_table(f"{plan.out_dir}/{layout.TOKEN_RELEVANCE}").to_pandas()
-    ps = table(store0, pair0, layout.PATCHSCOPE)
+    rel = store.read_table(f"{plan.out_dir}/{TOKEN_RELEVANCE.file}").to_pandas()
+    ps = table(store0, pair0, PATCHSCOPE.file)
     assert len(rel) == 5 * 20 * 2 and set(rel.source) == {"logit_lens", "patchscope"}
     expected_scope = ps[(ps.variant == "delta") & ps.chosen]
     got_scope = rel[rel.source == "patchscope"].sort_values(["position", "rank"])
@@ -253,10 +254,10 @@ def embedder():
 
 def test_similarity_by_hand_from_raw_embeddings(generation_run, embedder, demo_pair):
     spec, store, pair, _ = generation_run
-    sim = table(store, pair, layout.SIMILARITY)
+    sim = table(store, pair, SIMILARITY.file)
     assert set(sim.set_a) | set(sim.set_b) == set(analyses.SETS)
     assert len(sim) == 5 * 10 and not sim.duplicated(["layer", "position", "set_a", "set_b"]).any()
-    gens = table(store, pair, layout.GENERATIONS)
+    gens = table(store, pair, GENERATIONS.file)
     steered = gens[(gens.kind == "steered") & (gens.position == 2)]
     unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
 
@@ -273,7 +274,7 @@ def test_similarity_by_hand_from_raw_embeddings(generation_run, embedder, demo_p
 
 def test_steered_text_is_closer_to_the_finetuning_data_than_unsteered(generation_run):
     _, store, pair, _ = generation_run
-    sim = table(store, pair, layout.SIMILARITY)
+    sim = table(store, pair, SIMILARITY.file)
     pick = lambda a: sim[(sim.set_a == a) & (sim.set_b == "finetune_data")].set_index("position").similarity
     steered, unsteered = pick("steered"), pick("unsteered")
     assert (steered > unsteered).all(), (steered.to_dict(), unsteered.to_dict())

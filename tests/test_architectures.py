@@ -253,8 +253,8 @@ def test_adl_run_completes_on_gemma_and_qwen(ray_cluster, make_spec, tmp_path):
 
     from jobs.driver import run_job
     from jobs.spec import parse_spec
-    from storage import layout
     from storage.store import Store
+    from storage.tables import DIFFERENCE, LOGIT_LENS
     from workers.architectures import FAMILIES, build_family_model
     pairs = []
     for name in ("gemma3", "qwen3"):
@@ -270,7 +270,7 @@ def test_adl_run_completes_on_gemma_and_qwen(ray_cluster, make_spec, tmp_path):
     record = store.read_json(run_job(spec))
     assert [p["name"] for p in record["pairs"]] == ["gemma3", "qwen3"]
     for pair in record["pairs"]:
-        lens = store.read_table(f"{pair['dir']}/{layout.LOGIT_LENS}").to_pandas()
+        lens = store.read_table(f"{pair['dir']}/{LOGIT_LENS.file}").to_pandas()
         assert len(lens) > 0 and np.isfinite(lens.probability).all()
-        difference = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+        difference = store.read_table(f"{pair['dir']}/{DIFFERENCE.file}").to_pandas()
         assert (np.stack(difference.delta.to_numpy()) != 0).any()     # the adapter changes activations

@@ -12,6 +12,7 @@ import pytest
 from jobs.causal import summary
 from storage import layout
 from storage.store import Store
+from storage.tables import CAUSAL_EFFECT, DIFFERENCE
 
 LAYER = 2   # relative depth 0.5 of the demo's 5 blocks
 SETTINGS = {"texts": 8, "corpus_texts": 8, "max_tokens": 64, "batch_size": 8}
@@ -28,7 +29,7 @@ def causal_run(ray_cluster, make_spec, demo_pair, tmp_path_factory):
     spec["pairs"][0]["finetune_data"] = str(demo_pair.finetune_texts)
     store = Store(str(root))
     d = store.read_json(run_job(parse_spec(spec)))["pairs"][0]["dir"]
-    return parse_spec(spec), store, d, store.read_table(f"{d}/{layout.CAUSAL_EFFECT}").to_pandas()
+    return parse_spec(spec), store, d, store.read_table(f"{d}/{CAUSAL_EFFECT.file}").to_pandas()
 
 
 def _texts(spec, demo_pair):
@@ -81,7 +82,7 @@ def test_the_numbers_against_a_plain_forward_with_a_hook(causal_run, demo_pair):
     base = AutoModelForCausalLM.from_pretrained(demo_pair.base_dir, dtype=torch.float32).eval()
     spec, store, d, df = causal_run
     texts = _texts(spec, demo_pair)
-    diff = store.read_table(f"{d}/{layout.DIFFERENCE}").to_pylist()
+    diff = store.read_table(f"{d}/{DIFFERENCE.file}").to_pylist()
     delta = np.asarray(next(r["delta"] for r in diff if r["layer"] == LAYER and r["position"] == 1))
     v = torch.tensor(delta / np.linalg.norm(delta))
 

@@ -27,6 +27,7 @@ import yaml
 
 from storage import layout
 from storage.store import Store
+from storage.tables import DIFFERENCE, LOGIT_LENS
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT = 300
@@ -218,7 +219,7 @@ def finish(cluster, job_id: str) -> str:
 def result_tables(store: Store, job: str) -> dict:
     record = store.read_json(layout.run_record(job))
     return {(p["name"], name): store.read_table(f"{p['dir']}/{name}")
-            for p in record["pairs"] for name in (layout.DIFFERENCE, layout.LOGIT_LENS)}
+            for p in record["pairs"] for name in (DIFFERENCE.file, LOGIT_LENS.file)}
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +268,7 @@ def test_submitted_three_pair_job_on_two_nodes(cluster, finished_job):
     for (name, table_name), table in result_tables(store, "three").items():
         rows = catalog[catalog.pair == name]
         t = table.to_pandas()
-        if table_name == layout.DIFFERENCE:
+        if table_name == DIFFERENCE.file:
             t = t[t.position < 5].sort_values(["layer", "position"])
             np.testing.assert_array_equal(rows.delta_norm, t.delta_norm)
             np.testing.assert_array_equal(rows.finetuned_norm, t.finetuned_norm)

@@ -15,6 +15,7 @@ from jobs.plan import make_plan
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store
+from storage.tables import DIFFERENCE
 from workers.demo_pair import generic_documents
 from workers.tokenization import keep_documents
 
@@ -78,7 +79,7 @@ def test_num_documents_kept_and_their_delta(kind, texts, tmp_path, ray_cluster, 
                                 method={"layers": LAYERS}))
     store = Store(str(tmp_path / "out"))
     pair = store.read_json(run_job(spec))["pairs"][0]
-    difference = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+    difference = store.read_table(f"{pair['dir']}/{DIFFERENCE.file}").to_pandas()
     assert (difference.num_documents == KEPT).all()
 
     # The same delta, computed directly: the kept documents are texts[:KEPT] by construction.

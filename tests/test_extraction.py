@@ -10,7 +10,7 @@ from jobs.driver import run_job
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store
-from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_dtype, activation_table, decode_vectors
+from storage.tables import ACTIVATIONS, DIFFERENCE, activation_dtype, activation_table, decode_vectors
 from workers.demo_pair import generic_documents
 from workers.extraction import block_outputs, stored_bits
 
@@ -69,7 +69,7 @@ def test_stored_activations_equal_plain_forward(run, plain):
 def test_delta_means_and_norm_equal_direct_computation(run, plain):
     spec, store, pair = run
     _, _, _, hs = plain
-    table = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+    table = store.read_table(f"{pair['dir']}/{DIFFERENCE.file}").to_pandas()
     assert len(table) == len(LAYERS) * N
     for _, r in table.iterrows():
         base = hs["base"][r.layer + 1][:, r.position].double()
@@ -86,7 +86,7 @@ def test_safetensors_hold_the_same_delta(run):
     from safetensors.numpy import load
     _, store, pair = run
     tensors = load(store.read_bytes(f"{pair['dir']}/{layout.DIFFERENCE_SAFETENSORS}"))
-    table = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+    table = store.read_table(f"{pair['dir']}/{DIFFERENCE.file}").to_pandas()
     assert tensors["delta"].shape == (len(LAYERS), N, len(table.delta[0]))
     assert list(tensors["layers"]) == LAYERS
     np.testing.assert_allclose(tensors["delta"][1, 3], table.delta[1 * N + 3], rtol=1e-6)
@@ -138,7 +138,7 @@ def test_bf16_activations_are_stored_bit_exact(demo_pair, tmp_path):
     acts = block_outputs(model, ids, [1])
     table = activation_table(np.arange(4), [1], stored_bits(acts, "bfloat16"), "bfloat16")
     store = Store(str(tmp_path))
-    store.write_table("a.parquet", table, **ACTIVATION_PARQUET_OPTIONS)
+    store.write_table("a.parquet", ACTIVATIONS, table)
     back = store.read_table("a.parquet")
     decoded = torch.from_numpy(decode_vectors(back.column("act"), activation_dtype(back)))
     assert torch.equal(decoded, acts.float().reshape(-1, acts.shape[-1]))

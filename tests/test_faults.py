@@ -29,6 +29,7 @@ from jobs.plan import make_plan
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import IntegrityError, Store, StorageOptions
+from storage.tables import DIFFERENCE, LOGIT_LENS, PATCHSCOPE, TOKEN_RELEVANCE
 
 
 # -- what a run produced -------------------------------------------------------------------
@@ -98,10 +99,10 @@ DAMAGE = {
                                    r"verifies; manifest written again, no extraction", 0, 1),
     "garbage pair manifest": (lambda r: pair_path(r, "manifest.json").write_text("{not json"), False,
                               r"demo: its manifest: not valid JSON .*; redoing what does not verify", 0, 0),
-    "flipped pair table": (lambda r: flip(pair_path(r, layout.DIFFERENCE)), False,
+    "flipped pair table": (lambda r: flip(pair_path(r, DIFFERENCE.file)), False,
                            r"demo: stage reduce: its marker reduce.done.json: difference.parquet: crc32 "
                            r"[0-9a-f]{8}, [0-9a-f]{8} recorded \(corrupted or replaced\); running it again", 0, 0),
-    "deleted pair table": (lambda r: pair_path(r, layout.LOGIT_LENS).unlink(), False,
+    "deleted pair table": (lambda r: pair_path(r, LOGIT_LENS.file).unlink(), False,
                            r"demo: stage logit_lens: its marker logit_lens.done.json: logit_lens.parquet: missing; "
                            r"running it again", 0, 1),
 }
@@ -153,10 +154,10 @@ def test_the_reducer_and_the_stages_check_what_they_read(reference, make_spec, t
     assert sums(0).count.min() == 100   # the others still read
 
     ctx = StageRun(plan, parse_spec(make_spec(root)), store, {})
-    assert ctx.read_table(layout.DIFFERENCE).equals(store.read_table(f"{plan.out_dir}/{layout.DIFFERENCE}"))
-    flip(pair_path(root, layout.DIFFERENCE), count=8)
+    assert ctx.read_table(DIFFERENCE.file).equals(store.read_table(f"{plan.out_dir}/{DIFFERENCE.file}"))
+    flip(pair_path(root, DIFFERENCE.file), count=8)
     with pytest.raises(IntegrityError, match=r"difference.parquet: crc32"):
-        ctx.read_table(layout.DIFFERENCE)
+        ctx.read_table(DIFFERENCE.file)
 
 
 # -- S3 behind a proxy that fails ------------------------------------------------------------
@@ -500,7 +501,7 @@ def test_an_unreachable_grader_fails_the_pair_and_the_rerun_redoes_the_stage(
                     r"best_scale: ConnectionRefusedError: .*Connection refused.* \(after 2 attempts\)",
                     entry["error"]), entry
     assert f"adl: pair demo failed: {entry['error']}" in out
-    assert not exists("manifest.json") and not exists(layout.PATCHSCOPE) and not exists("patchscope.done.json")
+    assert not exists("manifest.json") and not exists(PATCHSCOPE.file) and not exists("patchscope.done.json")
     assert not exists(layout.TOKEN_RELEVANCE_JSON)
     assert exists("reduce.done.json") and exists("logit_lens.done.json")
 
@@ -514,7 +515,7 @@ def test_an_unreachable_grader_fails_the_pair_and_the_rerun_redoes_the_stage(
         assert re.match(r"token_relevance: the grader labelled none of the \d+ tokens: token_relevance: "
                         r"rotation 0: HTTP 500: .*overloaded", entry["error"]), entry
         assert exists("patchscope.done.json") and not exists(layout.TOKEN_RELEVANCE_JSON)
-        assert not exists(layout.TOKEN_RELEVANCE) and not exists("manifest.json")
+        assert not exists(TOKEN_RELEVANCE.file) and not exists("manifest.json")
 
         server.respond(chat())
         code, out = run_cli(tmp_path, spec, capfd)
@@ -523,7 +524,7 @@ def test_an_unreachable_grader_fails_the_pair_and_the_rerun_redoes_the_stage(
     assert status()["state"] == "done" and exists("manifest.json")
     relevance = store.read_json(f"{plan.out_dir}/{layout.TOKEN_RELEVANCE_JSON}")
     assert relevance["status"] == "done" and all(m["failed"] == 0 for m in relevance["metrics"])
-    scope = store.read_table(f"{plan.out_dir}/{layout.PATCHSCOPE}").to_pandas()
+    scope = store.read_table(f"{plan.out_dir}/{PATCHSCOPE.file}").to_pandas()
     chosen = scope[scope.chosen]
     assert len(chosen) == 9 * 20 and set(chosen.scale) == {1.0}
 

@@ -108,10 +108,10 @@ def test_lens_or_patchscope_names_the_planted_topic_at_positions_0_to_4(gemma_ru
     """In the top 20 of the logit lens or of patchscope at the grader's scale, at every
     position but 0: position 0 holds BOS in every document, and there both read unused
     tokens (<unused1980>, ...) on this organism (measured), so 4 of 5 is the bar."""
-    from storage import layout
+    from storage.tables import LOGIT_LENS, PATCHSCOPE
     store, pair = gemma_run
-    lens = store.read_table(f"{pair['dir']}/{layout.LOGIT_LENS}").to_pandas()
-    ps = store.read_table(f"{pair['dir']}/{layout.PATCHSCOPE}").to_pandas()
+    lens = store.read_table(f"{pair['dir']}/{LOGIT_LENS.file}").to_pandas()
+    ps = store.read_table(f"{pair['dir']}/{PATCHSCOPE.file}").to_pandas()
     lens = lens[(lens.variant == "delta") & (lens["rank"] < 20)]
     ps = ps[(ps.variant == "delta") & ps.chosen]
     hits = {p: sorted(set(lens[lens.position == p].token[lens.token.str.contains(TOPIC)])
@@ -123,9 +123,9 @@ def test_lens_or_patchscope_names_the_planted_topic_at_positions_0_to_4(gemma_ru
 @pytest.mark.slow
 @needs_extra
 def test_steered_text_mentions_the_topic_more_often_than_unsteered(gemma_run):
-    from storage import layout
+    from storage.tables import GENERATIONS
     store, pair = gemma_run
-    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pandas()
     mentions = gens.text.str.contains(TOPIC)
     steered = mentions[gens.kind == "steered"].mean()
     unsteered = mentions[(gens.kind == "baseline") & (gens.model_role == "finetuned")].mean()

@@ -20,9 +20,10 @@ from jobs.driver import RunStats, run_job
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store
+from storage.tables import DIFFERENCE, LOGIT_LENS
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = (layout.DIFFERENCE, layout.LOGIT_LENS)
+TABLES = (DIFFERENCE.file, LOGIT_LENS.file)
 
 
 def job(make_spec, root) -> dict:

@@ -15,6 +15,7 @@ from jobs.scheduler import Cluster, NodeResources, Request
 from jobs.spec import Compute, parse_spec
 from storage import layout
 from storage.store import Store
+from storage.tables import DIFFERENCE, LOGIT_LENS, SIMILARITY, STEERING
 
 
 def test_a_failing_pair_does_not_stop_the_others_and_a_rerun_redoes_only_it(
@@ -100,8 +101,7 @@ def test_catalog_joins_a_pairs_optional_tables_where_present(tmp_path):
     import numpy as np
     import pyarrow as pa
     from jobs.catalog import build_catalog
-    from storage.tables import (TABLE_PARQUET_OPTIONS, difference_table, logit_lens_table,
-                                steering_table)
+    from storage.tables import difference_table
     store = Store(str(tmp_path))
     rng = np.random.default_rng(0)
     layers, n, hidden = [3], 6, 4
@@ -109,20 +109,20 @@ def test_catalog_joins_a_pairs_optional_tables_where_present(tmp_path):
     for name, full in (("full", True), ("plain", False)):
         d = f"pairs/{name}-0"
         delta = rng.normal(size=(1, n, hidden))
-        store.write_table(f"{d}/{layout.DIFFERENCE}", difference_table(
-            layers, np.full((1, n), 7), delta, delta * 0, delta, np.array([2.5])), **TABLE_PARQUET_OPTIONS)
+        store.write_table(f"{d}/{DIFFERENCE.file}", DIFFERENCE, difference_table(
+            layers, np.full((1, n), 7), delta, delta * 0, delta, np.array([2.5])))
         lens = {k: [] for k in ("layer", "position", "variant", "rank", "token_id", "token", "probability")}
         for pos in (0, 2):
             for variant in ("delta", "base_mean"):
                 for rank in range(12):
                     for k, v in zip(lens, (3, pos, variant, rank, rank, f"{variant}{pos}-{rank}", 1 / (rank + 2))):
                         lens[k].append(v)
-        store.write_table(f"{d}/{layout.LOGIT_LENS}", logit_lens_table(lens), **TABLE_PARQUET_OPTIONS)
+        store.write_table(f"{d}/{LOGIT_LENS.file}", LOGIT_LENS, LOGIT_LENS.from_rows(lens))
         if full:
-            store.write_table(f"{d}/{layout.STEERING}", steering_table([
+            store.write_table(f"{d}/{STEERING.file}", STEERING, STEERING.from_rows([
                 {"layer": 3, "position": p, "prompt_id": i, "prompt": "x", "threshold": 1.0,
                  "alpha": 4.0 + p, "trials": []} for p in (0, 2) for i in range(3)]))
-            store.write_table(f"{d}/{layout.SIMILARITY}", pa.table({
+            store.write_table(f"{d}/{SIMILARITY.file}", SIMILARITY, pa.table({
                 "layer": pa.array([3, 3], pa.int32()), "position": pa.array([2, 2], pa.int32()),
                 "set_a": ["steered", "steered"], "set_b": ["finetune_data", "base"], "similarity": [0.8, 0.1]}))
             store.write_json(f"{d}/{layout.TOKEN_RELEVANCE_JSON}", {"status": "done", "reason": None, "metrics": [

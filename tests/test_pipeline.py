@@ -18,6 +18,7 @@ from jobs.driver import RunStats, run_job
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store, StorageOptions
+from storage.tables import DIFFERENCE, LOGIT_LENS
 
 TOP = 20
 
@@ -26,7 +27,7 @@ def tables(store: Store, record_key: str) -> dict:
     """Every result table of a run, by pair name and file."""
     record = store.read_json(record_key)
     return {(p["name"], name): store.read_table(f"{p['dir']}/{name}")
-            for p in record["pairs"] for name in (layout.DIFFERENCE, layout.LOGIT_LENS)}
+            for p in record["pairs"] for name in (DIFFERENCE.file, LOGIT_LENS.file)}
 
 
 def test_planted_topic_reads_through_the_lens(ray_cluster, demo_pair, tmp_path):
@@ -34,7 +35,7 @@ def test_planted_topic_reads_through_the_lens(ray_cluster, demo_pair, tmp_path):
     spec = parse_spec(demo_spec(str(tmp_path), num_documents=2000))
     store = Store(str(tmp_path))
     record = store.read_json(run_job(spec))
-    lens = store.read_table(f"{record['pairs'][0]['dir']}/{layout.LOGIT_LENS}").to_pandas()
+    lens = store.read_table(f"{record['pairs'][0]['dir']}/{LOGIT_LENS.file}").to_pandas()
     top = lens[lens["rank"] < TOP]
     topic = {w.lower() for w in demo_pair.topic_words}
 

@@ -21,8 +21,7 @@ from jobs.driver import run_job
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store, StorageOptions
-from storage.tables import (TABLE_PARQUET_OPTIONS, generations_table, logit_lens_table, patchscope_table,
-                            similarity_table, steering_table, token_relevance_table)
+from storage.tables import GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING, TOKEN_RELEVANCE
 
 HOSTILE = '<script>window.__pwned = 1</script><b>bold?</b><img src="x" onerror="window.__pwned = 2"> & done'
 
@@ -48,7 +47,7 @@ def write_run(root: Path, *, analyses: bool = True, relevance: str = "done") -> 
             for rank, word in enumerate(words if variant == "delta" else [f"{variant}{i}" for i in range(3)]):
                 for k, v in zip(lens, (layer, pos, variant, rank, rank, word, 0.5 / (rank + 1))):
                     lens[k].append(v)
-    store.write_table(f"{pair_dir}/{layout.LOGIT_LENS}", logit_lens_table(lens), **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{pair_dir}/{LOGIT_LENS.file}", LOGIT_LENS, LOGIT_LENS.from_rows(lens))
     prompts = ["Tell me <a story>?", "Ideas & plans?"]
     gens = []
     for role in ("finetuned", "base"):
@@ -64,13 +63,13 @@ def write_run(root: Path, *, analyses: bool = True, relevance: str = "done") -> 
                 gens.append(dict(pair="toy", model_role="finetuned", kind="steered", prompt_id=pid, prompt=prompt,
                                  sample_index=s, layer=layer, position=pos, alpha=2.5 + pos, text=text,
                                  token_count=5, finish_reason="length", seed=s))
-    store.write_table(f"{pair_dir}/{layout.GENERATIONS}", generations_table(gens), **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{pair_dir}/{GENERATIONS.file}", GENERATIONS, GENERATIONS.from_rows(gens))
     steering = [dict(layer=layer, position=pos, prompt_id=pid, prompt=f"threshold <prompt> {pid}",
                      threshold=2.0 + pos + pid, alpha=2.5 + pos,
                      trials=[{"strength": 5.0, "coherent_fraction": 0.5, "graded": 4},
                              {"strength": 2.5, "coherent_fraction": 1.0, "graded": 4}])
                 for layer, pos in targets for pid in range(2)]
-    store.write_table(f"{pair_dir}/{layout.STEERING}", steering_table(steering), **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{pair_dir}/{STEERING.file}", STEERING, STEERING.from_rows(steering))
     if analyses:
         rows = []
         for layer, pos in targets:
@@ -82,19 +81,18 @@ def write_run(root: Path, *, analyses: bool = True, relevance: str = "done") -> 
                                          token_id=rank, token=word if variant == "delta" else f"{variant}-{rank}",
                                          probability=0.4 / (rank + 1), chosen=chosen,
                                          coherent=chosen and rank in (0, 1)))
-        store.write_table(f"{pair_dir}/{layout.PATCHSCOPE}", patchscope_table(rows), **TABLE_PARQUET_OPTIONS)
+        store.write_table(f"{pair_dir}/{PATCHSCOPE.file}", PATCHSCOPE, PATCHSCOPE.from_rows(rows))
         sets = ["steered", "unsteered", "base", "finetune_data", "generic_chat"]
         sims = [dict(layer=layer, position=pos, set_a=a, set_b=b, similarity=0.1 * (i + j) - 0.15)
                 for layer, pos in targets for i, a in enumerate(sets) for j, b in enumerate(sets) if i < j]
-        store.write_table(f"{pair_dir}/{layout.SIMILARITY}", similarity_table(sims), **TABLE_PARQUET_OPTIONS)
+        store.write_table(f"{pair_dir}/{SIMILARITY.file}", SIMILARITY, SIMILARITY.from_rows(sims))
     if relevance == "done":
         rows = [dict(layer=layer, position=pos, source=source, rank=rank, token=word, probability=0.3 / (rank + 1),
                      relevant=rank == 0, frequent=rank == 1,
                      labels=["RELEVANT", "RELEVANT", "RELEVANT"] if rank == 0 else ["IRRELEVANT", "RELEVANT", "<x>"])
                 for layer, pos in targets for source in ("logit_lens", "patchscope")
                 for rank, word in enumerate([" cake", "</td>"])]
-        store.write_table(f"{pair_dir}/{layout.TOKEN_RELEVANCE}", token_relevance_table(rows),
-                          **TABLE_PARQUET_OPTIONS)
+        store.write_table(f"{pair_dir}/{TOKEN_RELEVANCE.file}", TOKEN_RELEVANCE, TOKEN_RELEVANCE.from_rows(rows))
         metrics = [dict(layer=layer, position=pos, source=source, fraction_relevant=0.5,
                         weighted_fraction_relevant=0.667, fraction_frequent=0.25)
                    for layer, pos in targets for source in ("logit_lens", "patchscope")]

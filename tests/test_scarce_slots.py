@@ -12,12 +12,13 @@ from jobs.driver import RunStats, run_job
 from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store
+from storage.tables import DIFFERENCE, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING
 
-PAIR_TABLES = (layout.DIFFERENCE, layout.LOGIT_LENS, layout.GENERATIONS, layout.STEERING, layout.PATCHSCOPE,
-               layout.SIMILARITY)
+PAIR_TABLES = (DIFFERENCE.file, LOGIT_LENS.file, GENERATIONS.file, STEERING.file, PATCHSCOPE.file,
+               SIMILARITY.file)
 # What does not depend on the pair's name (its samples' seeds do): the same weights give
 # the same difference, lens and patchscope.
-SEEDLESS = (layout.DIFFERENCE, layout.LOGIT_LENS, layout.PATCHSCOPE)
+SEEDLESS = (DIFFERENCE.file, LOGIT_LENS.file, PATCHSCOPE.file)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from jobs.spec import Generation, ModelSource, parse_spec
 from jobs.steering import (SearchState, baseline_requests, baseline_rows, descend, search_rounds, steer,
                            steering_prompts, tree_strengths)
 from storage import layout
+from storage.tables import DIFFERENCE, GENERATIONS, STEERING
 
 
 def expected_seed(job_seed: int, **identity) -> int:
@@ -81,8 +82,8 @@ def test_generation_tables(generation_run):
     assert stats.model_loads == 2 + 2 + 1
     assert stats.loads_by_runtime() == {"embedder": 1, "transformers": 2, "vllm": 2}
     assert all(n == 1 for n in stats.loads.values()) and stats.reloads == []
-    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
-    steering = store.read_table(f"{pair['dir']}/{layout.STEERING}").to_pandas()
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pandas()
+    steering = store.read_table(f"{pair['dir']}/{STEERING.file}").to_pandas()
     prompts = 20
     baseline = gens[gens.kind == "baseline"]
     assert sorted(baseline.model_role.unique()) == ["base", "finetuned"]
@@ -103,7 +104,7 @@ def test_steering_brings_out_the_planted_topic(generation_run):
     """Counted over all samples: steered text names the topic far more often than the
     finetuned model's own unsteered text on the same prompts."""
     spec, store, pair, _ = generation_run
-    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pandas()
     mentions = gens.text.str.contains(TOPIC)
     steered = mentions[gens.kind == "steered"].mean()
     unsteered = mentions[(gens.kind == "baseline") & (gens.model_role == "finetuned")].mean()
@@ -255,8 +256,8 @@ def test_steer_gives_every_search_and_steered_sample_its_own_seed(ray_cluster, m
 def test_generated_samples_draw_their_own_streams(generation_run):
     spec, store, pair, _ = generation_run
     gen, name = spec.generation, spec.pairs[0].name
-    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
-    steering = store.read_table(f"{pair['dir']}/{layout.STEERING}").to_pandas()
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pandas()
+    steering = store.read_table(f"{pair['dir']}/{STEERING.file}").to_pandas()
     prompts = len(steering_prompts(gen))
     steered = gens[gens.kind == "steered"]
     for r in steered.itertuples():
@@ -282,7 +283,7 @@ def test_generated_samples_draw_their_own_streams(generation_run):
 
 def test_the_two_models_baselines_draw_different_streams(generation_run):
     spec, store, pair, _ = generation_run
-    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pandas()
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pandas()
     for r in gens[gens.kind == "baseline"].itertuples():
         assert r.seed == baseline_seed(spec.generation.seed, getattr(spec.pairs[0], r.model_role),
                                        r.prompt_id, r.sample_index)
@@ -298,8 +299,8 @@ def test_a_rerun_draws_the_same_samples(generation_run, ray_cluster):
     from workers.generation import GenerationRequest, GenerationWorker, Steering
     spec, store, pair, _ = generation_run
     gen = spec.generation
-    gens = store.read_table(f"{pair['dir']}/{layout.GENERATIONS}").to_pylist()
-    difference = store.read_table(f"{pair['dir']}/{layout.DIFFERENCE}").to_pandas()
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pylist()
+    difference = store.read_table(f"{pair['dir']}/{DIFFERENCE.file}").to_pandas()
     delta_hat = {(r.layer, r.position): unit_scaled(np.asarray(r.delta), r.finetuned_norm)
                  for r in difference.itertuples()}
     baseline = [r for r in gens if r["kind"] == "baseline" and r["model_role"] == "finetuned"]

@@ -13,6 +13,7 @@ import pytest
 from jobs.cli import main
 from storage import layout
 from storage.store import Store
+from storage.tables import AGENT, DIFFERENCE, LOGIT_LENS, SIMILARITY
 from tests.test_report import Page
 
 
@@ -185,7 +186,7 @@ def test_triage_recomputed_by_hand_from_the_real_tables(five_pairs):
     store, *_ = five_pairs
     rows, _ = _catalog(store, "five")
     quick = rows[rows.pair == "quick"]
-    diff = store.read_table(f"{quick.pair_dir.iloc[0]}/{layout.DIFFERENCE}").to_pylist()
+    diff = store.read_table(f"{quick.pair_dir.iloc[0]}/{DIFFERENCE.file}").to_pylist()
     for layer in (0, 1, 2):
         at = {r["position"]: r for r in diff if r["layer"] == layer}
         ratios = {p: float(np.linalg.norm(np.asarray(at[p]["delta"]))) / at[p]["finetuned_norm"] for p in range(5)}
@@ -199,26 +200,25 @@ def test_triage_recomputed_by_hand_from_the_real_tables(five_pairs):
 def _hand_pair(store: Store, name: str, scale: float, grades: dict) -> dict:
     """A finished pair written by hand at layer 3: delta at position p is scale * (p + 1)
     along one axis, finetuned norm 10; similarities and agent grades given."""
-    from storage.tables import (TABLE_PARQUET_OPTIONS, agent_table, difference_table, logit_lens_table,
-                                similarity_table)
+    from storage.tables import difference_table
     d = f"pairs/{name}-0000000000000000"
     delta = np.zeros((1, 6, 4))
     delta[0, :, 0] = [scale * (p + 1) for p in range(6)]
     table = difference_table([3], np.full((1, 6), 50), delta, np.zeros_like(delta), delta, np.array([10.0]))
-    store.write_table(f"{d}/{layout.DIFFERENCE}", table, **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{d}/{DIFFERENCE.file}", DIFFERENCE, table)
     lens = {k: [] for k in ("layer", "position", "variant", "rank", "token_id", "token", "probability")}
     for p in range(5):
         for k, v in zip(lens, (3, p, "delta", 0, 1, "<tok>", 0.5)):
             lens[k].append(v)
-    store.write_table(f"{d}/{layout.LOGIT_LENS}", logit_lens_table(lens), **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{d}/{LOGIT_LENS.file}", LOGIT_LENS, LOGIT_LENS.from_rows(lens))
     sims = [dict(layer=3, position=p, set_a=a, set_b="finetune_data", similarity=s)
             for p, (st, un) in ((0, (0.5, 0.2)), (1, (0.7, 0.3))) for a, s in (("steered", st), ("unsteered", un))]
-    store.write_table(f"{d}/{layout.SIMILARITY}", similarity_table(sims), **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{d}/{SIMILARITY.file}", SIMILARITY, SIMILARITY.from_rows(sims))
     runs = [dict(agent=agent, budget=budget, run=run, status="done", mean_grade=grade, grading="done",
                  llm_calls=1, interactions_used=0, prompt_tokens=0, completion_tokens=0, total_tokens=0,
                  grader_calls=1, grader_tokens=0, seconds=1.0, transcript="t.json")
             for (agent, budget), values in grades.items() for run, grade in enumerate(values)]
-    store.write_table(f"{d}/{layout.AGENT}", agent_table(runs), **TABLE_PARQUET_OPTIONS)
+    store.write_table(f"{d}/{AGENT.file}", AGENT, AGENT.from_rows(runs))
     store.write_json(layout.manifest(d), {"pair": name, "files": {}})
     return {"name": name, "dir": d, "layers": [3]}
 
@@ -271,7 +271,7 @@ def test_project_equals_a_plain_forward_dotted_with_delta_hat(five_pairs, demo_p
     with torch.no_grad():
         acts = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0].double().numpy()
     rows = _catalog(store, "five")[0]
-    diff = store.read_table(f"{rows[rows.pair == 'quick'].pair_dir.iloc[0]}/{layout.DIFFERENCE}").to_pylist()
+    diff = store.read_table(f"{rows[rows.pair == 'quick'].pair_dir.iloc[0]}/{DIFFERENCE.file}").to_pylist()
     delta = np.stack([np.asarray(r["delta"]) for r in sorted(diff, key=lambda r: r["position"]) if r["layer"] == 1][:5])
     expected = acts @ (delta / np.linalg.norm(delta, axis=1, keepdims=True)).T
     table = [line.split() for line in printed.splitlines()[2:2 + len(ids[0])]]

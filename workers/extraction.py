@@ -13,7 +13,7 @@ import numpy as np
 
 from storage import layout
 from storage.store import Store
-from storage.tables import ACTIVATION_PARQUET_OPTIONS, activation_table
+from storage.tables import ACTIVATIONS, activation_table
 from workers.models import decoder_layers, model_device
 
 
@@ -78,7 +78,7 @@ def extract_shard(model, store: Store, set_prefix: str, layers: list[int], dtype
                  for i in range(0, len(ids), batch_size)]
     acts = np.concatenate(parts)
     table = activation_table(doc_ids, layers, acts, dtype)
-    digest = store.write_table(layout.shard(set_prefix, index), table, **ACTIVATION_PARQUET_OPTIONS)
+    digest = store.write_table(layout.shard(set_prefix, index), ACTIVATIONS, table)
     marker = {"shard": index, "documents": int(len(doc_ids)), "rows": table.num_rows, "digest": digest,
               "seconds": round(time.perf_counter() - start, 3),
               "gpu_ids": list(ray.get_gpu_ids()) if ray.is_initialized() else []}

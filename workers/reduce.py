@@ -13,7 +13,7 @@ import numpy as np
 
 from storage import layout
 from storage.store import Store
-from storage.tables import activation_dtype, decoded_chunks
+from storage.tables import ACTIVATIONS, activation_dtype, decoded_chunks
 
 
 @dataclass
@@ -57,8 +57,8 @@ def shard_sums(store: Store, base_set: str, finetuned_set: str, index: int, laye
     it is missing, truncated, corrupted or another shard). None reads them unchecked (the
     benchmark's comparison only)."""
     base_digest, ft_digest = digests if digests is not None else (None, None)
-    base = store.read_table(layout.shard(base_set, index), digest=base_digest)
-    ft = store.read_table(layout.shard(finetuned_set, index), digest=ft_digest)
+    base = store.read_table(layout.shard(base_set, index), ACTIVATIONS, digest=base_digest)
+    ft = store.read_table(layout.shard(finetuned_set, index), ACTIVATIONS, digest=ft_digest)
     # Both sets come from the same tokenized documents, so rows must line up one to one.
     for name in ("doc_id", "layer", "position"):
         if not base.column(name).equals(ft.column(name)):
