@@ -55,16 +55,20 @@ class PairResults:
         return self._digests.get(name)
 
     def arrow(self, kind: TableKind, columns: list[str] | None = None):
-        """A table of the folder (pyarrow), None when absent."""
+        """A table of the folder (pyarrow), None when absent. The views' reader keeps what
+        it read (their sections share tables); a stage's reads and checks every time."""
         cache = (kind.file, tuple(columns) if columns else None)
-        if cache not in self._cache:
-            digest = self.digest(kind.file)
-            if digest is None and self.recorded_only:
-                raise IntegrityError(f"{self.store.uri(self.key(kind.file))}: no stage marker of the pair "
-                                     f"records it")
-            self._cache[cache] = (self.store.read_table(self.key(kind.file), kind, columns, digest)
-                                  if digest is not None or self.has(kind.file) else None)
-        return self._cache[cache]
+        if cache in self._cache:
+            return self._cache[cache]
+        digest = self.digest(kind.file)
+        if digest is None and self.recorded_only:
+            raise IntegrityError(f"{self.store.uri(self.key(kind.file))}: no stage marker of the pair "
+                                 f"records it")
+        table = (self.store.read_table(self.key(kind.file), kind, columns, digest)
+                 if digest is not None or self.has(kind.file) else None)
+        if not self.recorded_only:
+            self._cache[cache] = table
+        return table
 
     def table(self, kind: TableKind, columns: list[str] | None = None) -> pd.DataFrame | None:
         t = self.arrow(kind, columns)

@@ -291,16 +291,20 @@ class Store:
         StorageError naming it, and so is, with kind, a table of another kind or schema
         version. With digest, the bytes are checked first (IntegrityError)."""
         data = self.read_verified(key, digest) if digest is not None else self.read_buffer(key)
+        not_parquet = StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or another format)")
+        if kind is not None:   # the footer alone says what the file is
+            try:
+                schema = pq.read_schema(pa.BufferReader(data))
+            except pa.ArrowInvalid:
+                raise not_parquet from None
+            why = kind.problem(schema)
+            if why is not None:
+                raise StorageError(f"{self.uri(key)}: {why}")
         try:
-            if kind is not None:   # the footer alone says what the file is
-                why = kind.problem(pq.read_schema(pa.BufferReader(data)))
-                if why is not None:
-                    raise StorageError(f"{self.uri(key)}: {why}")
             return pq.read_table(pa.BufferReader(data), columns=columns)
         except pa.ArrowInvalid as e:
             if NOT_PARQUET in str(e):
-                raise StorageError(f"{self.uri(key)}: not a Parquet file (corrupted, truncated or "
-                                   f"another format)") from None
+                raise not_parquet from None
             raise StorageError(f"{self.uri(key)}: cannot read as Parquet: {_reason(e)}") from None
 
     def _infos(self, prefix: str):

@@ -16,11 +16,12 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import LoopbackServer, wait_for
 
 from jobs.cli import main
 from jobs.driver import RunStats, run_job
@@ -154,10 +155,10 @@ def test_the_reducer_and_the_stages_check_what_they_read(reference, make_spec, t
     assert sums(0).count.min() == 100   # the others still read
 
     ctx = StageRun(plan, parse_spec(make_spec(root)), store, {})
-    assert ctx.read_table(DIFFERENCE.file).equals(store.read_table(f"{plan.out_dir}/{DIFFERENCE.file}"))
+    assert ctx.read_table(DIFFERENCE).equals(store.read_table(f"{plan.out_dir}/{DIFFERENCE.file}"))
     flip(pair_path(root, DIFFERENCE.file), count=8)
     with pytest.raises(IntegrityError, match=r"difference.parquet: crc32"):
-        ctx.read_table(DIFFERENCE.file)
+        ctx.read_table(DIFFERENCE)
 
 
 # -- S3 behind a proxy that fails ------------------------------------------------------------
@@ -169,7 +170,7 @@ ERRORS = {
 FAULTS = ("500", "503", "slowdown", "drop", "stall")
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """A threaded HTTP proxy on loopback in front of the S3 server: every `every`-th request
     gets the next fault of FAULTS: an S3 error reply (500, 503, SlowDown) without reaching
     the server, a connection dropped mid-body after the server answered (half the body,
@@ -255,17 +256,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
     def errors(self) -> int:
         """Faults that failed a request (a stall only delays it)."""
@@ -317,15 +308,6 @@ def test_a_job_through_a_failing_s3_proxy_has_the_tables_of_a_direct_run(referen
 
 
 # -- two runs on one root ------------------------------------------------------------------
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_two_runs_on_one_root_do_each_unit_once(reference, make_spec, tmp_path, capfd):
     """The second run starts while the first holds the pair: it waits, then finds the
     pair complete. Together they extract each shard once and run each stage once."""

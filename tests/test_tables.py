@@ -123,3 +123,16 @@ def test_a_running_pair_is_read_against_its_stage_markers(tmp_path):
     store.write_table(f"{d}/{LOGIT_LENS.file}", LOGIT_LENS, LOGIT_LENS.from_rows(LENS_ROWS[:2]))   # changed since
     with pytest.raises(IntegrityError, match="logit_lens.parquet: .*recorded"):
         PairResults(store, d).table(LOGIT_LENS)
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "first half", "second half", "json"])
+def test_a_damaged_file_read_with_its_kind_is_not_a_parquet_file(tmp_path, damage):
+    store = Store(str(tmp_path))
+    store.write_table("lens.parquet", LOGIT_LENS, LOGIT_LENS.from_rows(LENS_ROWS))
+    data = (tmp_path / "lens.parquet").read_bytes()
+    (tmp_path / "lens.parquet").write_bytes({"empty": b"", "garbage": b"hello world " * 20,
+                                             "first half": data[:len(data) // 2],
+                                             "second half": data[len(data) // 2:], "json": b'{"a": 1}'}[damage])
+    with pytest.raises(StorageError) as e:
+        store.read_table("lens.parquet", LOGIT_LENS)
+    assert str(e.value) == f"{tmp_path}/lens.parquet: not a Parquet file (corrupted, truncated or another format)"
