@@ -2,18 +2,19 @@
 
 The page opens offline: CSS inline, charts as inline SVG, no script, no external fetch;
 `<details>` expands what is long. Every string that a model produced (tokens, samples)
-or a user wrote (names, prompts, descriptions) goes through html.escape: a token may be
+or a user wrote (names, prompts, descriptions) goes through esc (jobs/page.py): a token may be
 '<', '&' or '</script>'. It reads tables only and never touches a model.
 """
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from common.errors import one_line
+from jobs.page import CSS, anchor, chips, esc, fmt, note, tok
+from jobs.report_agent import agent_index_section, agent_pair_section
 from jobs.results import PairResults
 from jobs.triage import RATIO_POSITIONS, pair_triage
 from jobs.summary import read_run_record
@@ -147,44 +148,6 @@ def _at(df: pd.DataFrame | None, layer: int, position: int) -> pd.DataFrame | No
     if df is None:
         return None
     return df[(df.layer == layer) & (df.position == position)]
-
-
-# -- HTML pieces --------------------------------------------------------------------------
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def anchor(*parts) -> str:
-    return "-".join(layout.slug(str(p)) for p in parts)
-
-
-def tok(token: str) -> str:
-    """A token, escaped, with its invisible characters made visible."""
-    shown = str(token).replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
-    if shown == "":
-        shown = "∅"
-    elif shown.strip() == "":
-        shown = shown.replace(" ", "␣")
-    return f'<code class="tok">{esc(shown)}</code>'
-
-
-def chips(rows: pd.DataFrame, marks=None, name: str = "") -> str:
-    """Tokens with probabilities, in rank order; marks(row) adds classes and a suffix;
-    name (data-list) lets readers and tests find one list."""
-    out = []
-    for row in rows.sort_values("rank").itertuples():
-        cls, suffix = marks(row) if marks else ("", "")
-        out.append(f'<span class="chip{cls}">{tok(row.token)} <small>{row.probability:.3f}</small>{suffix}</span>')
-    attr = f' data-list="{esc(name)}"' if name else ""
-    return f'<div class="chips"{attr}>{"".join(out)}</div>' if out else '<p class="none">no tokens</p>'
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def fmt(x, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 # -- charts (inline SVG) --------------------------------------------------------------------
@@ -529,180 +492,6 @@ def index_section(pairs: list[PairData]) -> str:
             f"<th>best grade</th><th>top logit-lens tokens of delta (over positions)</th><th>steering alpha</th>"
             f"<th>similarity to finetuning data (mean over positions)</th><th>positions</th></tr>"
             f"{''.join(rows)}</table></section>")
-
-
-# -- the interpretability agent ------------------------------------------------------------
-AGENT_LABELS = {"adl": "ADL agent", "blackbox": "black-box agent"}
-MESSAGE_CLIP = 4000     # characters shown of a group's system prompt and first message
-TURN_CLIP = 1500        # ... of each later message of a transcript
-
-
-def _agent_groups(df: pd.DataFrame) -> list[tuple[str, int, pd.DataFrame]]:
-    order = {"adl": 0, "blackbox": 1}
-    keys = sorted({(a, int(b)) for a, b in zip(df.agent, df.budget)}, key=lambda k: (order.get(k[0], 2), k))
-    return [(a, b, df[(df.agent == a) & (df.budget == b)].sort_values("run")) for a, b in keys]
-
-
-def _spread(group: pd.DataFrame) -> tuple[float | None, float | None, float | None, float | None, int]:
-    """(mean, standard deviation, min, max) over a group's runs' mean grades, and how many."""
-    grades = group.mean_grade.dropna().astype(float)
-    if grades.empty:
-        return None, None, None, None, 0
-    return (float(grades.mean()), float(grades.std(ddof=0)), float(grades.min()), float(grades.max()),
-            int(len(grades)))
-
-
-def agent_chart(pairs: list[PairData]) -> str:
-    """Mean grade per pair and (agent, budget) on the 1..5 scale, with the runs' range."""
-    rows = [(data.name, a, b, _spread(g)) for data in pairs if data.agent is not None
-            for a, b, g in _agent_groups(data.agent)]
-    if not rows:
-        return ""
-    label_w, bar_w, row_h = 300, 360, 20
-    width, height = label_w + bar_w + 120, row_h * len(rows) + 40
-    x = lambda v: label_w + (v - 1.0) / 4.0 * bar_w
-    parts = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'xmlns="http://www.w3.org/2000/svg"><title>hypothesis grades per pair, agent and budget</title>']
-    for tick in range(1, 6):
-        parts.append(f'<line class="grid" x1="{x(tick):.1f}" y1="0" x2="{x(tick):.1f}" y2="{height - 25}"/>'
-                     f'<text x="{x(tick):.1f}" y="{height - 10}" text-anchor="middle">{tick}</text>')
-    for i, (pair, agent, budget, (mean, sd, lo, hi, n)) in enumerate(rows):
-        y = 5 + i * row_h
-        label = f"{pair} · {AGENT_LABELS.get(agent, agent)} · budget {budget}"
-        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{esc(label)}</text>')
-        if mean is None:
-            parts.append(f'<text x="{label_w + 4}" y="{y + 14}" class="none">no grade</text>')
-            continue
-        parts.append(f'<rect class="bar {esc(agent)}" x="{x(1.0):.1f}" y="{y + 3}" width="{max(x(mean) - x(1.0), 1):.1f}" '
-                     f'height="{row_h - 6}"><title>{esc(label)}: mean {mean:.2f}, sd {sd:.2f}, '
-                     f'range {lo:.2f}–{hi:.2f} over {n} graded runs</title></rect>'
-                     f'<line class="whisker" x1="{x(lo):.1f}" y1="{y + row_h / 2:.1f}" x2="{x(hi):.1f}" y2="{y + row_h / 2:.1f}"/>'
-                     f'<text x="{x(5.0) + 6:.1f}" y="{y + 14}">{mean:.2f} ± {sd:.2f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def agent_index_section(pairs: list[PairData], spec: dict) -> str:
-    """The job's table of grades: pairs x (agent, budget), mean ± sd over runs (graded/runs)."""
-    with_agent = [p for p in pairs if p.agent is not None]
-    if not with_agent and not spec.get("agent", {}).get("enabled"):
-        return ""
-    head = '<section id="agent"><h2>Interpretability agent</h2>'
-    if not with_agent:
-        return head + note("no pair has agent results yet") + "</section>"
-    columns = sorted({(a, b) for p in with_agent for a, b, _ in _agent_groups(p.agent)},
-                     key=lambda k: ({"adl": 0, "blackbox": 1}.get(k[0], 2), k))
-    header = "".join(f"<th>{esc(AGENT_LABELS.get(a, a))}<br><small>budget {b}</small></th>" for a, b in columns)
-    rows = []
-    for p in with_agent:
-        groups = {(a, b): g for a, b, g in _agent_groups(p.agent)}
-        cells = []
-        for key in columns:
-            if key not in groups:
-                cells.append('<td class="none">–</td>')
-                continue
-            mean, sd, _, _, n = _spread(groups[key])
-            cells.append(f'<td>{fmt(mean, 2)} ± {fmt(sd, 2)} <small>({n}/{len(groups[key])})</small></td>'
-                         if mean is not None else f'<td class="none">– <small>(0/{len(groups[key])})</small></td>')
-        rows.append(f'<tr><td><a href="#{anchor("pair", p.name, "agent")}">{esc(p.name)}</a></td>{"".join(cells)}</tr>')
-    return (f'{head}<p class="legend">hypothesis grade 1–5 against the pair\'s description: mean ± standard '
-            f'deviation over runs of each run\'s mean of its gradings (graded runs / runs)</p>'
-            f'<table class="agents"><tr><th>pair</th>{header}</tr>{"".join(rows)}</table>'
-            f"{agent_chart(with_agent)}</section>")
-
-
-def _message(message: dict, clip: int = MESSAGE_CLIP) -> str:
-    content = str(message.get("content", ""))
-    more = (f'<p class="none">… {len(content) - clip} more characters in the transcript file</p>'
-            if len(content) > clip else "")
-    return (f'<div class="msg {esc(message.get("role", ""))}"><b>{esc(message.get("role", "?"))}</b>'
-            f'<pre>{esc(content[:clip])}</pre>{more}</div>')
-
-
-def _opening(record) -> list:
-    """A transcript's system prompt and first message (the same for every run of an
-    agent and budget of a pair): shown once per group."""
-    messages = record.get("messages") if isinstance(record, dict) else None
-    return messages[:2] if isinstance(messages, list) and len(messages) >= 2 else []
-
-
-def transcript_section(data: PairData, path: str, opening: list) -> str:
-    record = data.transcripts.get(path)
-    uri = f"{data.uri}/{path}"
-    if not isinstance(record, dict):
-        return f'<p class="none">transcript not readable: {esc(uri)}</p>'
-    messages = [m for m in record.get("messages") or [] if isinstance(m, dict)]
-    shared = bool(opening) and messages[:2] == opening
-    shown = messages[2:] if shared else messages
-    grading = record.get("grading") or {}
-    answers = "".join(f"<h5>grading {i + 1}</h5>" + "".join(
-        f'<pre>{esc(a.get("answer") or "")}</pre>' + (note(a["error"]) if a.get("error") else "")
-        for a in attempts if isinstance(a, dict)) for i, attempts in enumerate(grading.get("attempts") or []))
-    return (f'<details class="transcript"><summary>transcript ({len(messages)} messages)</summary>'
-            f'<p class="uri">{esc(uri)}</p>'
-            + ('<p class="none">system prompt and first message: as shown above for this agent and budget</p>'
-               if shared else "")
-            + "".join(_message(m, TURN_CLIP) for m in shown)
-            + (f"<details><summary>the grader's answers</summary>{answers}</details>" if answers else "")
-            + "</details>")
-
-
-def agent_pair_section(data: PairData) -> str:
-    head = f'<h3 id="{anchor("pair", data.name, "agent")}">Interpretability agent</h3>'
-    if data.agent is None:
-        return head + note(data.notes["agent"]) if "agent" in data.notes else ""
-    out = [head]
-    for agent, budget, group in _agent_groups(data.agent):
-        mean, sd, _, _, n = _spread(group)
-        grade = f"mean grade {fmt(mean, 2)} ± {fmt(sd, 2)}" if mean is not None else "no grade"
-        out.append(f"<h4>{esc(AGENT_LABELS.get(agent, agent))}, budget {budget}: {grade} "
-                   f"<small>({n} of {len(group)} runs graded)</small></h4>")
-        opening = next((o for o in (_opening(data.transcripts.get(p)) for p in group.transcript) if o), [])
-        if opening:
-            out.append("<details><summary>system prompt and first message</summary>"
-                       + "".join(_message(m) for m in opening) + "</details>")
-        rows = []
-        for r in group.itertuples():
-            grades = ", ".join("–" if g is None or g != g else str(int(g))   # g != g: NaN, a failed grading
-                               for g in (r.grades if r.grades is not None else []))
-            outcome = esc(r.status) + (f": {esc(r.reason)}" if r.reason else "")
-            grading = esc(r.grading or "") + (f": {esc(r.grading_reason)}" if r.grading_reason else "")
-            description = (f'<div class="sample">{esc(r.description)}</div>' if r.description
-                           else '<p class="none">no description</p>')
-            rows.append(f"<tr><td>{int(r.run)}</td><td>{outcome}</td><td>{description}"
-                        f"{transcript_section(data, r.transcript, opening)}</td><td>{esc(grades) or '–'}<br><small>{grading}"
-                        f"</small></td><td>{fmt(r.mean_grade, 2)}</td><td>{int(r.llm_calls)} calls, "
-                        f"{int(r.interactions_used)} interactions, {int(r.total_tokens)} tokens</td></tr>")
-        out.append('<table class="runs"><tr><th>run</th><th>outcome</th><th>description</th><th>grades</th>'
-                   f'<th>mean</th><th>spent</th></tr>{"".join(rows)}</table>')
-    return "".join(out)
-
-
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1400px;padding:1em 2em;color:#1d232a;background:#fff}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #d0d7de;padding-bottom:.2em;margin-top:2em}
-h3{margin:1.2em 0 .4em}h3 small{font-weight:normal;color:#57606a;margin-left:.5em}h4{margin:.8em 0 .3em}h5{margin:.6em 0 .2em;color:#57606a}
-table{border-collapse:collapse;margin:.3em 0}td,th{border:1px solid #d0d7de;padding:.25em .5em;vertical-align:top;text-align:left}
-th{background:#f6f8fa}.index td{max-width:34em}
-.chips{display:flex;flex-wrap:wrap;gap:.25em}.chip{border:1px solid #d0d7de;border-radius:4px;padding:0 .35em;background:#f6f8fa;white-space:nowrap}
-.chip small{color:#57606a}.chip.coherent,.chip.relevant{background:#dafbe1;border-color:#4ac26b}.chip.frequent{outline:2px solid #d4a72c}
-.mark{color:#1a7f37;font-weight:bold}code.tok{white-space:pre;font:13px ui-monospace,SFMono-Regular,Menlo,monospace}
-.target{border:1px solid #d0d7de;border-radius:6px;padding:.2em 1em 1em;margin:1em 0}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(30em,1fr));gap:1.5em}
-.samples td{width:42%;white-space:pre-wrap}.samples td.prompt{width:16%;color:#57606a}
-.sample{border-left:3px solid #d0d7de;padding-left:.5em;margin:.2em 0 .6em;white-space:pre-wrap;word-break:break-word}
-details>summary{cursor:pointer;color:#0969da}details.sample>summary{color:inherit}
-.note{color:#9a6700;background:#fff8c5;border:1px solid #d4a72c;border-radius:4px;padding:.3em .6em;display:inline-block}
-.none{color:#8c959f}.legend{color:#57606a;font-size:.9em;margin:.3em 0}.uri{color:#57606a;font-size:.9em;word-break:break-all}ul.stages{color:#57606a}
-svg.chart{display:block;font:12px system-ui,sans-serif;margin:.4em 0}svg .bar{fill:#8c959f}svg .bar.key{fill:#0969da}
-svg .axis{stroke:#57606a;stroke-width:1}svg .pass{stroke:#cf222e;stroke-dasharray:4 3}
-svg .grid{stroke:#d0d7de}svg .bar.adl{fill:#0969da}svg .bar.blackbox{fill:#8c959f}svg .whisker{stroke:#1d232a;stroke-width:2}
-.runs td{max-width:50em}.transcript pre{white-space:pre-wrap;word-break:break-word;margin:.2em 0;font:12px ui-monospace,monospace}
-.msg{border-left:3px solid #d0d7de;padding-left:.5em;margin:.4em 0}.msg.assistant{border-color:#0969da}.msg.system{border-color:#8c959f}
-.state.failed{color:#cf222e;font-weight:bold}.state.running{color:#9a6700}.state.done{color:#1a7f37}
-.control{color:#57606a;font-style:italic}svg.heat text{font:11px system-ui,sans-serif}
-svg .p0{fill:#0969da}svg .p1{fill:#1a7f37}svg .p2{fill:#bf8700}svg .p3{fill:#8250df}
-"""
 
 
 def build_report(store: Store, record_key: str) -> str:

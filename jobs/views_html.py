@@ -4,18 +4,14 @@ from the pairs' tables when the table is not there yet). Same rules as jobs/repo
 inline SVG, no script, every name escaped."""
 from __future__ import annotations
 
-import html
 import math
 from datetime import datetime, timezone
 
+from jobs.page import esc
 from jobs.pair_similarity import cluster_order, matrix, pair_similarity_rows
 from storage import layout
 from storage.store import Store
 from storage.tables import CAUSAL_EFFECT, PAIR_SIMILARITY
-
-
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def progress_section(store: Store, record: dict) -> str:
