@@ -17,13 +17,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import wait_for
 
 from storage import layout
 from storage.store import Store
@@ -38,16 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _descendants(root: int) -> set[int]:
@@ -94,9 +84,9 @@ class TwoNodeCluster:
         self._start("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                              f"--temp-dir={self.temp}"])
-        _wait_for(lambda: self._jobs_api_up(), 120, "the head's Jobs API")
+        wait_for(lambda: self._jobs_api_up(), 120, "the head's Jobs API", poll=0.5)
         self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}"])
-        _wait_for(lambda: len(self.alive_nodes()) == 2, 120, "two alive nodes")
+        wait_for(lambda: len(self.alive_nodes()) == 2, 120, "two alive nodes", poll=0.5)
         return self
 
     def _jobs_api_up(self) -> bool:
@@ -325,7 +315,7 @@ def test_killing_a_node_mid_job_gives_identical_results(cluster, finished_job, m
         markers = [k for k in store.list("activations") if k.endswith(".done.json")]   # have started
         return len({k.split("/")[1] for k in markers}) == 2 and len(markers) < 2 * SHARDS
 
-    _wait_for(under_way, 180, "extraction under way", poll=0.05)
+    wait_for(under_way, 180, "extraction under way", poll=0.05)
     cluster.kill("worker")
     finish(cluster, job_id)
     assert worker_node not in cluster.alive_nodes()

@@ -9,9 +9,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from helpers import LoopbackServer
 
 from common.types import OfflineGrading, OpenAIGrading
 from jobs.spec import SpecError, grader_settings, parse_spec
@@ -63,7 +64,7 @@ class _State:
         self.max_in_flight = 0
 
 
-class ChatServer:
+class ChatServer(LoopbackServer):
     def __init__(self, port: int = 0):
         """On a free loopback port, or on `port` (an endpoint that comes back)."""
         self.lock = threading.Lock()
@@ -115,17 +116,7 @@ class ChatServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, port, "/v1")
 
     def respond(self, responder) -> _State:
         with self.lock:

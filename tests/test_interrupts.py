@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import wait_for
 
 from jobs.driver import RunStats, run_job
 from jobs.spec import parse_spec
@@ -46,15 +47,6 @@ def undisturbed(ray_cluster, make_spec, tmp_path_factory):
 
 def markers(root) -> int:
     return sum(1 for _ in Path(root).glob("activations/*/*.done.json"))
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def processes_of(folder: str) -> list[str]:

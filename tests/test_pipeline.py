@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from helpers import wait_for
 
 from jobs.cli import demo_spec
 from jobs.driver import RunStats, run_job
@@ -116,15 +117,6 @@ def test_rerun_does_no_model_work_and_changes_nothing(ray_cluster, make_spec, tm
     assert status["state"] == "done" and status["counts"]["skipped"] == 1 and status["actors"] == []
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, make_spec, tmp_path):
     many_shards = {"corpus": {"num_documents": 300}, "shard_size": 10}
     undisturbed = parse_spec(make_spec(tmp_path / "undisturbed", **many_shards))
@@ -140,7 +132,7 @@ def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, ma
     store = Store(str(root))
     markers = lambda: [k for k in store.list("activations") if k.endswith(".done.json")]
     try:
-        _wait_for(lambda: len(markers()) >= 3 or proc.poll() is not None, 180, "a few extracted shards")
+        wait_for(lambda: len(markers()) >= 3 or proc.poll() is not None, 180, "a few extracted shards", poll=0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
