@@ -4,8 +4,9 @@ views (triage, pair similarity): the pair tables they re-read and filter (delta,
 lens's top tokens, patchscope at the chosen scale, ...) come from here.
 
 A table is read by its kind (storage/tables.py: a file of another kind or schema version
-is refused), once per reader, and checked against the digest recorded for it: the
-pair's manifest when the pair is complete, else the marker of the stage that wrote it.
+is refused), once per reader of the views (a stage's reader reads it each time), and
+checked against the digest recorded for it: the pair's manifest when the pair is
+complete, else the marker of the stage that wrote it.
 A running pair's file that no marker records yet is read as it is, except by a stage
 (recorded_only: markers alone count): a stage reads only what a finished stage wrote.
 It never writes.
