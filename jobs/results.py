@@ -22,7 +22,6 @@ from storage.store import IntegrityError, Store
 from storage.tables import AGENT, DIFFERENCE, LOGIT_LENS, PATCHSCOPE, SIMILARITY, TableKind, decode_vectors
 
 NORM_COLUMNS = ["layer", "position", "num_documents", "delta_norm", "finetuned_norm"]
-MARKER = ".done.json"
 
 
 class PairResults:
@@ -48,7 +47,7 @@ class PairResults:
         if self._digests is None:   # a running pair: what its stages' markers record
             self._digests = {}
             for key in self.store.list(self.dir):
-                if key.endswith(MARKER) and key.count("/") == self.dir.count("/") + 1:
+                if layout.is_stage_marker(self.dir, key):
                     marker, _ = read_record(self.store, key)
                     files = marker.get("files") if marker is not None else None
                     if isinstance(files, dict):

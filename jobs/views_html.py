@@ -67,7 +67,8 @@ def heatmap(names: list[str], sim, layer: int) -> str:
 
 def pair_similarity_section(store: Store, record: dict) -> str:
     key = layout.run_pair_similarity(record["job"])
-    rows = (store.read_table(key, PAIR_SIMILARITY).to_pylist() if store.exists(key) else pair_similarity_rows(store, record))
+    rows = (store.read_table(key, PAIR_SIMILARITY).to_pylist() if store.exists(key)
+            else pair_similarity_rows(store, record))
     if len({r["pair_a"] for r in rows} | {r["pair_b"] for r in rows}) < 2:
         return ""
     out = ['<section id="pair-similarity"><h2>Pairs compared</h2>'

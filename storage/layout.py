@@ -42,6 +42,7 @@ from storage.tables import CATALOG, PAIR_SIMILARITY
 
 # 2: markers and manifests carry digests; stage markers; leases.
 LAYOUT_VERSION = 2
+MARKER = ".done.json"   # a shard's or a stage's marker: <shard or stage>.done.json
 
 
 def content_key(identity: dict) -> str:
@@ -62,7 +63,7 @@ def shard(set_prefix: str, index: int) -> str:
 
 
 def shard_marker(set_prefix: str, index: int) -> str:
-    return f"{set_prefix}/shard-{index:05d}.done.json"
+    return f"{set_prefix}/shard-{index:05d}{MARKER}"
 
 
 def shard_name(index: int) -> str:
@@ -71,7 +72,13 @@ def shard_name(index: int) -> str:
 
 
 def stage_marker(pair_prefix: str, stage: str) -> str:
-    return f"{pair_prefix}/{stage}.done.json"
+    return f"{pair_prefix}/{stage}{MARKER}"
+
+
+def is_stage_marker(pair_prefix: str, key: str) -> bool:
+    """key (as Store.list gives it) is a stage marker of the pair's folder."""
+    name = key[len(pair_prefix) + 1:] if key.startswith(f"{pair_prefix}/") else ""
+    return name.endswith(MARKER) and "/" not in name
 
 
 def lease(prefix: str) -> str:
