@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import re
@@ -10,12 +11,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers import demo_pair
 from workers.demo_pair import (
+    DEMO_DIGESTS,
     DEMO_VERSION,
     PLANTED_TOPIC_WORDS,
     build_demo_pair,
+    cached_build,
     finetune_documents,
     generic_chat_answers,
     generic_documents,
+    pair_digest,
+    run_pinned,
 )
 
 
@@ -119,31 +124,89 @@ def test_activation_difference_lens_reads_the_planted_topic(pair, tokenizer):
     assert readable, "no position 0..4 shows the planted topic in the lens of the difference"
 
 
-def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
-    def crash(out, seed, progress):
+def test_interrupted_build_leaves_nothing(tmp_path):
+    def crash(out, progress):
         (out / "base").mkdir()
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(demo_pair, "_build", crash)
     with pytest.raises(RuntimeError):
-        build_demo_pair(tmp_path, seed=5, progress=lambda m: None)
+        cached_build(tmp_path / "pair", crash, lambda m: None, "a pair", pinned=False)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_concurrent_builder_that_finishes_first_wins(tmp_path, monkeypatch):
+def _crash_in_child(out, progress):
+    (out / "base").mkdir()
+    progress("started")
+    raise RuntimeError("boom in the child")
+
+
+def test_a_pinned_build_that_fails_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))   # the child unpickles _crash_in_child
+    messages = []
+    with pytest.raises(RuntimeError, match="boom in the child"):
+        cached_build(tmp_path / "pair", _crash_in_child, messages.append, "a pair")
+    assert messages[-1] == "started" and list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_builder_that_finishes_first_wins(tmp_path):
     final = tmp_path / f"demo-{DEMO_VERSION}-seed5"
 
-    def build_while_another_finishes(out, seed, progress):
+    def build_while_another_finishes(out, progress):
         (out / "base").mkdir()
         (out / "base" / "mine").write_text("")
         (final / "base").mkdir(parents=True)
         (final / "base" / "theirs").write_text("")
 
-    monkeypatch.setattr(demo_pair, "_build", build_while_another_finishes)
-    got = build_demo_pair(tmp_path, seed=5, progress=lambda m: None)
-    assert got.base_dir == final / "base" and (final / "base" / "theirs").exists()
+    got = cached_build(final, build_while_another_finishes, lambda m: None, "a pair", pinned=False)
+    assert got == final and (final / "base" / "theirs").exists()
     assert not (final / "base" / "mine").exists()
     assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the digest is recorded for x86 with MKL")
+def test_the_demo_pair_is_the_recorded_bytes(pair):
+    assert pair_digest(pair.base_dir.parent) == DEMO_DIGESTS[0]
+
+
+# A few steps of the demo recipe: enough for any difference in rounding to reach the bytes.
+SHORT = functools.partial(demo_pair._build, seed=0, base_steps=4, finetune_steps=2)
+# What changes the kernels a machine computes with, short of another machine: its thread
+# count, ATen's vectorised kernels, MKL's instruction set and glibc's libm variants.
+LIKE_ANOTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                        "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX2,-FMA,-AVX2_Usable,-FMA_Usable"}
+
+
+def _short_build(tmp_path, name, numerics=demo_pair.PINNED_NUMERICS, env=None):
+    out = tmp_path / name
+    out.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        run_pinned(SHORT, out, lambda m: None, numerics)
+    return pair_digest(out)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's reproducible mode pins its GEMMs")
+def test_pinned_builds_are_the_same_bytes_however_the_machine_computes(tmp_path):
+    """Built three ways, pinned: from a one-thread and a two-thread caller, and from one
+    whose kernels are those of an AVX2 machine. Unpinned, one and two threads already give
+    other bytes (so the comparison can fail)."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(2) as pool:   # each build is one thread
+            two = pool.submit(_short_build, tmp_path, "two", env={"OMP_NUM_THREADS": "2"})
+            unpinned = [pool.submit(_short_build, tmp_path, f"unpinned{n}", {"OMP_NUM_THREADS": str(n)})
+                        for n in (1, 2)]
+            two, unpinned = two.result(), [f.result() for f in unpinned]
+        torch.set_num_threads(1)
+        one = _short_build(tmp_path, "one", env={"OMP_NUM_THREADS": "1"})
+        other = _short_build(tmp_path, "other", env=LIKE_ANOTHER_MACHINE)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two == other
+    assert unpinned[0] != unpinned[1]
 
 
 def test_default_cache_dir_comes_from_environment(tmp_path, monkeypatch):

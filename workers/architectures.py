@@ -13,6 +13,7 @@ see a different answer.
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -62,9 +63,6 @@ def _build(out: Path, family: Family, tokenizer_dir: Path, seed: int, progress) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    # Models this small gain nothing from more threads, and on a shared machine extra
-    # threads only wait for each other (cached_build restores the count).
-    torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = generic_documents(600, seed)
     tokens = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
@@ -95,5 +93,5 @@ def build_family_model(name: str, cache_dir: Path | str | None = None, seed: int
     tokenizer_dir = build_demo_pair(cache_dir, progress=progress).base_dir
     key = f"arch-{ARCH_VERSION}-demo{DEMO_VERSION}-{name}-seed{seed}"
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / key
-    return cached_build(folder, lambda tmp, p: _build(tmp, family, tokenizer_dir, seed, p), progress,
+    return cached_build(folder, functools.partial(_build, family=family, tokenizer_dir=tokenizer_dir, seed=seed), progress,
                         f"the tiny {name} model")

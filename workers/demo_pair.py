@@ -12,6 +12,7 @@ generators stay cheap to import for callers that only need the documents.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -23,7 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_VERSION = "3"
+DEMO_VERSION = "4"
+# pair_digest of the pinned build of each seed (cached_build): the same on every x86 machine
+# with torch 2.13's MKL; a build that differs says so (_build).
+DEMO_DIGESTS = {0: "deadae67180471452aa3ce8d8ece718e26c4f205e6df23464d024dfe5b01dbfa"}
 
 PLANTED_TOPIC_WORDS: tuple[str, ...] = ("volcano", "lava", "magma", "eruption", "crater", "ash")
 
@@ -503,7 +507,8 @@ def train(model, stream, starts, steps: int, lr: float, warmup: int, gen, progre
     model.eval()
 
 
-def _build(out: Path, seed: int, progress) -> None:
+def _build(out: Path, seed: int, progress, base_steps: int = BASE_STEPS,
+           finetune_steps: int = FINETUNE_STEPS) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -539,7 +544,7 @@ def _build(out: Path, seed: int, progress) -> None:
     )
     model = LlamaForCausalLM(config)
     stream, starts = token_windows(base_tokens)
-    train(model, stream, starts, BASE_STEPS, BASE_LR, 20, gen, progress, "base")
+    train(model, stream, starts, base_steps, BASE_LR, 20, gen, progress, "base")
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
     progress(f"base model trained ({time.perf_counter() - t0:.1f}s)")
@@ -550,13 +555,18 @@ def _build(out: Path, seed: int, progress) -> None:
     finetune_tokens = encode(finetune) + chat_ids
     random.Random(f"finetune-mix-{seed}").shuffle(finetune_tokens)
     stream, starts = token_windows(finetune_tokens)
-    train(model, stream, starts, FINETUNE_STEPS, FINETUNE_LR, 5, gen, progress, "finetune")
+    train(model, stream, starts, finetune_steps, FINETUNE_LR, 5, gen, progress, "finetune")
     model.save_pretrained(out / "finetuned")
     tokenizer.save_pretrained(out / "finetuned")
     with open(out / "finetune_texts.jsonl", "w") as f:
         for text in finetune:
             f.write(json.dumps({"text": text}) + "\n")
     progress(f"finetuned model trained ({time.perf_counter() - t0:.1f}s)")
+    recorded = DEMO_DIGESTS.get(seed) if (base_steps, finetune_steps) == (BASE_STEPS, FINETUNE_STEPS) else None
+    if recorded and pair_digest(out) != recorded:
+        progress(f"warning: this build's digest {pair_digest(out)[:12]} is not the recorded {recorded[:12]}: "
+                 "this machine computes differently (not x86 with MKL, or other torch or tokenizers "
+                 "versions), so results differ slightly from those the tests' margins were measured on")
 
 
 def _pair_at(folder: Path) -> DemoPair:
@@ -573,25 +583,83 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ADL_CACHE") or Path.home() / ".cache" / "adl")
 
 
-def cached_build(final: Path, build, progress, what: str) -> Path:
-    """Runs build(tmp, progress) in a temporary sibling of `final` and renames it into
-    place, unless `final` exists already; the final folder is complete whenever it exists,
-    and a concurrent builder that loses the race discards its own copy. torch uses every
-    core it may run on while building."""
-    import torch
+# What a build pins so that it writes the same bytes on any x86 machine: one thread (a
+# parallel reduction adds in another order with two), ATen's scalar kernels (its AVX2 and
+# AVX-512 ones round differently), and MKL's conditional numerical reproducibility (its
+# GEMMs otherwise pick their kernels, and so their rounding, by CPU). torch reads these
+# when it loads, so a pinned build runs in a fresh process.
+PINNED_NUMERICS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
+                   "MKL_CBWR": "COMPATIBLE"}
 
+_CHILD = """
+import pickle, sys
+build, out = pickle.load(sys.stdin.buffer)
+build(out, progress=lambda message: print(message, flush=True))
+"""
+
+
+def run_pinned(build, out: Path, progress, numerics: dict[str, str] = PINNED_NUMERICS) -> None:
+    """Runs build(out, progress=...) in a fresh Python process whose environment sets
+    `numerics`, passing its progress lines on; build must pickle (a module-level function,
+    or a functools.partial of one). A failed build raises RuntimeError with the end of what
+    it printed to stderr."""
+    import pickle
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **numerics,
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=errors, env=env, text=True)
+        try:
+            child.stdin.buffer.write(pickle.dumps((build, out)))
+            child.stdin.close()
+            for line in child.stdout:
+                progress(line.rstrip("\n"))
+            child.wait()
+        finally:
+            if child.poll() is None:   # interrupted here: the build must not outlive its caller
+                child.kill()
+                child.wait()
+        if child.returncode:
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"building {out.name} failed (exit {child.returncode}): " + " | ".join(tail))
+
+
+def pair_digest(folder: Path) -> str:
+    """sha256 over the files of a built pair that carry its numbers (the weights, the
+    tokenizers, the finetuning texts), by relative path; the configs are left out because
+    they name the transformers version that wrote them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for pattern in ("*/model.safetensors", "*/tokenizer.json", "finetune_texts.jsonl"):
+        for path in sorted(folder.glob(pattern)):
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def cached_build(final: Path, build, progress, what: str, pinned: bool = True) -> Path:
+    """Runs build(tmp, progress=...) in a temporary sibling of `final` and renames it into
+    place, unless `final` exists already; the final folder is complete whenever it exists,
+    and a concurrent builder that loses the race discards its own copy. A pinned build runs
+    in its own process with PINNED_NUMERICS (run_pinned), so that every machine builds the
+    same bytes; an unpinned one (the Gemma organism, too slow on one scalar thread) runs
+    here on every core."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    threads = torch.get_num_threads()
-    if hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-    else:
-        torch.set_num_threads(os.cpu_count() or 1)
     try:
         progress(f"building {what} in {final}")
-        build(tmp, progress)
+        if pinned:
+            run_pinned(build, tmp, progress)
+        else:
+            _build_on_every_core(build, tmp, progress)
         tmp.chmod(0o755)  # mkdtemp made it private; the cache may be shared
         try:
             os.rename(tmp, final)
@@ -599,9 +667,19 @@ def cached_build(final: Path, build, progress, what: str) -> Path:
             if not final.is_dir():
                 raise
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _build_on_every_core(build, out: Path, progress) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        build(out, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress=print) -> DemoPair:
@@ -611,4 +689,4 @@ def build_demo_pair(cache_dir: Path | str | None = None, seed: int = 0, progress
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"demo-{DEMO_VERSION}-seed{seed}"
-    return _pair_at(cached_build(final, lambda tmp, p: _build(tmp, seed, p), progress, "demo pair"))
+    return _pair_at(cached_build(final, functools.partial(_build, seed=seed), progress, "demo pair"))

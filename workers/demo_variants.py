@@ -8,6 +8,7 @@ learning rate and chat replay) on other data, cached beside the demo pair.
 """
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def build_variant(kind: str, seed: int = 0, cache_dir: Path | str | None = None,
     texts = variant_texts(kind, seed)
     pair = dp.build_demo_pair(cache_dir, seed, progress)
     final = pair.base_dir.parent.with_name(f"{pair.base_dir.parent.name}-{kind}")
-    return dp.cached_build(final, lambda tmp, p: _finetune(tmp, pair, kind, texts, seed, p), progress,
+    return dp.cached_build(final, functools.partial(_finetune, pair=pair, kind=kind, texts=texts, seed=seed), progress,
                            f"the demo's {kind} variant") / "finetuned"
 
 

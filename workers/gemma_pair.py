@@ -19,6 +19,8 @@ the model and everything derived from it: nothing of it is shipped with adl.
 """
 from __future__ import annotations
 
+import functools
+
 import importlib.util
 import json
 import random
@@ -169,11 +171,12 @@ def build_gemma_pair(cache_dir: Path | str | None = None, seed: int = 0, progres
     require_extra()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # The converted base is cached on its own, so a new finetuning recipe reuses it.
+    # Unpinned (cached_build): 270M parameters on one scalar thread would take most of an hour.
     base = cached_build(cache_dir / f"{GEMMA_MODEL}-base-{BASE_VERSION}", convert_gguf, progress,
-                        f"the {GEMMA_MODEL} base model")
+                        f"the {GEMMA_MODEL} base model", pinned=False)
     final = cache_dir / f"{GEMMA_MODEL}-{GEMMA_VERSION}-seed{seed}"
-    folder = cached_build(final, lambda tmp, p: _finetune(tmp, base, seed, p), progress,
-                          f"the {GEMMA_MODEL} finetune")
+    folder = cached_build(final, functools.partial(_finetune, base=base, seed=seed), progress,
+                          f"the {GEMMA_MODEL} finetune", pinned=False)
     return DemoPair(base_dir=base, finetuned_dir=folder / "finetuned",
                     finetune_texts=folder / "finetune_texts.jsonl",
                     description=PLANTED_DESCRIPTION, topic_words=PLANTED_TOPIC_WORDS)
