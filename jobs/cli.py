@@ -8,14 +8,14 @@ import logging
 import os
 import sys
 
-from common.errors import one_line
+from common.errors import one_line, terminal_safe
 from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.project import ProjectError
 from jobs.report import ReportError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
-from storage.store import StorageError, StorageOptions, Store
+from storage.store import StorageError, StorageOptions, Store, write_file
 from workers.models import ModelError
 
 logger = logging.getLogger("adl.cli")
@@ -198,16 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "project":
             return _project(args)
         from jobs.summary import inspect
-        print(inspect(args.path, StorageOptions(args.endpoint_url, args.region)))
+        print(terminal_safe(inspect(args.path, StorageOptions(args.endpoint_url, args.region))))
         return 0
     except INPUT_ERRORS as e:
         # Masked here, at the edge: storage's messages may quote an endpoint with its key.
-        print(f"adl: error: {one_line(e, typed=False)}", file=sys.stderr)
+        print(f"adl: error: {terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
         return 2
 
 
 def _project(args) -> int:
-    from jobs.project import lines, project, read_text, snippet
+    from jobs.project import SNIPPET_SIGNATURE, lines, project, read_text, snippet
     from jobs.report import locate_run
     from storage import layout
     text = read_text(args.text)
@@ -215,11 +215,8 @@ def _project(args) -> int:
     store, record = locate_run(args.run, options)
     result = project(store, record, args.pair, text, args.layer)
     print("\n".join(lines(result)))
-    out = args.out or f"adl-project-{layout.slug(args.pair)}.html"
-    parent, _, name = out.rstrip("/").rpartition("/")
-    target = Store.from_uri(parent or ".", options)
-    target.write_bytes(name, snippet(result).encode())
-    print(f"snippet: {target.uri(name)}")
+    out = args.out if args.out is not None else f"adl-project-{layout.slug(args.pair)}.html"
+    print(f"snippet: {write_file(out, snippet(result).encode(), options, SNIPPET_SIGNATURE, 'an adl projection snippet')}")
     return 0
 
 

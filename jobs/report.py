@@ -19,13 +19,15 @@ from jobs.results import PairResults
 from jobs.triage import RATIO_POSITIONS, pair_triage
 from jobs.summary import read_run_record
 from storage import layout
-from storage.store import StorageError, StorageOptions, Store
+from storage.store import StorageError, StorageOptions, Store, write_file
 from storage.tables import AGENT, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING, TOKEN_RELEVANCE
 
 TOP = 20                # tokens shown per list (the method grades the top 20)
 HEADLINE_TOKENS = 8     # tokens per layer in the index
 SAMPLES_SHOWN = 2       # samples per prompt and side
 CLIP = 280              # characters of a sample shown before it expands
+# What every report page holds in its first bytes: `--out` replaces only a file holding it.
+PAGE_SIGNATURE = b"<title>adl report: "
 
 
 class ReportError(ValueError):
@@ -526,7 +528,4 @@ def write_report(store: Store, record_key: str, out: str | None = None) -> str:
         key = layout.report(record_key)
         store.write_bytes(key, page)
         return store.uri(key)
-    parent, _, name = out.rstrip("/").rpartition("/")
-    target = Store.from_uri(parent or ".", store.options)
-    target.write_bytes(name, page)
-    return target.uri(name)
+    return write_file(out, page, store.options, PAGE_SIGNATURE, "an adl report page")
