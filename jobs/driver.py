@@ -22,18 +22,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.errors import one_line
+from common.redact import redact_urls
 from common.logs import configure as configure_logging
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
 from jobs.plan import Plan, PairPlan, make_plan
 from jobs.scheduler import ModelKey, Scheduler, Unit
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
 from jobs.status import JobStatus
 from jobs.views import Publisher, publish
 from storage import layout
-from storage.store import Store
+from storage.store import StorageError, Store, shown
 
 logger = logging.getLogger("adl.driver")
 
@@ -295,6 +296,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     store = Store.from_uri(spec.storage.root, spec.storage.options)
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
+    check_job_folder(store, spec.name)
     pending = pending_pairs(plan, store)
     for pair in plan.pairs:
         if pair not in pending:
@@ -419,10 +421,28 @@ def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, s
     return changed
 
 
+def check_job_folder(store: Store, name: str) -> None:
+    """The job's folder (layout.run_dir) holds no other job's records: a name spelled
+    like another job's keyed folder, or equal to it but for case on a case-insensitive
+    filesystem, is refused before anything is written (SpecError, exit 2)."""
+    for key in (layout.run_record(name), layout.run_status(name)):
+        try:
+            record = store.read_json_or_none(key)
+        except StorageError:
+            if key == layout.run_record(name):
+                raise
+            continue   # a damaged status record is rewritten as the job starts
+        other = record.get("job") if isinstance(record, dict) else record
+        if record is not None and other != name:
+            raise SpecError(f"name: {shown(name)} maps onto {store.uri(layout.run_dir(name))}, which holds the "
+                            f"records of another job ({shown(other)}); rename the job")
+
+
 def write_run_record(plan: Plan, store: Store) -> str:
     """The job's entry point for readers; deterministic, so a rerun rewrites nothing."""
     record = {
-        "job": plan.spec.name, "layout_version": layout.LAYOUT_VERSION, "spec": plan.spec.to_dict(),
+        "job": plan.spec.name, "layout_version": layout.LAYOUT_VERSION,
+        "spec": redact_urls(plan.spec.to_dict()),   # an endpoint's credentials stay out of storage
         "pairs": [{"name": p.pair.name, "dir": p.out_dir, "layers": list(p.layers),
                    "base_activations": p.base.prefix, "finetuned_activations": p.finetuned.prefix}
                   for p in plan.pairs],
