@@ -3,7 +3,13 @@ messages of its own errors; and a server's free text squeezed onto one line. Cre
 are masked in both (common/redact.py)."""
 from __future__ import annotations
 
+import re
+
 from common.redact import redact
+
+# Control characters but the newline: an escape sequence in a record someone else wrote
+# (a job or pair name in run.json) must not reach the terminal as one.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
 def one_line(error: BaseException, typed: bool = True) -> str:
@@ -28,3 +34,9 @@ def squeeze(text: str, limit: int = 300) -> str:
     """Text from elsewhere (a server's error body) as one line: whitespace runs become one
     space; masked before it is cut short, so that no piece of a key survives the cut."""
     return " ".join(redact(text).split())[:limit]
+
+
+def terminal_safe(text: str) -> str:
+    """Text for the terminal with every control character but the newline shown escaped
+    (ESC as \\x1b): what adl prints from records it did not validate itself."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from storage import layout
-from storage.store import StorageError, StorageOptions, Store
+from storage.store import StorageError, StorageOptions, Store, key_problem, shown
 from storage.tables import CATALOG, DIFFERENCE, GENERATIONS, SIMILARITY, table_kind
 
 TOP = 10
@@ -30,6 +30,9 @@ def read_run_record(store: Store, key: str) -> dict:
     for i, pair in enumerate(record["pairs"]):
         if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in ("name", "dir")):
             raise StorageError(f"{where}: pairs[{i}] must be an object with \"name\" and \"dir\" strings")
+        if not pair["dir"].startswith("pairs/") or key_problem(pair["dir"].rstrip("/")):
+            raise StorageError(f"{where}: pairs[{i}].dir must be a folder under pairs/ of this root, "
+                               f"got {shown(pair['dir'])}")
     spec = record["spec"]
     for section in ("method", "generation", "analyses", "agent"):
         if not isinstance(spec.get(section, {}), dict):
