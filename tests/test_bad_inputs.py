@@ -514,3 +514,192 @@ def test_pair_names_sharing_a_folder(tmp_path, make_spec, capsys, names, folder)
     assert run_fails(tmp_path, spec, capsys) == (
         f"pairs[1].name: {names[1]!r} and pairs[0].name {names[0]!r} map to the same results folder name "
         f"{folder!r}; rename one")
+
+
+# -- writes replace only what is ours ----------------------------------------------------------
+def minimal_run(root: Path, job: str = "x") -> Path:
+    """A storage root holding one job's run record (no pairs): enough for `adl report`."""
+    record = root / "runs" / job / "run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"job": job, "spec": {"method": {"positions": [0]}}, "pairs": []}))
+    return record
+
+
+def test_report_out_refuses_what_is_not_a_report_page(tmp_path, capsys):
+    """--out replaces an adl report page and nothing else: not a device, a folder, a link,
+    another job's run record, a file of someone else's; '' and 'folder/' name no file;
+    a folder the OS refuses is one line. Each case leaves everything as it was."""
+    root = tmp_path / "root"
+    record = minimal_run(root)
+    other = minimal_run(root, "other")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    link = tmp_path / "link.html"
+    link.symlink_to(mine)
+    before = {p: snapshot(p) for p in (root, mine, folder, tmp_path)}
+    cases = [
+        ("/dev/full", "/dev/full: is a device, not a file; refusing to replace it"),
+        (str(folder), f"{folder}: is a folder, not a file; refusing to replace it"),
+        ("", "--out: expected a file path, got ''"),
+        (f"{folder}/", f"--out: expected a file path, got '{folder}/'"),
+        (str(other), f"{other}: exists and is not an adl report page; refusing to replace it"),
+        (str(mine), f"{mine}: exists and is not an adl report page; refusing to replace it"),
+        (str(link), f"{link}: is a symbolic link, not a file; refusing to replace it"),
+        ("/proc/adl-report.html", "/proc/adl-report.html: cannot write: No such file or directory"),
+        ("/sys/adl/report.html", "/sys/adl/report.html: cannot write: Operation not permitted"),
+    ]
+    for out, message in cases:
+        assert fails(["report", str(record), "--out", out], capsys) == message, out
+    assert {p: snapshot(p) for p in before} == before
+    assert Path("/dev/full").is_char_device()
+    page = tmp_path / "page.html"
+    for _ in range(2):   # a report page is replaced by the next
+        assert main(["report", str(record), "--out", str(page)]) == 0
+        assert capsys.readouterr().out.strip() == str(page)
+    assert "<title>adl report: x</title>" in page.read_text()
+
+
+def test_storage_writes_only_regular_files_and_keys_inside_the_root(tmp_path):
+    from storage.store import StorageError, Store
+    store = Store(str(tmp_path / "root"))
+    (tmp_path / "root" / "a-folder").mkdir(parents=True)
+    (tmp_path / "root" / "fifo").symlink_to("/dev/null")
+    for key, message in [
+        ("a-folder", f"{tmp_path}/root/a-folder: is a folder, not a file; refusing to replace it"),
+        ("fifo", f"{tmp_path}/root/fifo: is a symbolic link, not a file; refusing to replace it"),
+        ("../outside", f"{tmp_path}/root: key '../outside' holds a '.' or '..' component"),
+        ("a/./b", f"{tmp_path}/root: key 'a/./b' holds a '.' or '..' component"),
+        ("a//b", f"{tmp_path}/root: key 'a//b' holds an empty component ('//')"),
+        ("a\x00b", f"{tmp_path}/root: key 'a\\x00b' holds a control character"),
+    ]:
+        with pytest.raises(StorageError) as e:
+            store.write_bytes(key, b"x")
+        assert str(e.value) == message
+    assert not (tmp_path / "outside").exists() and (tmp_path / "root" / "a-folder").is_dir()
+    assert tree(tmp_path / "root") == ["a-folder", "fifo"]
+
+
+# -- job folders ---------------------------------------------------------------------------------
+def test_job_names_never_share_a_folder():
+    from storage.layout import run_dir
+    names = ["p1", "p1/", "p1.", "P1", "実験", "試験", "эксперимент-1", "опыт-1", "a" * 60 + "x", "b" * 60 + "x",
+             "my job", "my_job", "x"]
+    folders = [run_dir(name) for name in names]
+    assert len(set(folders)) == len(names), folders
+    assert run_dir("p1") == "runs/p1" and run_dir("demo") == "runs/demo"   # existing runs keep their folder
+    assert all(f.startswith("runs/") and "/" not in f[5:] and ".." not in f for f in folders)
+
+
+def test_a_name_mapping_onto_another_jobs_folder_is_refused(tmp_path, make_spec, capsys):
+    from storage.layout import run_dir
+    root = tmp_path / "out"
+    spec = make_spec(root)
+    spec["name"] = "p1/"
+    taken = run_dir("p1/").split("/")[1]      # a job named exactly like p1/'s keyed folder
+    minimal_run(root, taken)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"name: 'p1/' maps onto {root}/runs/{taken}, which holds the records of another job ({taken!r}); "
+        f"rename the job")
+
+
+# -- S3 roots --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("root, problem", [
+    ("s3://bucket/../victim/x", "has a prefix that holds a '.' or '..' component"),
+    ("s3://bucket/x/..", "has a prefix that holds a '.' or '..' component"),
+    ("s3://bucket/./x", "has a prefix that holds a '.' or '..' component"),
+    ("s3://bucket//x", "has a prefix that holds an empty component ('//')"),
+    ("s3://bucket/x//", "has a prefix that holds an empty component ('//')"),
+    ("s3://bucket/x\x00y", "has a prefix that holds a control character"),
+    ("s3://bucket/x\ny", "has a prefix that holds a control character"),
+    ("s3://b/x", "names no valid bucket ('b': 3 to 63 letters, digits, dots and hyphens; expected s3://bucket/prefix)"),
+    ("s3://../x", "names no valid bucket ('..': 3 to 63 letters, digits, dots and hyphens; expected s3://bucket/prefix)"),
+])
+def test_s3_roots_that_would_leave_their_prefix(tmp_path, make_spec, capsys, root, problem):
+    spec = make_spec(root)
+    assert run_fails(tmp_path, spec, capsys) == f"storage.root: {root!r} {problem}"
+
+
+def test_s3_root_and_its_writes_use_one_parsed_location(s3_endpoint, s3_bucket):
+    import boto3
+    from storage.store import StorageError, StorageOptions, Store
+    store = Store.from_uri(f"s3://{s3_bucket}/a/b/", StorageOptions(s3_endpoint, "us-east-1"))
+    store.write_bytes("k", b"x")
+    with pytest.raises(StorageError):
+        store.write_bytes("../../k", b"y")
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket=s3_bucket).get("Contents", [])]
+    assert keys == ["a/b/k"]
+
+
+def test_a_symlink_loop_root(tmp_path, make_spec, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    root = tmp_path / "a" / "out"
+    assert run_fails(tmp_path, make_spec(root), capsys) == \
+        f"storage.root: {str(root)!r} cannot be resolved (a loop of symbolic links)"
+
+
+# -- error text is bounded -----------------------------------------------------------------------------
+def test_a_yaml_alias_bomb_makes_a_short_error(tmp_path, capsys):
+    nine = lambda x: "[" + ", ".join([x] * 9) + "]"
+    levels = ['&a ' + nine('"lol"')] + [f"&{b} " + nine(f"*{a}") for a, b in zip("abcdefg", "bcdefgh")]
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(f"name: [{', '.join(levels)}]\npairs: [{{name: p, base: m, finetuned: m}}]\n")
+    assert len(spec_file.read_bytes()) < 600
+    started = time.monotonic()
+    message = fails(["run", str(spec_file)], capsys)
+    assert time.monotonic() - started < 5
+    assert message.startswith("name: expected a non-empty string, got [['lol', 'lol', 'lol'")
+    assert len(message) < 300 and message.endswith("...")
+
+
+def test_long_values_are_cut_in_errors(tmp_path, make_spec, capsys):
+    spec = make_spec(tmp_path / "out")
+    spec["dtype"] = "x" * 100_000
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith("dtype: must be one of ") and len(message) < 300
+
+
+# -- numbers are finite --------------------------------------------------------------------------------
+@pytest.mark.parametrize("section, field, value, where", [
+    ("generation", {"search": {"high": float("nan")}}, None, "generation.search.high: must be a finite number, got nan"),
+    ("generation", {"search": {"low": float("-inf")}}, None, "generation.search.low: must be a finite number, got -inf"),
+    ("analyses", {"patchscope_scales": [float("inf"), float("nan")]}, None,
+     "analyses.patchscope_scales[0]: must be a finite number, got inf"),
+    ("compute", {"cpus_per_worker": float("inf")}, None, "compute.cpus_per_worker: must be a finite number, got inf"),
+    ("compute", {"gpus_per_worker": float("nan")}, None, "compute.gpus_per_worker: must be a finite number, got nan"),
+    ("generation", {"temperature": 10 ** 400}, None, "generation.temperature: expected a number, got 1000000"),
+    ("method", {"layers": [float("nan")]}, None, "method.layers[0]: a relative depth must lie in [0.0, 1.0], got nan"),
+    ("method", {"positions": [0, 0, 1]}, None, "method.positions[1]: duplicate position 0"),
+])
+def test_numbers_must_be_finite(tmp_path, make_spec, capsys, section, field, value, where):
+    spec = make_spec(tmp_path / "out")
+    spec[section] = field
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith(where), message
+
+
+# -- records someone else wrote ---------------------------------------------------------------------
+def test_inspect_shows_escape_sequences_of_a_record_escaped(tmp_path, capsys):
+    record = minimal_run(tmp_path)
+    record.write_text(json.dumps({"job": "x\x1b[31mred", "spec": {"method": {"positions": [0]}},
+                                  "pairs": [{"name": "\x1b]0;title\x07", "dir": "pairs/p"}]}))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out.splitlines()[0] == f"job x\\x1b[31mred  ({record})"
+    assert f"pair \\x1b]0;title\\x07  ({tmp_path}/pairs/p)" in out
+
+
+@pytest.mark.parametrize("folder", ["../..", "pairs/../../x", "/etc", "pairs//x", "elsewhere/p"])
+def test_a_pair_folder_outside_the_root_is_refused(tmp_path, capsys, folder):
+    root = tmp_path / "root"
+    record = minimal_run(root)
+    record.write_text(json.dumps({"job": "x", "spec": {}, "pairs": [{"name": "p", "dir": folder}]}))
+    before = tree(tmp_path)
+    for argv in (["inspect", str(root)], ["report", str(root)], ["report", str(record)]):
+        assert fails(argv, capsys) == \
+            f"{record}: pairs[0].dir must be a folder under pairs/ of this root, got {folder!r}", argv
+    assert tree(tmp_path) == before

@@ -404,7 +404,7 @@ def test_a_waiting_run_goes_on_when_the_holder_is_done_and_a_lease_is_kept_alive
     start = time.time()
     me.wait(["pairs/busy"])
     assert 1.0 < time.time() - start < 10
-    assert any("pairs/busy: being worked on by another run (job 'other', host elsewhere" in line for line in lines())
+    assert any("pairs/busy: being worked on by another run (job 'other', host 'elsewhere'" in line for line in lines())
     assert me.claim("pairs/busy")
     key = f"{layout.lease('pairs/busy')}/00000001.json"
     first = lease_store.read_json(key)["expires"]
@@ -556,3 +556,38 @@ def test_an_unset_api_key_env_is_an_input_error(tmp_path, make_spec, demo_pair, 
     assert make_plan(parse_spec(unused)).pairs
     monkeypatch.setenv("ADL_NO_SUCH_KEY", "some-key")
     assert make_plan(parse_spec(spec)).pairs
+
+
+# -- forged leases and secrets ------------------------------------------------------------------
+def test_a_lease_expiring_beyond_a_renewal_and_a_ttl_is_no_lease(lease_store):
+    """No holder renews further ahead than RENEW_S + TTL_S: an expiry beyond that (a lease
+    forged with expires 1e18, or written by a clock far ahead) would block the pair for
+    as long as it claims, so it is not live; a lease renewed just now still is."""
+    from jobs import leases as leases_module
+    me = Leases(lease_store, "job")
+    plant(lease_store, "pairs/forged", 0, expires=1e18)
+    plant(lease_store, "pairs/skewed", 0, expires=time.time() + leases_module.TTL_S + leases_module.RENEW_S + 60)
+    plant(lease_store, "pairs/nan", 0, expires=float("nan"))
+    plant(lease_store, "pairs/bool", 0, expires=True)
+    plant(lease_store, "pairs/fresh", 0, expires=time.time() + leases_module.TTL_S)
+    assert me.claim("pairs/forged") and me.claim("pairs/skewed") and me.claim("pairs/nan") and me.claim("pairs/bool")
+    assert not me.claim("pairs/fresh")
+    me.wait(["pairs/forged"], sleep=lambda s: None)   # returns at once: nobody holds it
+
+
+def test_credentials_in_an_endpoint_url_stay_out_of_the_run_record(tmp_path, make_spec, demo_pair, monkeypatch):
+    from common.redact import redact, register
+    from jobs.driver import write_run_record
+    monkeypatch.setenv("ADL_TEST_KEY", "some-key")
+    url = "https://admin:sk-planted123456@host.example/v1?api-key=planted-query-key&x=1"
+    spec = grader_job(make_spec, demo_pair, tmp_path / "out", url, api_key_env="ADL_TEST_KEY")
+    store = Store(str(tmp_path / "out"))
+    key = write_run_record(make_plan(parse_spec(spec)), store)
+    written = store.read_bytes(key).decode()
+    assert "planted" not in written
+    assert json.loads(written)["spec"]["grader"]["base_url"] == "https://***@host.example/v1?api-key=***&x=1"
+    secret = "k3y/with+special=chars&more"
+    register(secret)
+    from urllib.parse import quote, quote_plus
+    for echoed in (secret, quote(secret, safe=""), quote_plus(secret)):
+        assert redact(f"401: you sent ?token={echoed} and {echoed}.") == "401: you sent ?token=*** and ***."
