@@ -103,12 +103,15 @@ def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
 
 def _run(spec, report: bool = False) -> int:
     """Runs the job; exit code 1 when any pair failed (the others still ran)."""
-    from jobs.driver import RunStats, Terminated, run_job
+    from jobs.driver import RunStats, StorageFault, Terminated, run_job
     from jobs.summary import run_summary
     from storage.store import Store
     stats = RunStats()
     try:
         record = run_job(spec, stats)
+    except StorageFault as e:   # not the input's fault: exit 1, the failure recorded where it could be
+        print(f"adl: error: {terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: run_job said what is complete
         # and stopped the job's actors and Ray; threads of the job may still be waiting
         # inside Ray, so the process ends now rather than wait for them at exit.

@@ -182,6 +182,9 @@ class FaultProxy(LoopbackServer):
         self.lock = threading.Lock()
         self.requests = 0
         self.faults: list[tuple[str, str, str]] = []   # (fault, method, path)
+        self.down = False               # an outage: every request answered 503
+        self.down_after_puts = None     # the outage starts once this many PUTs have passed
+        self.puts = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -219,6 +222,15 @@ class FaultProxy(LoopbackServer):
 
             def handle_any(self):
                 body = self.body()
+                with proxy.lock:
+                    down = proxy.down
+                    if self.command == "PUT" and not down:
+                        proxy.puts += 1
+                        proxy.down = proxy.down_after_puts is not None and proxy.puts >= proxy.down_after_puts
+                if down:
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                               b'<Message>Service is unable to handle request.</Message></Error>')
+                    return self.reply(503, [("Content-Type", "application/xml")], payload)
                 with proxy.lock:
                     proxy.requests += 1
                     fault = None
@@ -591,3 +603,40 @@ def test_credentials_in_an_endpoint_url_stay_out_of_the_run_record(tmp_path, mak
     from urllib.parse import quote, quote_plus
     for echoed in (secret, quote(secret, safe=""), quote_plus(secret)):
         assert redact(f"401: you sent ?token={echoed} and {echoed}.") == "401: you sent ?token=*** and ***."
+
+
+# -- storage failing during a run ------------------------------------------------------------
+def test_a_storage_failure_during_a_run_is_one_line_exit_1_and_recorded(tmp_path, make_spec, capfd):
+    """The root takes the status record, then refuses the run record (a folder stands in
+    its place): one line naming the root and the cause, exit 1, and the failure recorded
+    in the status record."""
+    root = tmp_path / "out"
+    (root / "runs" / "test" / "run.json").mkdir(parents=True)
+    code, out = run_cli(tmp_path, make_spec(root), capfd)
+    assert code == 1, out
+    assert "Traceback" not in out
+    assert out.strip().splitlines()[-1] == (f"adl: error: storage {root}: {root}/runs/test/run.json: is a folder, "
+                                            f"not a file; refusing to replace it")
+    status = json.loads((root / layout.run_status("test")).read_text())
+    assert status["state"] == "failed"
+    assert status["error"] == f"{root}/runs/test/run.json: is a folder, not a file; refusing to replace it"
+
+
+def test_an_s3_outage_longer_than_the_retries_ends_the_run_in_one_line(make_spec, s3_endpoint, s3_bucket,
+                                                                       tmp_path, capfd):
+    """Every request fails once the first object is written (the status record): after
+    the retries, one line naming the root, exit 1, no traceback; what could not be recorded
+    is said in the log."""
+    with FaultProxy(s3_endpoint, every=10 ** 9) as proxy:
+        proxy.down_after_puts = 1
+        root = f"s3://{s3_bucket}/outage"
+        code, out = run_cli(tmp_path, make_spec(root, storage={"endpoint_url": proxy.url, "region": "us-east-1"}),
+                            capfd)
+    assert code == 1, out
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"adl: error: storage {root}: ") and "503" in last, out
+    assert re.search(rf"could not record it on {root}: ", out), out
+    direct = Store.from_uri(root, StorageOptions(s3_endpoint, "us-east-1"))
+    assert direct.read_json(layout.run_status("test"))["state"] == "running"   # written before the outage
+    assert direct.list() == [layout.run_status("test")]
