@@ -13,6 +13,7 @@ from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.project import ProjectError
 from jobs.report import ReportError
+from jobs.scheduler import SchedulingError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
 from storage.store import StorageError, StorageOptions, Store, write_file
@@ -22,7 +23,7 @@ logger = logging.getLogger("adl.cli")
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
 INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError,
-                ClusterError, ProjectError)
+                ClusterError, ProjectError, SchedulingError)
 
 
 DEMO_MODELS = ("demo", "gemma-3-270m")
@@ -206,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as e:
         # Masked here, at the edge: storage's messages may quote an endpoint with its key.
         print(f"adl: error: {terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
+        return 2
+    except OSError as e:   # reading what PATH names: an endpoint that does not answer, a network down
+        if args.command not in ("inspect", "report", "project"):
+            raise
+        print(f"adl: error: {terminal_safe(args.path if args.command == 'inspect' else args.run)}: cannot read: "
+              f"{terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
         return 2
 
 

@@ -26,6 +26,7 @@ class SpecError(ValueError):
 
 
 CORPUS_KINDS = ("demo", "text", "jsonl", "parquet", "hf")
+DEMO_MAX_DOCUMENTS = 1_000_000   # the demo corpus is generated without end: a bound on what it is asked
 
 
 @dataclass(frozen=True)
@@ -459,6 +460,10 @@ def _corpus(raw: Any) -> Corpus:
                 "revision": "str", "seed": "int", "num_documents": "int"},
                [("kind", lambda v: v in CORPUS_KINDS, f"must be one of {', '.join(CORPUS_KINDS)}"),
                 ("num_documents", lambda v: v >= 1, "must be >= 1")])
+    if c.kind == "demo" and c.num_documents > DEMO_MAX_DOCUMENTS:
+        # the demo stream never ends: the planner would read it for ever, its memory growing
+        raise SpecError(f"corpus.num_documents: the demo corpus makes at most {DEMO_MAX_DOCUMENTS} documents, "
+                        f"got {shown(c.num_documents)}; for more, use a text, jsonl, parquet or hf corpus")
     if c.kind in ("text", "jsonl", "parquet") and c.path is None:
         raise SpecError(f"corpus.path: required for a {c.kind} corpus")
     if c.kind == "hf" and c.dataset is None:

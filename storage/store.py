@@ -294,6 +294,14 @@ class Store:
                 return f.read_buffer()
         return self._retrying("reading", key, read)
 
+    def read_head(self, key: str, nbytes: int) -> tuple[bytes, int]:
+        """The object's first nbytes (fewer if it is shorter) and its size: one ranged read,
+        for a file's header (a safetensors file's) without reading the file."""
+        def read():
+            with self.fs.open_input_file(self._path(key)) as f:
+                return f.read(nbytes), f.size()
+        return self._retrying("reading", key, read)
+
     def read_bytes(self, key: str) -> bytes:
         return self.read_buffer(key).to_pybytes()
 
