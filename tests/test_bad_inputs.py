@@ -703,3 +703,70 @@ def test_a_pair_folder_outside_the_root_is_refused(tmp_path, capsys, folder):
         assert fails(argv, capsys) == \
             f"{record}: pairs[0].dir must be a folder under pairs/ of this root, got {folder!r}", argv
     assert tree(tmp_path) == before
+
+
+# -- found before the run, not when a worker loads it ---------------------------------------------------
+def safetensors_damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\xff" * 64)
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:   # a header that is not JSON, of the length its first 8 bytes say
+        path.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + data[8:])
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("truncated", "truncated or corrupted: tensor "),
+    ("garbage", "not a safetensors file (truncated, or no header of the format; 64 bytes)"),
+    ("empty", "not a safetensors file (truncated, or no header of the format; 0 bytes)"),
+    ("header", "not a safetensors file (its header is not JSON)"),
+])
+def test_damaged_safetensors_are_found_while_planning(tmp_path, make_spec, demo_pair, capsys, how, problem):
+    folder = model_copy(demo_pair.finetuned_dir, tmp_path / "finetuned")
+    safetensors_damage(folder / "model.safetensors", how)
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(folder)
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith(f"pairs[0].finetuned: {folder}/model.safetensors: {problem}"), message
+
+
+def test_an_adapter_without_lora_tensors_is_refused(tmp_path, make_spec, demo_pair, lora_adapter, capsys):
+    """The base's weights saved as adapter_model.safetensors would load as an adapter that
+    changes nothing: |delta| = 0 everywhere, and no warning."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    shutil.copyfile(Path(demo_pair.base_dir) / "model.safetensors", adapter / "adapter_model.safetensors")
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith(f"pairs[0].finetuned.adapter: {adapter}/adapter_model.safetensors: holds no LoRA "
+                              f"tensors (lora_A / lora_B; "), message
+    assert message.endswith("): not a LoRA adapter's weights")
+
+
+def test_a_model_that_needs_remote_code(tmp_path, make_spec, demo_pair, capsys):
+    folder = model_copy(demo_pair.finetuned_dir, tmp_path / "custom", model_type="adl-custom",
+                        auto_map={"AutoConfig": "modeling_custom.CustomConfig"})
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(folder)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: {folder}: its model type 'adl-custom' needs the custom code its config.json names "
+        f"(auto_map); set trust_remote_code: true to run it")
+
+
+def test_a_demo_corpus_beyond_its_bound(tmp_path, make_spec, capsys):
+    spec = make_spec(tmp_path / "out", corpus={"num_documents": 10 ** 12})
+    assert run_fails(tmp_path, spec, capsys) == (
+        "corpus.num_documents: the demo corpus makes at most 1000000 documents, got 1000000000000; for more, "
+        "use a text, jsonl, parquet or hf corpus")
+
+
+def test_inspect_and_report_of_an_unreachable_s3_root(tmp_path, capsys, monkeypatch):
+    from storage import store as store_module
+    monkeypatch.setattr(store_module, "BACKOFF_MAX_S", 0.01)
+    monkeypatch.setattr(store_module, "BACKOFF_BASE_S", 0.01)
+    for argv in (["inspect", "s3://bucket/x"], ["report", "s3://bucket/x"]):
+        message = fails(["--log-level", "WARNING", *argv, "--endpoint-url", "http://127.0.0.1:9"], capsys)
+        assert message.startswith("s3://bucket/x: cannot read: ") and "Could not connect" in message, message
