@@ -7,6 +7,10 @@ import re
 
 from common.redact import redact
 
+# A run of this many characters without a space is a value someone wrote (a 5000-character
+# model name), not words: an error line shows its first LONGEST.
+LONGEST = 200
+_LONG = re.compile(r"\S{%d,}" % (LONGEST + 40))
 # Control characters but the newline: an escape sequence in a record someone else wrote
 # (a job or pair name in run.json) must not reach the terminal as one.
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
@@ -27,7 +31,7 @@ def one_line(error: BaseException, typed: bool = True) -> str:
     line = lines[-1] if traceback else lines[0]
     if typed and ":" not in line.split(" ")[0]:
         line = f"{type(error).__name__}: {line}"
-    return redact(line)
+    return _LONG.sub(lambda m: m.group()[:LONGEST] + "...", redact(line))
 
 
 def squeeze(text: str, limit: int = 300) -> str:

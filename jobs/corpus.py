@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.errors import one_line
 from jobs.spec import Corpus, SpecError
+from storage.store import shown
 from workers.tokenization import DROP_REASONS, KeptDocuments, keep_documents
 
 _LOG = logging.getLogger("adl")
@@ -32,8 +33,12 @@ def corpus_identity(corpus: Corpus) -> dict:
 
 def _existing(path: str) -> Path:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise SpecError(f"corpus.path: no such file: {path}")
+    try:
+        found = p.is_file()
+    except (OSError, ValueError):   # too long a name, or a NUL in it
+        found = False
+    if not found:
+        raise SpecError(f"corpus.path: no such file: {shown(path)}")
     return p
 
 

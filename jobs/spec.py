@@ -736,9 +736,15 @@ def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
             return p
         return str(base_dir / p)
 
+    def exists(p: str) -> bool:
+        try:
+            return Path(p).exists()
+        except (OSError, ValueError):   # too long a name, or a NUL in it: nothing there
+            return False
+
     def local(p: str | None) -> str | None:
         resolved = path(p)
-        return resolved if resolved == p or p.startswith(".") or Path(resolved).exists() else p
+        return resolved if resolved == p or p.startswith(".") or exists(resolved) else p
 
     def source(s: ModelSource) -> ModelSource:
         return replace(s, model=local(s.model), adapter=local(s.adapter))

@@ -5,6 +5,7 @@ earlier; none starts Ray."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -770,3 +771,103 @@ def test_inspect_and_report_of_an_unreachable_s3_root(tmp_path, capsys, monkeypa
     for argv in (["inspect", "s3://bucket/x"], ["report", "s3://bucket/x"]):
         message = fails(["--log-level", "WARNING", *argv, "--endpoint-url", "http://127.0.0.1:9"], capsys)
         assert message.startswith("s3://bucket/x: cannot read: ") and "Could not connect" in message, message
+
+
+# -- fuzzing the spec -----------------------------------------------------------------------------------
+HOSTILE = [None, True, False, 0, -1, 1, 3, 2 ** 63, 10 ** 400, 0.5, -0.0, 1e308, float("nan"), float("inf"),
+           float("-inf"), "", " ", "x", "x" * 5000, "\x1b[31mred", "a\x00b", "line\nbreak", "../..", "/", "/dev/full",
+           "s3://", "s3://b", "s3://bucket/../victim", "s3://bucket//x", "gs://bucket/x", "~", "эксперимент", "実験",
+           [], [None], [[[]]], [1, 1, 1], [0.5, float("nan")], {}, {"a": 1}, {"": None}, "1e12", "nan", ".inf",
+           "bfloat16", "demo", "openai", "patch"]
+# Not mutated: values that make the planner reach the network (a Ray address, an S3 endpoint).
+UNREACHED = ("ray_address", "endpoint_url")
+
+
+def spec_paths(node, prefix=()):
+    """(container, key, path) of every value in a spec, depth first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield node, key, (*prefix, key)
+        yield from spec_paths(value, (*prefix, key))
+
+
+def mutated(rng, spec: dict) -> dict:
+    import copy
+    spec = copy.deepcopy(spec)
+    for _ in range(rng.randint(1, 3)):
+        paths = [p for p in spec_paths(spec) if not any(str(k) in UNREACHED for k in p[2])]
+        container, key, _ = rng.choice(paths)
+        op = rng.random()
+        if op < 0.6:
+            container[key] = copy.deepcopy(rng.choice(HOSTILE))
+        elif op < 0.75 and isinstance(container, dict):
+            del container[key]
+        elif op < 0.9 and isinstance(container, dict):
+            container[rng.choice(["unknown", "name", "enabled", "kind", "layers", "positions"])] = \
+                copy.deepcopy(rng.choice(HOSTILE))
+        elif isinstance(container, list):
+            container.append(copy.deepcopy(container[key]))
+    return spec
+
+
+def mutated_text(rng, text: str) -> str:
+    """The YAML text itself damaged: a character dropped, or YAML syntax put in."""
+    i = rng.randrange(len(text))
+    if rng.random() < 0.5:
+        return text[:i] + text[i + 1:]
+    return text[:i] + rng.choice([":", "[", "]", "{", "&a ", "*a", "\t", "- ", "!!python/object ", "'", "\x00"]) + text[i:]
+
+
+def test_random_and_mutated_specs_end_in_one_line_or_a_plan(tmp_path, make_spec, demo_pair, monkeypatch):
+    """Specs made by mutating valid ones (values swapped for hostile ones, keys dropped or
+    added, the YAML text damaged), for a bounded time: each is a plan (exit 0's way) or an
+    input error of one short line (exit 2's), never another exception, and nothing is
+    written anywhere. Validation and planning only: no model is loaded."""
+    import random
+    import traceback
+    from common.errors import one_line
+    from jobs.cli import INPUT_ERRORS
+    from jobs.plan import make_plan
+    from jobs.spec import load_spec
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root = tmp_path / "root"
+    plain = make_spec(root, corpus={"num_documents": 20}, method={"layers": [0.5], "positions": [0, 1]})
+    full = {**plain, "generation": {"samples": 1, "search": {"high": 4.0, "steps": 2}},
+            "analyses": {"patchscope_scales": [1.0, 2.0]}, "grader": {"kind": "offline", "threshold": 50},
+            "causal_effect": {"texts": 2}}
+    full["pairs"] = [{**plain["pairs"][0], "description": "d", "finetune_data": str(demo_pair.finetune_texts)}]
+    agent = {**full, "agent": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "budgets": [0]}}
+    bases = [plain, full, agent]
+    spec_file = tmp_path / "job.yaml"
+    cwd_before = sorted(p.name for p in Path.cwd().iterdir())
+    rng = random.Random(int(os.environ.get("ADL_FUZZ_SEED", "20261204")))   # another seed: more cases
+    outcomes, problems = {0: 0, 2: 0}, []
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and sum(outcomes.values()) < 400:
+        spec = mutated(rng, rng.choice(bases))
+        text = yaml.safe_dump(spec, allow_unicode=True)
+        if rng.random() < 0.2:
+            text = mutated_text(rng, text)
+        spec_file.write_text(text, encoding="utf-8")
+        before = tree(tmp_path)
+        try:
+            make_plan(load_spec(spec_file))
+            outcomes[0] += 1
+        except INPUT_ERRORS as e:
+            line = one_line(e, typed=False)
+            if "\n" in line or len(line) > 1000 or "Traceback" in line:
+                problems.append(f"not one short line: {line[:300]!r}\nspec: {text[:800]}")
+            outcomes[2] += 1
+        except Exception as e:
+            where = "".join(traceback.format_tb(e.__traceback__)[-4:])
+            problems.append(f"{type(e).__name__}: {str(e)[:300]}\n{where}\nspec: {text[:800]}")
+        if tree(tmp_path) != before:
+            problems.append(f"wrote {sorted(set(tree(tmp_path)) - set(before))}\nspec: {text[:800]}")
+        if problems:
+            break
+    assert not problems, problems[0].replace("x" * 100, "x...")
+    assert sorted(p.name for p in Path.cwd().iterdir()) == cwd_before
+    assert not root.exists()
+    assert outcomes[0] > 0 and outcomes[2] > 0 and sum(outcomes.values()) >= 50, outcomes
+    print(f"fuzzed {sum(outcomes.values())} specs: {outcomes[0]} planned, {outcomes[2]} refused in one line")

@@ -34,8 +34,11 @@ def location_kind(location: str) -> str:
         backend = None
     if backend not in (None, "local"):
         return backend
-    if Path(location).expanduser().is_dir():
-        return "local"
+    try:
+        if Path(location).expanduser().is_dir():
+            return "local"
+    except (OSError, ValueError):   # a name too long for a path, or holding NUL: no folder
+        return "missing"
     # A hub id is "name" or "org/name"; anything path-like that is not a folder is missing.
     if location.startswith(("/", "./", "../", "~")) or location.count("/") > 1:
         return "missing"
