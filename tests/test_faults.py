@@ -80,6 +80,18 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def edit_set_manifest(root: Path, change) -> None:
+    path = shard_path(root, "base", 0).parent / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def flip_digit(manifest: dict) -> None:
+    digest = manifest["files"][layout.shard_name(1)]
+    digest["crc32"] = ("1" if digest["crc32"][0] != "1" else "2") + digest["crc32"][1:]
+
+
 # -- damage, and the rerun that repairs it ---------------------------------------------------
 DAMAGE = {
     # name: (damage, pair results removed too (so that the activations are read again),
@@ -98,6 +110,14 @@ DAMAGE = {
     "garbage set manifest": (lambda r: (shard_path(r, "base", 0).parent / "manifest.json").write_bytes(b"{\x00oops"),
                              True, r"manifest .*manifest.json: not (valid JSON|a JSON file).*\n.*every shard "
                                    r"verifies; manifest written again, no extraction", 0, 1),
+    # One digit of a shard's digest, or a field no reader compares: the manifest's own digest
+    # finds it, and the shards stand on their markers (intact: nothing is extracted again).
+    "flipped digit in a set manifest": (lambda r: edit_set_manifest(r, flip_digit), True,
+                                        r"manifest .*manifest.json: does not match its own digest \(edited or "
+                                        r"corrupted\)\n.*every shard verifies; manifest written again, no "
+                                        r"extraction", 0, 1),
+    "edited set manifest field": (lambda r: edit_set_manifest(r, lambda m: m.update(documents_read=1)), True,
+                                  r"manifest .*manifest.json: does not match its own digest", 0, 1),
     "garbage pair manifest": (lambda r: pair_path(r, "manifest.json").write_text("{not json"), False,
                               r"demo: its manifest: not valid JSON .*; redoing what does not verify", 0, 0),
     "flipped pair table": (lambda r: flip(pair_path(r, DIFFERENCE.file)), False,
