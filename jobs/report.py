@@ -138,6 +138,18 @@ def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     return data
 
 
+def _load_or_damaged(store: Store, pair: dict, spec: dict) -> PairData:
+    """The pair's data; a pair whose files cannot be read is shown as damaged, naming the
+    file and why, and the page goes on with the others."""
+    try:
+        return load_pair(store, pair, spec)
+    except (StorageError, OSError) as e:
+        spec_pair = next((p for p in spec.get("pairs", []) if p.get("name") == pair["name"]), {})
+        data = PairData(pair["name"], pair["dir"], store.uri(pair["dir"]), spec_pair, False)
+        data.notes["damaged"] = f"not shown: {one_line(e, typed=False)}; a rerun of the job repairs it"
+        return data
+
+
 def _targets(data: PairData) -> list[tuple[int, int]]:
     """The (layer, position)s the pair was analysed at, from its logit lens."""
     if data.lens is None:
@@ -502,7 +514,7 @@ def build_report(store: Store, record_key: str) -> str:
     from jobs.views_html import pair_similarity_section, progress_section
     record = read_run_record(store, record_key)
     spec = record["spec"]
-    pairs = [load_pair(store, p, spec) for p in record["pairs"]]
+    pairs = [_load_or_damaged(store, p, spec) for p in record["pairs"]]
     states = pair_states(store, record)
     for data in pairs:
         data.state = states.get(data.name, {"state": "pending", "error": None})

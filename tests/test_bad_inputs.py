@@ -441,10 +441,33 @@ def test_inspect_and_report_on_a_run_with_a_garbage_table(tmp_path, capsys):
         (pair / table).write_bytes(b"not parquet " * 10)
     before = tree(root)
     not_parquet = "not a Parquet file (corrupted, truncated or another format)"
-    assert fails(["inspect", str(root)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
     assert fails(["inspect", str(pair)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
-    assert fails(["report", str(root)], capsys) == f"{pair}/logit_lens.parquet: {not_parquet}"
     assert tree(root) == before
+
+
+def test_inspect_and_report_show_the_rest_of_a_root_with_a_damaged_pair(tmp_path, capsys):
+    """One pair's table is garbage and the status record too: the other pair, and the run,
+    are still shown, and what is damaged is named."""
+    root = tmp_path / "root"
+    pairs = [{"name": name, "dir": f"pairs/{name}-0123456789abcdef"} for name in ("bad", "good")]
+    minimal_run(root).write_text(json.dumps({"job": "x", "spec": {"method": {"positions": [0]}}, "pairs": pairs}))
+    bad = root / pairs[0]["dir"]
+    bad.mkdir(parents=True)
+    (bad / "manifest.json").write_text('{"pair": "bad"}')
+    for table in ("difference.parquet", "logit_lens.parquet"):
+        (bad / table).write_bytes(b"not parquet " * 10)
+    (root / "runs" / "x" / "status.json").write_bytes(b"\x00garbage")
+    not_parquet = "not a Parquet file (corrupted, truncated or another format)"
+    assert main(["inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"status: damaged, not shown: {root}/runs/x/status.json: not valid JSON (Expecting value: line 1 column 1)" in out
+    assert (f"pair bad  ({bad})\n  damaged, not shown: {bad}/difference.parquet: {not_parquet}; a rerun of the "
+            f"job repairs it") in out
+    assert f"pair good  ({root}/{pairs[1]['dir']})\n  incomplete: no results yet" in out
+    assert main(["report", str(root)]) == 0
+    page = (root / "runs" / "x" / "report.html").read_text()
+    assert f"{bad}/logit_lens.parquet: {not_parquet}; a rerun of the job repairs it" in page
+    assert "status record damaged: " in page and "pair good" in page
 
 
 def test_inspect_on_a_run_record_outside_runs(tmp_path, capsys):
