@@ -16,7 +16,7 @@ from jobs.report import ReportError
 from jobs.scheduler import SchedulingError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
-from storage.store import StorageError, StorageOptions, Store, write_file
+from storage.store import StorageError, StorageOptions, write_file
 from workers.models import ModelError
 
 logger = logging.getLogger("adl.cli")
