@@ -142,6 +142,7 @@ def ensure_ray(spec: JobSpec) -> bool:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # nobody else can reach it
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _stop_on_sigterm()   # at once: Ray's node handler (exit 1) stays in place until then
     except SystemExit:
         # ray.init puts in its own SIGTERM handlers while it starts (sys.exit(15), then the
         # node's sys.exit(1)): a SIGTERM then is this job's, stopped like any other.
