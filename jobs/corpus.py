@@ -10,7 +10,6 @@ from pathlib import Path
 
 from common.errors import one_line
 from jobs.spec import Corpus, SpecError
-from storage.store import shown
 from workers.tokenization import DROP_REASONS, KeptDocuments, keep_documents
 
 _LOG = logging.getLogger("adl")
@@ -38,7 +37,7 @@ def _existing(path: str) -> Path:
     except (OSError, ValueError):   # too long a name, or a NUL in it
         found = False
     if not found:
-        raise SpecError(f"corpus.path: no such file: {shown(path)}")
+        raise SpecError(f"corpus.path: no such file: {path}")
     return p
 
 
