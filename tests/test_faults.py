@@ -660,3 +660,16 @@ def test_an_s3_outage_longer_than_the_retries_ends_the_run_in_one_line(make_spec
     direct = Store.from_uri(root, StorageOptions(s3_endpoint, "us-east-1"))
     assert direct.read_json(layout.run_status("test"))["state"] == "running"   # written before the outage
     assert direct.list() == [layout.run_status("test")]
+
+
+def test_actors_larger_than_any_node_are_one_line(ray_cluster, make_spec, tmp_path, capfd):
+    """compute.cpus_per_worker beyond every node: known only once Ray is up (its nodes),
+    then one line and exit 2, not a SchedulingError traceback; the failure is recorded."""
+    root = tmp_path / "out"
+    code, out = run_cli(tmp_path, make_spec(root, compute={"cpus_per_worker": 64}), capfd)
+    assert code == 2, out
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("adl: error: compute: extract ") and "more than the cluster holds" in last, out
+    status = json.loads((root / layout.run_status("test")).read_text())
+    assert status["state"] == "failed" and status["error"].startswith("compute: extract ")
