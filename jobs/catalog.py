@@ -14,7 +14,7 @@ import pyarrow as pa
 from jobs.results import PairResults, agent_summary  # noqa: F401  (agent_summary: its readers import it here)
 from jobs.triage import pair_triage
 from storage import layout
-from storage.store import Store
+from storage.store import StorageError, Store
 from storage.tables import CATALOG, SIMILARITY, STEERING
 
 TOP_TOKENS = 10
@@ -71,8 +71,10 @@ def build_catalog(store: Store, record: dict) -> pa.Table:
 def pair_states(store: Store, record: dict) -> dict:
     """Every pair of the job: {"state", "error"} from the status record (pending, running,
     done, failed), or done / pending by its manifest when there is no status record."""
-    status = store.read_json_or_none(layout.run_status(record["job"])) \
-        if store.exists(layout.run_status(record["job"])) else None
+    try:
+        status = store.read_json_or_none(layout.run_status(record["job"]))
+    except StorageError:   # a damaged status record: the manifests still say what is done
+        status = None
     pairs = (status or {}).get("pairs") if isinstance(status, dict) else None
     out = {}
     for pair in record["pairs"]:

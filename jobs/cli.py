@@ -8,21 +8,22 @@ import logging
 import os
 import sys
 
-from common.errors import one_line
+from common.errors import one_line, terminal_safe
 from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.project import ProjectError
 from jobs.report import ReportError
+from jobs.scheduler import SchedulingError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
-from storage.store import StorageError, StorageOptions, Store
+from storage.store import StorageError, StorageOptions, write_file
 from workers.models import ModelError
 
 logger = logging.getLogger("adl.cli")
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
 INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError,
-                ClusterError, ProjectError)
+                ClusterError, ProjectError, SchedulingError)
 
 
 DEMO_MODELS = ("demo", "gemma-3-270m")
@@ -103,12 +104,15 @@ def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
 
 def _run(spec, report: bool = False) -> int:
     """Runs the job; exit code 1 when any pair failed (the others still ran)."""
-    from jobs.driver import RunStats, Terminated, run_job
+    from jobs.driver import RunStats, StorageFault, Terminated, run_job
     from jobs.summary import run_summary
     from storage.store import Store
     stats = RunStats()
     try:
         record = run_job(spec, stats)
+    except StorageFault as e:   # not the input's fault: exit 1, the failure recorded where it could be
+        print(f"adl: error: {terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: run_job said what is complete
         # and stopped the job's actors and Ray; threads of the job may still be waiting
         # inside Ray, so the process ends now rather than wait for them at exit.
@@ -198,16 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "project":
             return _project(args)
         from jobs.summary import inspect
-        print(inspect(args.path, StorageOptions(args.endpoint_url, args.region)))
+        print(terminal_safe(inspect(args.path, StorageOptions(args.endpoint_url, args.region))))
         return 0
     except INPUT_ERRORS as e:
         # Masked here, at the edge: storage's messages may quote an endpoint with its key.
-        print(f"adl: error: {one_line(e, typed=False)}", file=sys.stderr)
+        print(f"adl: error: {terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
+        return 2
+    except OSError as e:   # reading what PATH names: an endpoint that does not answer, a network down
+        if args.command not in ("inspect", "report", "project"):
+            raise
+        print(f"adl: error: {terminal_safe(args.path if args.command == 'inspect' else args.run)}: cannot read: "
+              f"{terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
         return 2
 
 
 def _project(args) -> int:
-    from jobs.project import lines, project, read_text, snippet
+    from jobs.project import SNIPPET_SIGNATURE, lines, project, read_text, snippet
     from jobs.report import locate_run
     from storage import layout
     text = read_text(args.text)
@@ -215,11 +225,8 @@ def _project(args) -> int:
     store, record = locate_run(args.run, options)
     result = project(store, record, args.pair, text, args.layer)
     print("\n".join(lines(result)))
-    out = args.out or f"adl-project-{layout.slug(args.pair)}.html"
-    parent, _, name = out.rstrip("/").rpartition("/")
-    target = Store.from_uri(parent or ".", options)
-    target.write_bytes(name, snippet(result).encode())
-    print(f"snippet: {target.uri(name)}")
+    out = args.out if args.out is not None else f"adl-project-{layout.slug(args.pair)}.html"
+    print(f"snippet: {write_file(out, snippet(result).encode(), options, SNIPPET_SIGNATURE, 'an adl projection snippet')}")
     return 0
 
 

@@ -32,7 +32,11 @@ def corpus_identity(corpus: Corpus) -> dict:
 
 def _existing(path: str) -> Path:
     p = Path(path).expanduser()
-    if not p.is_file():
+    try:
+        found = p.is_file()
+    except (OSError, ValueError):   # too long a name, or a NUL in it
+        found = False
+    if not found:
         raise SpecError(f"corpus.path: no such file: {path}")
     return p
 

@@ -22,18 +22,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.errors import one_line
+from common.redact import redact_urls
 from common.logs import configure as configure_logging
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
 from jobs.plan import Plan, PairPlan, make_plan
 from jobs.scheduler import ModelKey, Scheduler, Unit
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
 from jobs.status import JobStatus
 from jobs.views import Publisher, publish
 from storage import layout
-from storage.store import Store
+from storage.store import StorageError, Store, shown
 
 logger = logging.getLogger("adl.driver")
 
@@ -81,6 +82,21 @@ class RunStats:
                     "pairs_run": self.pairs_reduced}
 
 
+class StorageFault(RuntimeError):
+    """The storage root failed during the run (disk full, made read-only, an outage longer
+    than the retries): one line naming the root and the cause, exit 1 (jobs/cli.py); the
+    failure is recorded in the status record where the root still takes it."""
+
+
+def _recording(store: Store, write) -> None:
+    """A record of the job's end, written if the root still takes it: a failing root must
+    not turn one error into two."""
+    try:
+        write()
+    except (StorageError, OSError) as e:
+        logger.info(f"could not record it on {store.uri()}: {one_line(e, typed=False)}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the job's actors and its private Ray are stopped."""
 
@@ -124,7 +140,15 @@ def ensure_ray(spec: JobSpec) -> bool:
     address = spec.compute.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # nobody else can reach it
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _stop_on_sigterm()   # at once: Ray's node handler (exit 1) stays in place until then
+    except SystemExit:
+        # ray.init puts in its own SIGTERM handlers while it starts (sys.exit(15), then the
+        # node's sys.exit(1)): a SIGTERM then is this job's, stopped like any other.
+        if address == "local":
+            _stop_private_ray()
+        raise Terminated() from None
     return address == "local"
 
 
@@ -221,6 +245,8 @@ def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, leases: Leas
             for aset in (pair.base, pair.finetuned):
                 if aset.prefix not in extraction:
                     extraction[aset.prefix] = _set_unit(aset, store, claim, release, verified)
+                    if extraction[aset.prefix] is None:
+                        outcome.setdefault("reused", []).append(aset.prefix)
                     if extraction[aset.prefix] is False:
                         outcome["waiting"].append(aset.prefix)
                     if extraction[aset.prefix]:
@@ -295,13 +321,20 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     store = Store.from_uri(spec.storage.root, spec.storage.options)
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
+    check_job_folder(store, spec.name)
     pending = pending_pairs(plan, store)
     for pair in plan.pairs:
         if pair not in pending:
             logger.info(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
-    status = JobStatus(store, plan, pending, pair_stages(spec))
-    status.stats = stats
-    key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
+    status = None
+    try:
+        status = JobStatus(store, plan, pending, pair_stages(spec))
+        status.stats = stats
+        key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
+    except (StorageError, OSError) as e:   # the root checked writable, and then was not
+        if status is not None:
+            _recording(store, lambda: status.finish(error=one_line(e)))
+        raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
     private = False
     backend = None
     leases = Leases(store, spec.name)
@@ -316,6 +349,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                 for name, stages in complete.items():
                     for stage in stages:
                         status.stage_skipped(name, stage)
+                for prefix in outcome.get("reused", ()):
+                    status.set_state(prefix, "done", reused=True)
                 for pair in outcome["finished"]:
                     logger.info(f"{pair.pair.name}: results completed by another run")
                     for stage in pair_stages(spec):
@@ -346,11 +381,12 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         interrupted = isinstance(e, KeyboardInterrupt)
         if interrupted:
             _ignore_signals()   # a second Ctrl-C must not cut the clean-up short
+            _recording(store, status.interrupt)
         if backend is not None:
             backend.kill_all()
-        status.finish(error="interrupted" if interrupted else one_line(e))
+        _recording(store, lambda: status.finish(error="interrupted" if interrupted else one_line(e)))
         publisher.close()
-        publish(store, key)
+        _recording(store, lambda: publish(store, key))
         if interrupted:
             done = sum(p["state"] == "done" for p in status.record["pairs"].values())
             sets = status.record["counts"].get("activation_sets_done", 0)
@@ -358,13 +394,19 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                         f"rerun the same spec to resume from there")
         if private:
             _stop_private_ray()
+        if isinstance(e, (StorageError, OSError)):
+            raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
         raise
-    publisher.close()
-    status.catalog = publish(store, key, views=("catalog", "pair similarity"))
-    status.finish()
-    if pending or not store.exists(layout.report(key)):
-        # The page says the job has ended; a rerun that had nothing to do leaves it as it was.
-        publish(store, key, views=("report",))
+    try:
+        publisher.close()
+        status.catalog = publish(store, key, views=("catalog", "pair similarity"))
+        status.finish()
+        if pending or not store.exists(layout.report(key)):
+            # The page says the job has ended; a rerun that had nothing to do leaves it as it was.
+            publish(store, key, views=("report",))
+    except (StorageError, OSError) as e:
+        _recording(store, lambda: status.finish(error=one_line(e)))
+        raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
     if store.retries:
         logger.info(f"storage: {store.retries} retries in this run")
     return key
@@ -419,10 +461,28 @@ def _on_change(plan: Plan, units: list[Unit], store: Store, status: JobStatus, s
     return changed
 
 
+def check_job_folder(store: Store, name: str) -> None:
+    """The job's folder (layout.run_dir) holds no other job's records: a name spelled
+    like another job's keyed folder, or equal to it but for case on a case-insensitive
+    filesystem, is refused before anything is written (SpecError, exit 2)."""
+    for key in (layout.run_record(name), layout.run_status(name)):
+        try:
+            record = store.read_json_or_none(key)
+        except StorageError:
+            if key == layout.run_record(name):
+                raise
+            continue   # a damaged status record is rewritten as the job starts
+        other = record.get("job") if isinstance(record, dict) else record
+        if record is not None and other != name:
+            raise SpecError(f"name: {shown(name)} maps onto {store.uri(layout.run_dir(name))}, which holds the "
+                            f"records of another job ({shown(other)}); rename the job")
+
+
 def write_run_record(plan: Plan, store: Store) -> str:
     """The job's entry point for readers; deterministic, so a rerun rewrites nothing."""
     record = {
-        "job": plan.spec.name, "layout_version": layout.LAYOUT_VERSION, "spec": plan.spec.to_dict(),
+        "job": plan.spec.name, "layout_version": layout.LAYOUT_VERSION,
+        "spec": redact_urls(plan.spec.to_dict()),   # an endpoint's credentials stay out of storage
         "pairs": [{"name": p.pair.name, "dir": p.out_dir, "layers": list(p.layers),
                    "base_activations": p.base.prefix, "finetuned_activations": p.finetuned.prefix}
                   for p in plan.pairs],

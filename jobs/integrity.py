@@ -1,8 +1,9 @@
 """Is a unit of work complete? Present and verified: every file its marker or manifest
 lists exists and matches the digest recorded when it was written (storage/store.py).
 
-- An activation set is complete when its manifest parses, describes this set (identity,
-  shard count) and lists every shard's digest, and every shard matches. Without a valid
+- An activation set is complete when its manifest parses, matches its own digest (of
+  every other field), describes this set (identity, shard count) and lists every shard's
+  digest, and every shard matches. Without a valid
   manifest each shard stands on its marker (`shard-*.done.json`, written after the
   shard, naming it and its digest). A shard that is missing, truncated, corrupted or
   another shard is extracted again; a manifest that is missing or does not parse while
@@ -18,6 +19,8 @@ to check (not done yet: nothing to say).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -68,6 +71,9 @@ def check_set(store: Store, aset, deep: bool = True) -> SetCheck:
         files = manifest.get("files") if manifest else None
         if why:
             manifest_problem = why
+        elif manifest.get("digest") != manifest_digest(manifest):
+            manifest_problem = ("records no digest of its own (written by an older adl)" if "digest" not in manifest
+                                else "does not match its own digest (edited or corrupted)")
         elif manifest.get("identity") != aset.identity or manifest.get("shards") != n:
             manifest_problem = "describes another activation set"
         elif not isinstance(files, dict) or not all(_digest_ok(files.get(layout.shard_name(i))) for i in range(n)):
@@ -108,11 +114,21 @@ def check_set(store: Store, aset, deep: bool = True) -> SetCheck:
 
 
 def set_manifest(aset, digests: dict) -> dict:
-    """An activation set's manifest: its identity, counts, and every shard's digest."""
+    """An activation set's manifest: its identity, counts, every shard's digest, and the
+    digest of all that (manifest_digest), so that no field of it changes unnoticed."""
     docs = aset.documents
-    return {"identity": aset.identity, "layers": list(aset.layers), "shards": docs.num_shards,
-            "documents": int(len(docs.doc_ids)), "documents_read": docs.read, "documents_dropped": docs.dropped,
-            "files": {layout.shard_name(i): digests[i] for i in range(docs.num_shards)}}
+    manifest = {"identity": aset.identity, "layers": list(aset.layers), "shards": docs.num_shards,
+                "documents": int(len(docs.doc_ids)), "documents_read": docs.read, "documents_dropped": docs.dropped,
+                "files": {layout.shard_name(i): digests[i] for i in range(docs.num_shards)}}
+    return {**manifest, "digest": manifest_digest(manifest)}
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's every field but "digest", as canonical JSON (sorted keys, as
+    JSON writes numbers): a flipped digit anywhere in it is found, and the shards then stand
+    on their own markers (check_set), rather than an intact shard being extracted again."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def check_files(store: Store, folder: str, files: dict, required=()) -> str | None:

@@ -8,7 +8,9 @@ host, pid, job) and when it expires; the holder's heartbeat thread renews it eve
 RENEW_S seconds to TTL_S ahead. A lease is live while it has not expired and, when it
 was taken on this host, while its process is alive: a run killed on this host is seen at
 once, one on another host when its lease expires (host clocks must agree to well within
-TTL_S).
+TTL_S). An expiry further ahead than RENEW_S + TTL_S is no lease: no holder renews that
+far ahead, so it was forged or written by a clock far off, and it would block the work
+for as long as it claims.
 
 Taking a lease: if any generation n of the prefix is live (and not ours), another run holds
 it. Otherwise the next generation (the highest present + 1, or 0) is created
@@ -31,7 +33,7 @@ import time
 import uuid
 
 from storage import layout
-from storage.store import Store, StorageError
+from storage.store import Store, StorageError, shown
 
 TTL_S = 120.0        # a lease not renewed for this long is dead
 RENEW_S = 20.0       # how often its holder renews it
@@ -95,8 +97,11 @@ class Leases:
         if lease.get("owner") == self.owner:
             return True
         expires = lease.get("expires")
-        if not isinstance(expires, (int, float)) or expires <= time.time():
-            return False
+        now = time.time()
+        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not expires > now:
+            return False   # expired (or NaN, or not a time)
+        if expires > now + TTL_S + RENEW_S:
+            return False   # no holder renews that far ahead: forged, or a clock far off
         if lease.get("host") == self.host and not _pid_alive(lease.get("pid")):
             return False   # its process on this host is gone
         return True
@@ -153,7 +158,9 @@ class Leases:
     # -- waiting for another run --------------------------------------------------------
     def describe(self, lease: dict) -> str:
         left = max(0.0, float(lease.get("expires", 0)) - time.time())
-        return (f"another run (job {lease.get('job')!r}, host {lease.get('host')}, pid {lease.get('pid')}; "
+        # The lease is anyone's file: its fields reach the terminal as reprs, cut short.
+        return (f"another run (job {shown(lease.get('job'))}, host {shown(lease.get('host'))}, "
+                f"pid {shown(lease.get('pid'))}; "
                 f"its lease expires in {left:.0f} s unless renewed)")
 
     def wait(self, prefixes: list[str], sleep=time.sleep) -> None:

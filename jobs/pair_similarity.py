@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from jobs.results import PairResults
 from storage import layout
-from storage.store import Store
+from storage.store import StorageError, Store
 from storage.tables import PAIR_SIMILARITY
 
 
@@ -23,7 +23,10 @@ def pair_similarity_rows(store: Store, record: dict) -> list[dict]:
     deltas = {}   # pair name -> ({(layer, position): vector}, base activations)
     for pair in record["pairs"]:
         results = PairResults(store, pair["dir"])
-        found = results.delta() if results.complete else None
+        try:
+            found = results.delta() if results.complete else None
+        except StorageError:   # a damaged pair is left out here; its own section names the damage
+            found = None
         if found is None:
             continue
         keys, vectors = found

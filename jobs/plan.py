@@ -99,16 +99,17 @@ def check_pair_models(spec: JobSpec, pair: Pair, where: str, storage: StorageOpt
     for role in ("base", "finetuned"):
         source, field = getattr(pair, role), f"{where}.{role}"
         try:
-            idents[role] = {"model": location_identity(source.model, source.revision, storage)}
+            # the config first: a folder that is no model's ("/") is refused before it is listed
             configs[role] = read_config(replace(source, adapter=None), storage, spec.trust_remote_code)
+            idents[role] = {"model": location_identity(source.model, source.revision, storage)}
             blocks[role] = num_layers(configs[role])
             check_weights(source.model, storage)
         except ModelError as e:
             raise PlanError(f"{field}: {e}") from None
         if source.adapter:
             try:
-                idents[role]["adapter"] = location_identity(source.adapter, None, storage)
                 adapter_config = read_adapter_config(source.adapter, storage)
+                idents[role]["adapter"] = location_identity(source.adapter, None, storage)
             except ModelError as e:
                 raise PlanError(f"{field}.adapter: {e}") from None
             differs = adapter_base_mismatch(adapter_config or {}, pair.base.model)

@@ -97,11 +97,15 @@ def _colour(v: float, scale: float) -> str:
     return f"rgba(207,34,46,{a:.3f})" if v >= 0 else f"rgba(9,105,218,{a:.3f})"
 
 
+# What a snippet starts with: `adl project --out` replaces only a file holding it.
+SNIPPET_SIGNATURE = b'<div class="adl-projection"'
+
+
 def snippet(p: Projection) -> str:
     """One block per analysed position, each token a span coloured by its projection
     (scaled to the position's largest magnitude), with the value in its title."""
     esc = lambda s: html.escape(str(s), quote=True)
-    out = [f'<div class="adl-projection" data-pair="{esc(p.pair)}" data-layer="{p.layer}">']
+    out = [f'{SNIPPET_SIGNATURE.decode()} data-pair="{esc(p.pair)}" data-layer="{p.layer}">']
     for j, pos in enumerate(p.positions):
         column = p.values[:, j]
         scale = float(np.max(np.abs(column))) if len(column) else 0.0

@@ -19,13 +19,15 @@ from jobs.results import PairResults
 from jobs.triage import RATIO_POSITIONS, pair_triage
 from jobs.summary import read_run_record
 from storage import layout
-from storage.store import StorageError, StorageOptions, Store
+from storage.store import StorageError, StorageOptions, Store, write_file
 from storage.tables import AGENT, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING, TOKEN_RELEVANCE
 
 TOP = 20                # tokens shown per list (the method grades the top 20)
 HEADLINE_TOKENS = 8     # tokens per layer in the index
 SAMPLES_SHOWN = 2       # samples per prompt and side
 CLIP = 280              # characters of a sample shown before it expands
+# What every report page holds in its first bytes: `--out` replaces only a file holding it.
+PAGE_SIGNATURE = b"<title>adl report: "
 
 
 class ReportError(ValueError):
@@ -134,6 +136,18 @@ def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     elif data.relevance is None:
         data.notes["token relevance"] = f"did not run: no {TOKEN_RELEVANCE.file} for this pair"
     return data
+
+
+def _load_or_damaged(store: Store, pair: dict, spec: dict) -> PairData:
+    """The pair's data; a pair whose files cannot be read is shown as damaged, naming the
+    file and why, and the page goes on with the others."""
+    try:
+        return load_pair(store, pair, spec)
+    except (StorageError, OSError) as e:
+        spec_pair = next((p for p in spec.get("pairs", []) if p.get("name") == pair["name"]), {})
+        data = PairData(pair["name"], pair["dir"], store.uri(pair["dir"]), spec_pair, False)
+        data.notes["damaged"] = f"not shown: {one_line(e, typed=False)}; a rerun of the job repairs it"
+        return data
 
 
 def _targets(data: PairData) -> list[tuple[int, int]]:
@@ -500,7 +514,7 @@ def build_report(store: Store, record_key: str) -> str:
     from jobs.views_html import pair_similarity_section, progress_section
     record = read_run_record(store, record_key)
     spec = record["spec"]
-    pairs = [load_pair(store, p, spec) for p in record["pairs"]]
+    pairs = [_load_or_damaged(store, p, spec) for p in record["pairs"]]
     states = pair_states(store, record)
     for data in pairs:
         data.state = states.get(data.name, {"state": "pending", "error": None})
@@ -526,7 +540,4 @@ def write_report(store: Store, record_key: str, out: str | None = None) -> str:
         key = layout.report(record_key)
         store.write_bytes(key, page)
         return store.uri(key)
-    parent, _, name = out.rstrip("/").rpartition("/")
-    target = Store.from_uri(parent or ".", store.options)
-    target.write_bytes(name, page)
-    return target.uri(name)
+    return write_file(out, page, store.options, PAGE_SIGNATURE, "an adl report page")

@@ -18,7 +18,7 @@ import yaml
 
 from common.types import DTYPES, GRADER_KINDS, ModelSource, OfflineGrading, OpenAIGrading
 from storage.layout import slug
-from storage.store import LocationError, StorageOptions, location_problem, uri_forms, uri_scheme
+from storage.store import LocationError, StorageOptions, location_problem, shown, uri_forms, uri_scheme
 
 
 class SpecError(ValueError):
@@ -26,6 +26,7 @@ class SpecError(ValueError):
 
 
 CORPUS_KINDS = ("demo", "text", "jsonl", "parquet", "hf")
+DEMO_MAX_DOCUMENTS = 1_000_000   # the demo corpus is generated without end: a bound on what it is asked
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,13 @@ def _type_name(v: Any) -> str:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number (an integer too large for a float is none: it would overflow)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _integer(v: Any) -> bool:
@@ -261,7 +268,7 @@ def _integer(v: Any) -> bool:
 _KINDS = {
     "str": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
     "int": (_integer, "an integer"),
-    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "number": (_number, "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "int>=0": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "int>=1": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
@@ -275,7 +282,9 @@ _KINDS = {
 def _check(value: Any, kind: str, where: str):
     test, expected = _KINDS[kind]
     if not test(value):
-        raise SpecError(f"{where}: expected {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(f"{where}: must be a finite number, got {shown(value)}")
+        raise SpecError(f"{where}: expected {expected}, got {shown(value)}")
     return value
 
 
@@ -306,7 +315,7 @@ def _build(cls, raw: Any, where: str, kinds: dict[str, str], checks=None):
     for name, predicate, message in checks or ():
         if not predicate(getattr(obj, name)):
             path = f"{where}.{name}" if where else name
-            raise SpecError(f"{path}: {message}, got {getattr(obj, name)!r}")
+            raise SpecError(f"{path}: {message}, got {shown(getattr(obj, name))}")
     return obj
 
 
@@ -337,16 +346,21 @@ def check_location(value: str | None, where: str, kind: str) -> None:
     backend's URI), "folder" (hub id or local folder) or "file" (a local file). Any other
     URI scheme is an error, never a local folder named after it. Which URIs a backend
     serves, and what it needs of them, is storage's to say (storage/store.py)."""
-    if value is None or uri_scheme(value) is None:
+    if value is None:
+        return
+    if uri_scheme(value) is None:
+        why = location_problem(value) if kind == "storage" else None   # a local root
+        if why:
+            raise SpecError(f"{where}: {shown(value)} {why}")
         return
     if kind in ("folder", "file"):
-        raise SpecError(f"{where}: {value!r}: expected {_EXPECTED[kind]}, not a URI")
+        raise SpecError(f"{where}: {shown(value)}: expected {_EXPECTED[kind]}, not a URI")
     try:
         why = location_problem(value)
     except LocationError as e:
-        raise SpecError(f"{where}: {value!r}: {e.problem} (expected {_EXPECTED[kind]})") from None
+        raise SpecError(f"{where}: {shown(value)}: {e.problem} (expected {_EXPECTED[kind]})") from None
     if why:
-        raise SpecError(f"{where}: {value!r} {why}")
+        raise SpecError(f"{where}: {shown(value)} {why}")
 
 
 def _name(value: Any, where: str) -> str:
@@ -354,7 +368,7 @@ def _name(value: Any, where: str) -> str:
     _check(value, "str", where)
     if not value.isprintable():
         raise SpecError(f"{where}: must be printable (no control characters, newlines or escape "
-                        f"sequences), got {value!r}")
+                        f"sequences), got {shown(value)}")
     return value
 
 
@@ -389,7 +403,7 @@ def _pair(raw: Any, where: str) -> Pair:
     if data.get("organism_type") is not None:
         kind = _check(data["organism_type"], "str", f"{where}.organism_type")
         if kind not in ORGANISM_TYPES:
-            raise SpecError(f"{where}.organism_type: must be one of {', '.join(ORGANISM_TYPES)}, got {kind!r}")
+            raise SpecError(f"{where}.organism_type: must be one of {', '.join(ORGANISM_TYPES)}, got {shown(kind)}")
         optional["organism_type"] = kind
     for flag in ("allow_vocab_mismatch", "control"):
         if data.get(flag) is not None:
@@ -404,11 +418,11 @@ def _layers(raw: Any, where: str) -> tuple[float | int, ...]:
     out = []
     for i, v in enumerate(items):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SpecError(f"{where}[{i}]: expected a relative depth (0.0-1.0) or a block index, got {v!r}")
+            raise SpecError(f"{where}[{i}]: expected a relative depth (0.0-1.0) or a block index, got {shown(v)}")
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise SpecError(f"{where}[{i}]: a relative depth must lie in [0.0, 1.0], got {v!r}")
+            raise SpecError(f"{where}[{i}]: a relative depth must lie in [0.0, 1.0], got {shown(v)}")
         if isinstance(v, int) and v < 0:
-            raise SpecError(f"{where}[{i}]: a block index must be >= 0, got {v!r}")
+            raise SpecError(f"{where}[{i}]: a block index must be >= 0, got {shown(v)}")
         out.append(v)
     return tuple(out)
 
@@ -425,10 +439,12 @@ def _method(raw: Any) -> Method:
     if "positions" in data:
         raw_pos = data["positions"]
         if not isinstance(raw_pos, list) or not raw_pos:
-            raise SpecError(f"method.positions: expected a non-empty list of positions, got {raw_pos!r}")
+            raise SpecError(f"method.positions: expected a non-empty list of positions, got {shown(raw_pos)}")
         positions = tuple(_check(p, "int", f"method.positions[{i}]") for i, p in enumerate(raw_pos))
     n = m.tokens_per_document
     for i, p in enumerate(positions):
+        if positions.index(p) != i:
+            raise SpecError(f"method.positions[{i}]: duplicate position {p}")
         if not 0 <= p < n:
             raise SpecError(f"method.positions[{i}]: must lie in [0, tokens_per_document={n}), got {p}")
     if m.norm_skip_positions >= n:
@@ -444,6 +460,10 @@ def _corpus(raw: Any) -> Corpus:
                 "revision": "str", "seed": "int", "num_documents": "int"},
                [("kind", lambda v: v in CORPUS_KINDS, f"must be one of {', '.join(CORPUS_KINDS)}"),
                 ("num_documents", lambda v: v >= 1, "must be >= 1")])
+    if c.kind == "demo" and c.num_documents > DEMO_MAX_DOCUMENTS:
+        # the demo stream never ends: the planner would read it for ever, its memory growing
+        raise SpecError(f"corpus.num_documents: the demo corpus makes at most {DEMO_MAX_DOCUMENTS} documents, "
+                        f"got {shown(c.num_documents)}; for more, use a text, jsonl, parquet or hf corpus")
     if c.kind in ("text", "jsonl", "parquet") and c.path is None:
         raise SpecError(f"corpus.path: required for a {c.kind} corpus")
     if c.kind == "hf" and c.dataset is None:
@@ -470,7 +490,7 @@ def _generation(raw: Any) -> Generation:
             lists[name] = _strings(data.pop(name), f"generation.{name}")
     for i, role in enumerate(lists.get("baseline_models", ())):
         if role not in ("finetuned", "base"):
-            raise SpecError(f"generation.baseline_models[{i}]: must be finetuned or base, got {role!r}")
+            raise SpecError(f"generation.baseline_models[{i}]: must be finetuned or base, got {shown(role)}")
     search_prompts = _strings(search_raw.pop("prompts"), "generation.search.prompts") \
         if "prompts" in search_raw else THRESHOLD_PROMPTS
     positive = lambda v: v > 0
@@ -504,12 +524,12 @@ def _analyses(raw: Any) -> Analyses:
     if "patchscope_scales" in data:
         raw_scales = data.pop("patchscope_scales")
         if not isinstance(raw_scales, list) or not raw_scales:
-            raise SpecError(f"analyses.patchscope_scales: expected a non-empty list of numbers, got {raw_scales!r}")
+            raise SpecError(f"analyses.patchscope_scales: expected a non-empty list of numbers, got {shown(raw_scales)}")
         scales = tuple(float(_check(v, "number", f"analyses.patchscope_scales[{i}]"))
                        for i, v in enumerate(raw_scales))
         for i, v in enumerate(scales):
             if v <= 0:
-                raise SpecError(f"analyses.patchscope_scales[{i}]: must be > 0, got {v!r}")
+                raise SpecError(f"analyses.patchscope_scales[{i}]: must be > 0, got {shown(v)}")
         lists["patchscope_scales"] = scales
     positive = lambda v: v >= 1
     a = _build(Analyses, {"enabled": True, **data}, "analyses",
@@ -526,7 +546,7 @@ def _analyses(raw: Any) -> Analyses:
 
 def _budgets(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list):
-        raise SpecError(f"{where}: expected a list of model-interaction budgets (integers >= 0), got {raw!r}")
+        raise SpecError(f"{where}: expected a list of model-interaction budgets (integers >= 0), got {shown(raw)}")
     out = tuple(_check(v, "int", f"{where}[{i}]") for i, v in enumerate(raw))
     for i, v in enumerate(out):
         if v < 0:
@@ -580,7 +600,7 @@ def _agent(raw: Any) -> Agent:
                 raise SpecError(f"agent.{name}: required (an OpenAI-compatible chat endpoint and its model)")
         for name, value in (("agent.base_url", a.base_url), ("agent.grader.base_url", a.grader.base_url)):
             if value is not None and not value.startswith(("http://", "https://")):
-                raise SpecError(f"{name}: expected an http:// or https:// URL, got {value!r}")
+                raise SpecError(f"{name}: expected an http:// or https:// URL, got {shown(value)}")
         if not a.budgets and not a.baseline_budgets:
             raise SpecError("agent.budgets: at least one budget of agent.budgets or agent.baseline_budgets "
                             "is required")
@@ -604,7 +624,7 @@ def grader_settings(raw: Any) -> OfflineGrading | OpenAIGrading | None:
         raise SpecError(f"grader: expected a mapping, got {_type_name(raw)}")
     kind = raw.get("kind", "offline")
     if kind not in GRADER_KINDS:
-        raise SpecError(f"grader.kind: expected one of {', '.join(GRADER_KINDS)}, got {kind!r}")
+        raise SpecError(f"grader.kind: expected one of {', '.join(GRADER_KINDS)}, got {shown(kind)}")
     cls = OpenAIGrading if kind == "openai" else OfflineGrading
     params = {str(k): v for k, v in raw.items() if k != "kind"}
     if kind == "offline" and "device" in params:
@@ -640,13 +660,13 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     names = [p.name for p in pairs]
     for i, name in enumerate(names):
         if names.index(name) != i:
-            raise SpecError(f"pairs[{i}].name: duplicate pair name {name!r}")
+            raise SpecError(f"pairs[{i}].name: duplicate pair name {shown(name)}")
     folders = [slug(name) for name in names]   # as storage/layout.py names the pair folders
     for i, folder in enumerate(folders):
         j = folders.index(folder)
         if j != i:
-            raise SpecError(f"pairs[{i}].name: {names[i]!r} and pairs[{j}].name {names[j]!r} map to the "
-                            f"same results folder name {folder!r}; rename one")
+            raise SpecError(f"pairs[{i}].name: {shown(names[i])} and pairs[{j}].name {shown(names[j])} map to the "
+                            f"same results folder name {shown(folder)}; rename one")
     if "name" not in data:
         raise SpecError("name: required (names the job's run record)")
     _name(data["name"], "name")
@@ -716,9 +736,15 @@ def _resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
             return p
         return str(base_dir / p)
 
+    def exists(p: str) -> bool:
+        try:
+            return Path(p).exists()
+        except (OSError, ValueError):   # too long a name, or a NUL in it: nothing there
+            return False
+
     def local(p: str | None) -> str | None:
         resolved = path(p)
-        return resolved if resolved == p or p.startswith(".") or Path(resolved).exists() else p
+        return resolved if resolved == p or p.startswith(".") or exists(resolved) else p
 
     def source(s: ModelSource) -> ModelSource:
         return replace(s, model=local(s.model), adapter=local(s.adapter))

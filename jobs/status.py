@@ -23,7 +23,7 @@ from storage import layout
 from storage.store import Store
 
 PROGRESS_EVERY_S = 2.0
-STATES = ("pending", "running", "done", "failed")
+STATES = ("pending", "running", "done", "failed", "interrupted")
 
 logger = logging.getLogger("adl.status")
 
@@ -133,11 +133,35 @@ class JobStatus:
         }
         self.stats = None
         self.catalog = None
+        self.interrupted = False   # from interrupt() on, what ends is interrupted, not failed
         self.write(force=True)
+
+    def interrupt(self) -> None:
+        """The job was interrupted (Ctrl-C, SIGTERM): whatever is running now, and whatever
+        fails from here on (its actors are being killed), is recorded as interrupted."""
+        with self._lock:
+            self.interrupted = True
+            for pair in self.record["pairs"].values():
+                for stage in pair["stages"].values():
+                    if stage["state"] == "running":
+                        stage.update(state="interrupted", error=None)
+                if pair["state"] == "running":
+                    pair.update(state="interrupted", error=None)
+                    pair.pop("_t", None)
+            for entry in self.record["activation_sets"].values():
+                if entry["state"] == "running":
+                    entry.update(state="interrupted", error=None)
+                    entry.pop("_t", None)
+        self.write(force=True)
+
+    def _ended(self, state: str, error: str | None) -> tuple[str, str | None]:
+        """A failure after interrupt() is the interrupt's doing."""
+        return ("interrupted", None) if self.interrupted and state in ("failed", "interrupted") else (state, error)
 
     # -- state changes ---------------------------------------------------------------
     def set_state(self, prefix: str, state: str, error: str | None = None, **extra) -> None:
         with self._lock:
+            state, error = self._ended(state, error)
             entry = self.record["activation_sets"][prefix]
             entry.update(state=state, error=error, **extra)
             if state == "running":
@@ -155,6 +179,7 @@ class JobStatus:
 
     def pair_state(self, name: str, state: str, error: str | None = None) -> None:
         with self._lock:
+            state, error = self._ended(state, error)
             entry = self.record["pairs"][name]
             entry.update(state=state, error=error)
             if state == "running":
@@ -190,7 +215,8 @@ class JobStatus:
             yield
         except BaseException as e:
             with self._lock:
-                entry.update(state="failed", error=one_line(e), seconds=round(time.time() - start, 3))
+                state, error = self._ended("failed", one_line(e))
+                entry.update(state=state, error=error, seconds=round(time.time() - start, 3))
             self.write(force=True)
             raise
         with self._lock:
@@ -200,8 +226,9 @@ class JobStatus:
     def unit_ended(self, name: str, kind: str, seconds: float, error: str | None) -> None:
         """Every unit of work that ran (jobs/scheduler.py), with its own time."""
         with self._lock:
+            state, error = self._ended("failed", error) if error else ("done", None)
             self.record["units"].append({"name": name, "kind": kind, "seconds": round(seconds, 3),
-                                         "state": "failed" if error else "done", "error": error})
+                                         "state": state, "error": error})
 
     def llm_spend(self, pair: str, stage: str, usage: dict) -> None:
         """A stage's chat-endpoint spend ({"calls", "prompt_tokens", "completion_tokens",

@@ -1,8 +1,9 @@
 """Readable summaries of what a run produced, for the end of `adl run` and `adl inspect`."""
 from __future__ import annotations
 
+from common.errors import one_line
 from storage import layout
-from storage.store import StorageError, StorageOptions, Store
+from storage.store import StorageError, StorageOptions, Store, key_problem, shown
 from storage.tables import CATALOG, DIFFERENCE, GENERATIONS, SIMILARITY, table_kind
 
 TOP = 10
@@ -30,6 +31,9 @@ def read_run_record(store: Store, key: str) -> dict:
     for i, pair in enumerate(record["pairs"]):
         if not isinstance(pair, dict) or not all(isinstance(pair.get(k), str) for k in ("name", "dir")):
             raise StorageError(f"{where}: pairs[{i}] must be an object with \"name\" and \"dir\" strings")
+        if not pair["dir"].startswith("pairs/") or key_problem(pair["dir"].rstrip("/")):
+            raise StorageError(f"{where}: pairs[{i}].dir must be a folder under pairs/ of this root, "
+                               f"got {shown(pair['dir'])}")
     spec = record["spec"]
     for section in ("method", "generation", "analyses", "agent"):
         if not isinstance(spec.get(section, {}), dict):
@@ -190,7 +194,11 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
     positions = record["spec"].get("method", {}).get("positions", DEFAULT_POSITIONS)
     lines = [f"job {record['job']}  ({store.uri(record_key)})"]
     status_key = layout.run_status(record["job"])
-    status = read_status_record(store, status_key) if store.exists(status_key) else None
+    try:
+        status = read_status_record(store, status_key) if store.exists(status_key) else None
+    except StorageError as e:   # the rest of the run is still worth showing
+        status = None
+        lines.append(f"status: damaged, not shown: {one_line(e, typed=False)}")
     if status:
         lines += status_lines(status)
     catalog = layout.run_catalog(record["job"])
@@ -199,7 +207,11 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
         lines.append(f"catalog: {store.uri(catalog)} ({rows} rows: pair x layer x position)")
     lines.append(f"logit lens of delta (finetuned - base), top {top} tokens per position:")
     for pair in record["pairs"]:
-        lines += pair_summary(store, pair, positions, top)
+        try:
+            lines += pair_summary(store, pair, positions, top)
+        except StorageError as e:   # one damaged pair: the others are still shown
+            lines += [f"pair {pair['name']}  ({store.uri(pair['dir'])})",
+                      f"  damaged, not shown: {one_line(e, typed=False)}; a rerun of the job repairs it"]
     return "\n".join(lines)
 
 

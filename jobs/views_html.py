@@ -7,20 +7,24 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
+from common.errors import one_line
 from jobs.page import esc
 from jobs.pair_similarity import cluster_order, matrix, pair_similarity_rows
 from storage import layout
-from storage.store import Store
+from storage.store import StorageError, Store
 from storage.tables import CAUSAL_EFFECT, PAIR_SIMILARITY
 
 
 def progress_section(store: Store, record: dict) -> str:
     written = datetime.now(timezone.utc).isoformat(timespec="seconds")
     key = layout.run_status(record["job"])
-    status = store.read_json_or_none(key) if store.exists(key) else None
+    try:
+        status, why = store.read_json_or_none(key), "no status record"
+    except StorageError as e:   # the page shows the rest, and says so
+        status, why = None, f"status record damaged: {one_line(e, typed=False)}"
     if not isinstance(status, dict):
         return (f'<p class="progress" data-state="unknown">written {esc(written)}; '
-                f'no status record ({esc(store.uri(key))})</p>')
+                f'{esc(why)} ({esc(store.uri(key))})</p>')
     c = status.get("counts") or {}
     state = status.get("state", "?")
     line = (f"job {esc(state)}: {c.get('done', 0)} of {c.get('pairs', len(record['pairs']))} pairs done, "

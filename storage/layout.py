@@ -20,6 +20,7 @@
     leases/activations/<set>/<n>.json          who is extracting the set now (jobs/leases.py)
     leases/pairs/<pair>/<n>.json               who is running the pair now
     runs/<job>/run.json                        what a job ran and where its results are
+                                               (<job>: the name, or a slug and a key: run_dir)
     runs/<job>/report.html                     the analysts' page (`adl report`)
     runs/<job>/status.json                     the job's progress, rewritten as it runs
     runs/<job>/catalog.parquet                 headline findings of all the job's pairs
@@ -94,8 +95,20 @@ def manifest(prefix: str) -> str:
     return f"{prefix}/manifest.json"
 
 
+def run_dir(job_name: str) -> str:
+    """The job's folder: runs/<name> for a name that is a folder name as it stands (ASCII
+    letters, digits, "_", ".", "-", 48 at most, not starting or ending with "_" or "."),
+    else runs/<slug>-<key of the full name>: "p1/" and "p1", or two names of Cyrillic or
+    CJK letters, never share a folder. (A name spelled like another's keyed folder is
+    refused by the driver, which reads whose record the folder holds.)"""
+    folder = slug(job_name)
+    if folder != job_name:
+        folder = f"{folder}-{hashlib.sha256(job_name.encode()).hexdigest()[:16]}"
+    return f"runs/{folder}"
+
+
 def run_record(job_name: str) -> str:
-    return f"runs/{slug(job_name)}/run.json"
+    return f"{run_dir(job_name)}/run.json"
 
 
 def report(record_key: str) -> str:
@@ -104,15 +117,15 @@ def report(record_key: str) -> str:
 
 
 def run_status(job_name: str) -> str:
-    return f"runs/{slug(job_name)}/status.json"
+    return f"{run_dir(job_name)}/status.json"
 
 
 def run_catalog(job_name: str) -> str:
-    return f"runs/{slug(job_name)}/{CATALOG.file}"
+    return f"{run_dir(job_name)}/{CATALOG.file}"
 
 
 def run_pair_similarity(job_name: str) -> str:
-    return f"runs/{slug(job_name)}/{PAIR_SIMILARITY.file}"
+    return f"{run_dir(job_name)}/{PAIR_SIMILARITY.file}"
 
 
 # A pair's files that are not tables (the tables' names are their kinds', storage/tables.py).

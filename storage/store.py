@@ -60,6 +60,38 @@ class StorageError(RuntimeError):
     a file that is not what it should be)."""
 
 
+def shown(value, limit: int = 200) -> str:
+    """A value as an error message shows it: its repr, bounded in time and cut to about
+    limit characters (a YAML alias bomb's repr runs to hundreds of megabytes)."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxlong = r.maxother = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# Characters no key or root may hold: C0 controls, DEL and C1 controls (NUL ends a C
+# string: "x\0y" would be written as "x").
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def key_problem(key: str) -> str | None:
+    """Why a key (relative to a root, outer slashes stripped) names no object of that
+    root (None: it does): a "." or ".." component (it would leave the root, or alias
+    another key), an empty one (S3 keeps "a//b" apart from "a/b"), a control character."""
+    if CONTROL.search(key):
+        return "holds a control character"
+    if not key:
+        return None
+    parts = key.split("/")
+    if any(part in (".", "..") for part in parts):
+        return "holds a '.' or '..' component"
+    if any(part == "" for part in parts):
+        return "holds an empty component ('//')"
+    return None
+
+
 def _reason(e: BaseException) -> str:
     """What pyarrow, boto3 or the OS said, for a message of ours: the first line (pyarrow
     may go on with a schema dump), or the type's name where it said nothing. These are
@@ -91,6 +123,8 @@ REQUEST_TIMEOUT_S = 30
 TRANSIENT = re.compile(r"AWS Error (INTERNAL_FAILURE|SERVICE_UNAVAILABLE|SLOW_DOWN|THROTTLING|REQUEST_TIMEOUT"
                        r"|NETWORK_CONNECTION)|HTTP status 5\d\d|curlCode: (18|28|52|55|56)\b")
 REFUSED = re.compile(r"curlCode: 7\b")
+# An S3 bucket's name (AWS's rules, loosened to what S3-compatible servers take).
+BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
 
 
 class IntegrityError(StorageError):
@@ -133,6 +167,22 @@ def _synced_temp(path: str, data: bytes):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+def _regular_or_absent(path: str) -> None:
+    """A local write replaces only a regular file of ours: never a device, a folder, a
+    link or a pipe that sits where the object goes."""
+    import stat
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StorageError(f"{path}: cannot write: {e.strerror or _reason(e)}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise StorageError(f"{path}: is {kind}, not a file; refusing to replace it")
+
 
 @dataclass(frozen=True)
 class StorageOptions:
@@ -215,7 +265,10 @@ class Store:
 
     def _path(self, key: str) -> str:
         key = key.strip("/")
-        return f"{self._base}/{key}" if key else self._base
+        why = key_problem(key)
+        if why:
+            raise StorageError(f"{self.uri()}: key {shown(key)} {why}")
+        return f"{self._base.rstrip('/')}/{key}" if key else self._base
 
     # -- checks -----------------------------------------------------------------------
     def check(self) -> None:
@@ -239,6 +292,14 @@ class Store:
         def read():   # a random-access file reads in one piece (a stream copies in chunks)
             with self.fs.open_input_file(self._path(key)) as f:
                 return f.read_buffer()
+        return self._retrying("reading", key, read)
+
+    def read_head(self, key: str, nbytes: int) -> tuple[bytes, int]:
+        """The object's first nbytes (fewer if it is shorter) and its size: one ranged read,
+        for a file's header (a safetensors file's) without reading the file."""
+        def read():
+            with self.fs.open_input_file(self._path(key)) as f:
+                return f.read(nbytes), f.size()
         return self._retrying("reading", key, read)
 
     def read_bytes(self, key: str) -> bytes:
@@ -403,6 +464,38 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_file(out: str, data: bytes, options: StorageOptions | None, signature: bytes, what: str) -> str:
+    """Writes data to out, a file path or URI the user named (`--out`), atomically; returns
+    its URI. What is there already is replaced only when it is a file of this kind (its
+    first KiB holds signature): never a folder, a device, a link, another job's records
+    or any other file. StorageError, in one line, otherwise."""
+    if not out.strip() or out.endswith("/"):
+        raise StorageError(f"--out: expected a file path, got {shown(out)}")
+    parent, _, name = out.rpartition("/")
+    target = Store.from_uri(parent or ("/" if out.startswith("/") else "."), options)
+    path = target._path(name)
+    try:
+        info = target._retrying("looking up", name, lambda: target.fs.get_file_info(path))
+    except OSError as e:
+        raise StorageError(f"{target.uri(name)}: cannot look it up: {_reason(e)}") from None
+    if info.type == pafs.FileType.Directory:
+        raise StorageError(f"{target.uri(name)}: is a folder, not a file; refusing to replace it")
+    if info.type == pafs.FileType.File and target.backend is LocalBackend:
+        _regular_or_absent(path)   # pyarrow calls a device or a link's target a file
+    if info.type == pafs.FileType.File:
+        def head():
+            with target.fs.open_input_stream(path) as f:
+                return f.read(1024)
+        try:
+            first = target._retrying("reading", name, head)
+        except OSError as e:
+            raise StorageError(f"{target.uri(name)}: cannot read what is there: {_reason(e)}") from None
+        if signature not in first:
+            raise StorageError(f"{target.uri(name)}: exists and is not {what}; refusing to replace it")
+    target.write_bytes(name, data)
+    return target.uri(name)
+
+
 # -- backends -----------------------------------------------------------------------------
 class LocalBackend:
     """A local folder: atomic writes by a synced temporary sibling and a rename, exclusive
@@ -412,11 +505,26 @@ class LocalBackend:
 
     @staticmethod
     def problem(root: str) -> str | None:
+        if CONTROL.search(root):
+            return "holds a control character"
+        try:
+            LocalBackend._resolved(root)
+        except RuntimeError:   # Python 3.11's word for a symbolic link loop
+            return "cannot be resolved (a loop of symbolic links)"
+        except OSError as e:
+            return f"cannot be resolved ({e.strerror or _reason(e)})"
         return None
 
     @staticmethod
-    def base(root: str) -> str:
+    def _resolved(root: str) -> str:
         return str(Path(os.path.expanduser(root)).resolve())
+
+    @staticmethod
+    def base(root: str) -> str:
+        why = LocalBackend.problem(root)
+        if why:
+            raise StorageError(f"{shown(root)}: {why}")
+        return LocalBackend._resolved(root)
 
     @staticmethod
     def filesystem(options: StorageOptions) -> pafs.FileSystem:
@@ -452,18 +560,26 @@ class LocalBackend:
     @staticmethod
     def write(store: Store, key: str, data: bytes) -> None:
         path = store._path(key)
-        with _synced_temp(path, data) as tmp:
-            os.replace(tmp, path)
+        _regular_or_absent(path)
+        try:
+            with _synced_temp(path, data) as tmp:
+                _regular_or_absent(path)   # made meanwhile (a rename would replace a link, not follow it)
+                os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"{path}: cannot write: {e.strerror or _reason(e)}") from None
 
     @staticmethod
     def create_exclusive(store: Store, key: str, data: bytes) -> bool:
         path = store._path(key)
-        with _synced_temp(path, data) as tmp:
-            try:
-                os.link(tmp, path)   # fails if path exists: the exclusive part
-                return True
-            except FileExistsError:
-                return False
+        try:
+            with _synced_temp(path, data) as tmp:
+                try:
+                    os.link(tmp, path)   # fails if path exists: the exclusive part
+                    return True
+                except FileExistsError:
+                    return False
+        except OSError as e:
+            raise StorageError(f"{path}: cannot write: {e.strerror or _reason(e)}") from None
 
 
 class S3Backend:
@@ -476,17 +592,28 @@ class S3Backend:
 
     @staticmethod
     def problem(root: str) -> str | None:
-        """Why root is no S3 root, without naming it (None: it is one)."""
-        if not root[len("s3://"):].split("/", 1)[0]:
+        """Why root is no S3 root, without naming it (None: it is one). A root's prefix
+        is a key (key_problem): no ".." that would climb into another bucket, no empty
+        component, no control character; one trailing slash is allowed."""
+        bucket, _, prefix = root[len("s3://"):].partition("/")
+        if not bucket:
             return f"names no bucket (expected {S3Backend.form})"
+        if not BUCKET.fullmatch(bucket):
+            return (f"names no valid bucket ({shown(bucket)}: 3 to 63 letters, digits, dots and hyphens; "
+                    f"expected {S3Backend.form})")
+        prefix = prefix[:-1] if prefix.endswith("/") else prefix
+        why = key_problem(prefix)
+        if why or prefix.startswith("/"):
+            return f"has a prefix that {why or 'holds an empty component (//)'}"
         return None
 
     @staticmethod
     def base(root: str) -> str:
+        """bucket/prefix, as problem() parsed it: what every request uses."""
         why = S3Backend.problem(root)
         if why:
-            raise StorageError(f"{root}: {why}")
-        return root[len("s3://"):].strip("/")
+            raise StorageError(f"{shown(root)}: {why}")
+        return root[len("s3://"):].rstrip("/")
 
     @staticmethod
     def filesystem(options: StorageOptions) -> pafs.FileSystem:
@@ -530,10 +657,15 @@ class S3Backend:
 
     @staticmethod
     def write(store: Store, key: str, data: bytes) -> None:
+        path = store._path(key)
+
         def upload():
-            with store.fs.open_output_stream(store._path(key)) as f:
+            with store.fs.open_output_stream(path) as f:
                 f.write(data)
-        store._retrying("writing", key, upload)
+        try:
+            store._retrying("writing", key, upload)
+        except OSError as e:
+            raise StorageError(f"{store.uri(key)}: cannot write: {_reason(e)}") from None
 
     @staticmethod
     def _client(store: Store):

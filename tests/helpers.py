@@ -35,3 +35,21 @@ class LoopbackServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def unloadable_copy(source, dest):
+    """A copy of a model folder whose weights pass every check made while planning (a
+    well-formed safetensors file, its header matching the file) and fail when a worker
+    loads them: the final norm's weight has another shape (transformers refuses the
+    mismatch). Returns dest."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(source, dest)
+    path = Path(dest) / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"] = torch.zeros(3)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return Path(dest)

@@ -5,6 +5,7 @@ earlier; none starts Ray."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -440,10 +441,33 @@ def test_inspect_and_report_on_a_run_with_a_garbage_table(tmp_path, capsys):
         (pair / table).write_bytes(b"not parquet " * 10)
     before = tree(root)
     not_parquet = "not a Parquet file (corrupted, truncated or another format)"
-    assert fails(["inspect", str(root)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
     assert fails(["inspect", str(pair)], capsys) == f"{pair}/difference.parquet: {not_parquet}"
-    assert fails(["report", str(root)], capsys) == f"{pair}/logit_lens.parquet: {not_parquet}"
     assert tree(root) == before
+
+
+def test_inspect_and_report_show_the_rest_of_a_root_with_a_damaged_pair(tmp_path, capsys):
+    """One pair's table is garbage and the status record too: the other pair, and the run,
+    are still shown, and what is damaged is named."""
+    root = tmp_path / "root"
+    pairs = [{"name": name, "dir": f"pairs/{name}-0123456789abcdef"} for name in ("bad", "good")]
+    minimal_run(root).write_text(json.dumps({"job": "x", "spec": {"method": {"positions": [0]}}, "pairs": pairs}))
+    bad = root / pairs[0]["dir"]
+    bad.mkdir(parents=True)
+    (bad / "manifest.json").write_text('{"pair": "bad"}')
+    for table in ("difference.parquet", "logit_lens.parquet"):
+        (bad / table).write_bytes(b"not parquet " * 10)
+    (root / "runs" / "x" / "status.json").write_bytes(b"\x00garbage")
+    not_parquet = "not a Parquet file (corrupted, truncated or another format)"
+    assert main(["inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"status: damaged, not shown: {root}/runs/x/status.json: not valid JSON (Expecting value: line 1 column 1)" in out
+    assert (f"pair bad  ({bad})\n  damaged, not shown: {bad}/difference.parquet: {not_parquet}; a rerun of the "
+            f"job repairs it") in out
+    assert f"pair good  ({root}/{pairs[1]['dir']})\n  incomplete: no results yet" in out
+    assert main(["report", str(root)]) == 0
+    page = (root / "runs" / "x" / "report.html").read_text()
+    assert f"{bad}/logit_lens.parquet: {not_parquet}; a rerun of the job repairs it" in page
+    assert "status record damaged: " in page and "pair good" in page
 
 
 def test_inspect_on_a_run_record_outside_runs(tmp_path, capsys):
@@ -514,3 +538,359 @@ def test_pair_names_sharing_a_folder(tmp_path, make_spec, capsys, names, folder)
     assert run_fails(tmp_path, spec, capsys) == (
         f"pairs[1].name: {names[1]!r} and pairs[0].name {names[0]!r} map to the same results folder name "
         f"{folder!r}; rename one")
+
+
+# -- writes replace only what is ours ----------------------------------------------------------
+def minimal_run(root: Path, job: str = "x") -> Path:
+    """A storage root holding one job's run record (no pairs): enough for `adl report`."""
+    record = root / "runs" / job / "run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"job": job, "spec": {"method": {"positions": [0]}}, "pairs": []}))
+    return record
+
+
+def test_report_out_refuses_what_is_not_a_report_page(tmp_path, capsys):
+    """--out replaces an adl report page and nothing else: not a device, a folder, a link,
+    another job's run record, a file of someone else's; '' and 'folder/' name no file;
+    a folder the OS refuses is one line. Each case leaves everything as it was."""
+    root = tmp_path / "root"
+    record = minimal_run(root)
+    other = minimal_run(root, "other")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    link = tmp_path / "link.html"
+    link.symlink_to(mine)
+    before = {p: snapshot(p) for p in (root, mine, folder, tmp_path)}
+    cases = [
+        ("/dev/full", "/dev/full: is a device, not a file; refusing to replace it"),
+        (str(folder), f"{folder}: is a folder, not a file; refusing to replace it"),
+        ("", "--out: expected a file path, got ''"),
+        (f"{folder}/", f"--out: expected a file path, got '{folder}/'"),
+        (str(other), f"{other}: exists and is not an adl report page; refusing to replace it"),
+        (str(mine), f"{mine}: exists and is not an adl report page; refusing to replace it"),
+        (str(link), f"{link}: is a symbolic link, not a file; refusing to replace it"),
+        ("/proc/adl-report.html", "/proc/adl-report.html: cannot write: No such file or directory"),
+        ("/sys/adl/report.html", "/sys/adl/report.html: cannot write: Operation not permitted"),
+    ]
+    for out, message in cases:
+        assert fails(["report", str(record), "--out", out], capsys) == message, out
+    assert {p: snapshot(p) for p in before} == before
+    assert Path("/dev/full").is_char_device()
+    page = tmp_path / "page.html"
+    for _ in range(2):   # a report page is replaced by the next
+        assert main(["report", str(record), "--out", str(page)]) == 0
+        assert capsys.readouterr().out.strip() == str(page)
+    assert "<title>adl report: x</title>" in page.read_text()
+
+
+def test_storage_writes_only_regular_files_and_keys_inside_the_root(tmp_path):
+    from storage.store import StorageError, Store
+    store = Store(str(tmp_path / "root"))
+    (tmp_path / "root" / "a-folder").mkdir(parents=True)
+    (tmp_path / "root" / "fifo").symlink_to("/dev/null")
+    for key, message in [
+        ("a-folder", f"{tmp_path}/root/a-folder: is a folder, not a file; refusing to replace it"),
+        ("fifo", f"{tmp_path}/root/fifo: is a symbolic link, not a file; refusing to replace it"),
+        ("../outside", f"{tmp_path}/root: key '../outside' holds a '.' or '..' component"),
+        ("a/./b", f"{tmp_path}/root: key 'a/./b' holds a '.' or '..' component"),
+        ("a//b", f"{tmp_path}/root: key 'a//b' holds an empty component ('//')"),
+        ("a\x00b", f"{tmp_path}/root: key 'a\\x00b' holds a control character"),
+    ]:
+        with pytest.raises(StorageError) as e:
+            store.write_bytes(key, b"x")
+        assert str(e.value) == message
+    assert not (tmp_path / "outside").exists() and (tmp_path / "root" / "a-folder").is_dir()
+    assert tree(tmp_path / "root") == ["a-folder", "fifo"]
+
+
+# -- job folders ---------------------------------------------------------------------------------
+def test_job_names_never_share_a_folder():
+    from storage.layout import run_dir
+    names = ["p1", "p1/", "p1.", "P1", "実験", "試験", "эксперимент-1", "опыт-1", "a" * 60 + "x", "b" * 60 + "x",
+             "my job", "my_job", "x"]
+    folders = [run_dir(name) for name in names]
+    assert len(set(folders)) == len(names), folders
+    assert run_dir("p1") == "runs/p1" and run_dir("demo") == "runs/demo"   # existing runs keep their folder
+    assert all(f.startswith("runs/") and "/" not in f[5:] and ".." not in f for f in folders)
+
+
+def test_a_name_mapping_onto_another_jobs_folder_is_refused(tmp_path, make_spec, capsys):
+    from storage.layout import run_dir
+    root = tmp_path / "out"
+    spec = make_spec(root)
+    spec["name"] = "p1/"
+    taken = run_dir("p1/").split("/")[1]      # a job named exactly like p1/'s keyed folder
+    minimal_run(root, taken)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"name: 'p1/' maps onto {root}/runs/{taken}, which holds the records of another job ({taken!r}); "
+        f"rename the job")
+
+
+# -- S3 roots --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("root, problem", [
+    ("s3://bucket/../victim/x", "has a prefix that holds a '.' or '..' component"),
+    ("s3://bucket/x/..", "has a prefix that holds a '.' or '..' component"),
+    ("s3://bucket/./x", "has a prefix that holds a '.' or '..' component"),
+    ("s3://bucket//x", "has a prefix that holds an empty component ('//')"),
+    ("s3://bucket/x//", "has a prefix that holds an empty component ('//')"),
+    ("s3://bucket/x\x00y", "has a prefix that holds a control character"),
+    ("s3://bucket/x\ny", "has a prefix that holds a control character"),
+    ("s3://b/x", "names no valid bucket ('b': 3 to 63 letters, digits, dots and hyphens; expected s3://bucket/prefix)"),
+    ("s3://../x", "names no valid bucket ('..': 3 to 63 letters, digits, dots and hyphens; expected s3://bucket/prefix)"),
+])
+def test_s3_roots_that_would_leave_their_prefix(tmp_path, make_spec, capsys, root, problem):
+    spec = make_spec(root)
+    assert run_fails(tmp_path, spec, capsys) == f"storage.root: {root!r} {problem}"
+
+
+def test_s3_root_and_its_writes_use_one_parsed_location(s3_endpoint, s3_bucket):
+    import boto3
+    from storage.store import StorageError, StorageOptions, Store
+    store = Store.from_uri(f"s3://{s3_bucket}/a/b/", StorageOptions(s3_endpoint, "us-east-1"))
+    store.write_bytes("k", b"x")
+    with pytest.raises(StorageError):
+        store.write_bytes("../../k", b"y")
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket=s3_bucket).get("Contents", [])]
+    assert keys == ["a/b/k"]
+
+
+def test_a_symlink_loop_root(tmp_path, make_spec, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    root = tmp_path / "a" / "out"
+    assert run_fails(tmp_path, make_spec(root), capsys) == \
+        f"storage.root: {str(root)!r} cannot be resolved (a loop of symbolic links)"
+
+
+# -- error text is bounded -----------------------------------------------------------------------------
+def test_a_yaml_alias_bomb_makes_a_short_error(tmp_path, capsys):
+    nine = lambda x: "[" + ", ".join([x] * 9) + "]"
+    levels = ['&a ' + nine('"lol"')] + [f"&{b} " + nine(f"*{a}") for a, b in zip("abcdefg", "bcdefgh")]
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(f"name: [{', '.join(levels)}]\npairs: [{{name: p, base: m, finetuned: m}}]\n")
+    assert len(spec_file.read_bytes()) < 600
+    started = time.monotonic()
+    message = fails(["run", str(spec_file)], capsys)
+    assert time.monotonic() - started < 5
+    assert message.startswith("name: expected a non-empty string, got [['lol', 'lol', 'lol'")
+    assert len(message) < 300 and message.endswith("...")
+
+
+def test_long_values_are_cut_in_errors(tmp_path, make_spec, capsys):
+    spec = make_spec(tmp_path / "out")
+    spec["dtype"] = "x" * 100_000
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith("dtype: must be one of ") and len(message) < 300
+
+
+# -- numbers are finite --------------------------------------------------------------------------------
+@pytest.mark.parametrize("section, field, value, where", [
+    ("generation", {"search": {"high": float("nan")}}, None, "generation.search.high: must be a finite number, got nan"),
+    ("generation", {"search": {"low": float("-inf")}}, None, "generation.search.low: must be a finite number, got -inf"),
+    ("analyses", {"patchscope_scales": [float("inf"), float("nan")]}, None,
+     "analyses.patchscope_scales[0]: must be a finite number, got inf"),
+    ("compute", {"cpus_per_worker": float("inf")}, None, "compute.cpus_per_worker: must be a finite number, got inf"),
+    ("compute", {"gpus_per_worker": float("nan")}, None, "compute.gpus_per_worker: must be a finite number, got nan"),
+    ("generation", {"temperature": 10 ** 400}, None, "generation.temperature: expected a number, got 1000000"),
+    ("method", {"layers": [float("nan")]}, None, "method.layers[0]: a relative depth must lie in [0.0, 1.0], got nan"),
+    ("method", {"positions": [0, 0, 1]}, None, "method.positions[1]: duplicate position 0"),
+])
+def test_numbers_must_be_finite(tmp_path, make_spec, capsys, section, field, value, where):
+    spec = make_spec(tmp_path / "out")
+    spec[section] = field
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith(where), message
+
+
+# -- records someone else wrote ---------------------------------------------------------------------
+def test_inspect_shows_escape_sequences_of_a_record_escaped(tmp_path, capsys):
+    record = minimal_run(tmp_path)
+    record.write_text(json.dumps({"job": "x\x1b[31mred", "spec": {"method": {"positions": [0]}},
+                                  "pairs": [{"name": "\x1b]0;title\x07", "dir": "pairs/p"}]}))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out.splitlines()[0] == f"job x\\x1b[31mred  ({record})"
+    assert f"pair \\x1b]0;title\\x07  ({tmp_path}/pairs/p)" in out
+
+
+@pytest.mark.parametrize("folder", ["../..", "pairs/../../x", "/etc", "pairs//x", "elsewhere/p"])
+def test_a_pair_folder_outside_the_root_is_refused(tmp_path, capsys, folder):
+    root = tmp_path / "root"
+    record = minimal_run(root)
+    record.write_text(json.dumps({"job": "x", "spec": {}, "pairs": [{"name": "p", "dir": folder}]}))
+    before = tree(tmp_path)
+    for argv in (["inspect", str(root)], ["report", str(root)], ["report", str(record)]):
+        assert fails(argv, capsys) == \
+            f"{record}: pairs[0].dir must be a folder under pairs/ of this root, got {folder!r}", argv
+    assert tree(tmp_path) == before
+
+
+# -- found before the run, not when a worker loads it ---------------------------------------------------
+def safetensors_damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\xff" * 64)
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:   # a header that is not JSON, of the length its first 8 bytes say
+        path.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + data[8:])
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("truncated", "truncated or corrupted: tensor "),
+    ("garbage", "not a safetensors file (truncated, or no header of the format; 64 bytes)"),
+    ("empty", "not a safetensors file (truncated, or no header of the format; 0 bytes)"),
+    ("header", "not a safetensors file (its header is not JSON)"),
+])
+def test_damaged_safetensors_are_found_while_planning(tmp_path, make_spec, demo_pair, capsys, how, problem):
+    folder = model_copy(demo_pair.finetuned_dir, tmp_path / "finetuned")
+    safetensors_damage(folder / "model.safetensors", how)
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(folder)
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith(f"pairs[0].finetuned: {folder}/model.safetensors: {problem}"), message
+
+
+def test_an_adapter_without_lora_tensors_is_refused(tmp_path, make_spec, demo_pair, lora_adapter, capsys):
+    """The base's weights saved as adapter_model.safetensors would load as an adapter that
+    changes nothing: |delta| = 0 everywhere, and no warning."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    shutil.copyfile(Path(demo_pair.base_dir) / "model.safetensors", adapter / "adapter_model.safetensors")
+    spec = adapter_spec(make_spec, demo_pair, tmp_path / "out", adapter)
+    message = run_fails(tmp_path, spec, capsys)
+    assert message.startswith(f"pairs[0].finetuned.adapter: {adapter}/adapter_model.safetensors: holds no LoRA "
+                              f"tensors (lora_A / lora_B; "), message
+    assert message.endswith("): not a LoRA adapter's weights")
+
+
+def test_a_model_that_needs_remote_code(tmp_path, make_spec, demo_pair, capsys):
+    folder = model_copy(demo_pair.finetuned_dir, tmp_path / "custom", model_type="adl-custom",
+                        auto_map={"AutoConfig": "modeling_custom.CustomConfig"})
+    spec = make_spec(tmp_path / "out")
+    spec["pairs"][0]["finetuned"] = str(folder)
+    assert run_fails(tmp_path, spec, capsys) == (
+        f"pairs[0].finetuned: {folder}: its model type 'adl-custom' needs the custom code its config.json names "
+        f"(auto_map); set trust_remote_code: true to run it")
+
+
+def test_a_demo_corpus_beyond_its_bound(tmp_path, make_spec, capsys):
+    spec = make_spec(tmp_path / "out", corpus={"num_documents": 10 ** 12})
+    assert run_fails(tmp_path, spec, capsys) == (
+        "corpus.num_documents: the demo corpus makes at most 1000000 documents, got 1000000000000; for more, "
+        "use a text, jsonl, parquet or hf corpus")
+
+
+def test_inspect_and_report_of_an_unreachable_s3_root(tmp_path, capsys, monkeypatch):
+    from storage import store as store_module
+    monkeypatch.setattr(store_module, "BACKOFF_MAX_S", 0.01)
+    monkeypatch.setattr(store_module, "BACKOFF_BASE_S", 0.01)
+    for argv in (["inspect", "s3://bucket/x"], ["report", "s3://bucket/x"]):
+        message = fails(["--log-level", "WARNING", *argv, "--endpoint-url", "http://127.0.0.1:9"], capsys)
+        assert message.startswith("s3://bucket/x: cannot read: ") and "Could not connect" in message, message
+
+
+# -- fuzzing the spec -----------------------------------------------------------------------------------
+HOSTILE = [None, True, False, 0, -1, 1, 3, 2 ** 63, 10 ** 400, 0.5, -0.0, 1e308, float("nan"), float("inf"),
+           float("-inf"), "", " ", "x", "x" * 5000, "\x1b[31mred", "a\x00b", "line\nbreak", "../..", "/", "/dev/full",
+           "s3://", "s3://b", "s3://bucket/../victim", "s3://bucket//x", "gs://bucket/x", "~", "эксперимент", "実験",
+           [], [None], [[[]]], [1, 1, 1], [0.5, float("nan")], {}, {"a": 1}, {"": None}, "1e12", "nan", ".inf",
+           "bfloat16", "demo", "openai", "patch"]
+# Not mutated: values that make the planner reach the network (a Ray address, an S3 endpoint).
+UNREACHED = ("ray_address", "endpoint_url")
+
+
+def spec_paths(node, prefix=()):
+    """(container, key, path) of every value in a spec, depth first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield node, key, (*prefix, key)
+        yield from spec_paths(value, (*prefix, key))
+
+
+def mutated(rng, spec: dict) -> dict:
+    import copy
+    spec = copy.deepcopy(spec)
+    for _ in range(rng.randint(1, 3)):
+        paths = [p for p in spec_paths(spec) if not any(str(k) in UNREACHED for k in p[2])]
+        container, key, _ = rng.choice(paths)
+        op = rng.random()
+        if op < 0.6:
+            container[key] = copy.deepcopy(rng.choice(HOSTILE))
+        elif op < 0.75 and isinstance(container, dict):
+            del container[key]
+        elif op < 0.9 and isinstance(container, dict):
+            container[rng.choice(["unknown", "name", "enabled", "kind", "layers", "positions"])] = \
+                copy.deepcopy(rng.choice(HOSTILE))
+        elif isinstance(container, list):
+            container.append(copy.deepcopy(container[key]))
+    return spec
+
+
+def mutated_text(rng, text: str) -> str:
+    """The YAML text itself damaged: a character dropped, or YAML syntax put in."""
+    i = rng.randrange(len(text))
+    if rng.random() < 0.5:
+        return text[:i] + text[i + 1:]
+    return text[:i] + rng.choice([":", "[", "]", "{", "&a ", "*a", "\t", "- ", "!!python/object ", "'", "\x00"]) + text[i:]
+
+
+def test_random_and_mutated_specs_end_in_one_line_or_a_plan(tmp_path, make_spec, demo_pair, monkeypatch):
+    """Specs made by mutating valid ones (values swapped for hostile ones, keys dropped or
+    added, the YAML text damaged), for a bounded time: each is a plan (exit 0's way) or an
+    input error of one short line (exit 2's), never another exception, and nothing is
+    written anywhere. Validation and planning only: no model is loaded."""
+    import random
+    import traceback
+    from common.errors import one_line
+    from jobs.cli import INPUT_ERRORS
+    from jobs.plan import make_plan
+    from jobs.spec import load_spec
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root = tmp_path / "root"
+    plain = make_spec(root, corpus={"num_documents": 20}, method={"layers": [0.5], "positions": [0, 1]})
+    full = {**plain, "generation": {"samples": 1, "search": {"high": 4.0, "steps": 2}},
+            "analyses": {"patchscope_scales": [1.0, 2.0]}, "grader": {"kind": "offline", "threshold": 50},
+            "causal_effect": {"texts": 2}}
+    full["pairs"] = [{**plain["pairs"][0], "description": "d", "finetune_data": str(demo_pair.finetune_texts)}]
+    agent = {**full, "agent": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "budgets": [0]}}
+    bases = [plain, full, agent]
+    spec_file = tmp_path / "job.yaml"
+    cwd_before = sorted(p.name for p in Path.cwd().iterdir())
+    rng = random.Random(int(os.environ.get("ADL_FUZZ_SEED", "20261204")))   # another seed: more cases
+    outcomes, problems = {0: 0, 2: 0}, []
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and sum(outcomes.values()) < 400:
+        spec = mutated(rng, rng.choice(bases))
+        text = yaml.safe_dump(spec, allow_unicode=True)
+        if rng.random() < 0.2:
+            text = mutated_text(rng, text)
+        spec_file.write_text(text, encoding="utf-8")
+        before = tree(tmp_path)
+        try:
+            make_plan(load_spec(spec_file))
+            outcomes[0] += 1
+        except INPUT_ERRORS as e:
+            line = one_line(e, typed=False)
+            if "\n" in line or len(line) > 1000 or "Traceback" in line:
+                problems.append(f"not one short line: {line[:300]!r}\nspec: {text[:800]}")
+            outcomes[2] += 1
+        except Exception as e:
+            where = "".join(traceback.format_tb(e.__traceback__)[-4:])
+            problems.append(f"{type(e).__name__}: {str(e)[:300]}\n{where}\nspec: {text[:800]}")
+        if tree(tmp_path) != before:
+            problems.append(f"wrote {sorted(set(tree(tmp_path)) - set(before))}\nspec: {text[:800]}")
+        if problems:
+            break
+    assert not problems, problems[0].replace("x" * 100, "x...")
+    assert sorted(p.name for p in Path.cwd().iterdir()) == cwd_before
+    assert not root.exists()
+    assert outcomes[0] > 0 and outcomes[2] > 0 and sum(outcomes.values()) >= 50, outcomes
+    print(f"fuzzed {sum(outcomes.values())} specs: {outcomes[0]} planned, {outcomes[2]} refused in one line")

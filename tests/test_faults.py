@@ -80,6 +80,18 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def edit_set_manifest(root: Path, change) -> None:
+    path = shard_path(root, "base", 0).parent / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def flip_digit(manifest: dict) -> None:
+    digest = manifest["files"][layout.shard_name(1)]
+    digest["crc32"] = ("1" if digest["crc32"][0] != "1" else "2") + digest["crc32"][1:]
+
+
 # -- damage, and the rerun that repairs it ---------------------------------------------------
 DAMAGE = {
     # name: (damage, pair results removed too (so that the activations are read again),
@@ -98,6 +110,14 @@ DAMAGE = {
     "garbage set manifest": (lambda r: (shard_path(r, "base", 0).parent / "manifest.json").write_bytes(b"{\x00oops"),
                              True, r"manifest .*manifest.json: not (valid JSON|a JSON file).*\n.*every shard "
                                    r"verifies; manifest written again, no extraction", 0, 1),
+    # One digit of a shard's digest, or a field no reader compares: the manifest's own digest
+    # finds it, and the shards stand on their markers (intact: nothing is extracted again).
+    "flipped digit in a set manifest": (lambda r: edit_set_manifest(r, flip_digit), True,
+                                        r"manifest .*manifest.json: does not match its own digest \(edited or "
+                                        r"corrupted\)\n.*every shard verifies; manifest written again, no "
+                                        r"extraction", 0, 1),
+    "edited set manifest field": (lambda r: edit_set_manifest(r, lambda m: m.update(documents_read=1)), True,
+                                  r"manifest .*manifest.json: does not match its own digest", 0, 1),
     "garbage pair manifest": (lambda r: pair_path(r, "manifest.json").write_text("{not json"), False,
                               r"demo: its manifest: not valid JSON .*; redoing what does not verify", 0, 0),
     "flipped pair table": (lambda r: flip(pair_path(r, DIFFERENCE.file)), False,
@@ -182,6 +202,9 @@ class FaultProxy(LoopbackServer):
         self.lock = threading.Lock()
         self.requests = 0
         self.faults: list[tuple[str, str, str]] = []   # (fault, method, path)
+        self.down = False               # an outage: every request answered 503
+        self.down_after_puts = None     # the outage starts once this many PUTs have passed
+        self.puts = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -219,6 +242,15 @@ class FaultProxy(LoopbackServer):
 
             def handle_any(self):
                 body = self.body()
+                with proxy.lock:
+                    down = proxy.down
+                    if self.command == "PUT" and not down:
+                        proxy.puts += 1
+                        proxy.down = proxy.down_after_puts is not None and proxy.puts >= proxy.down_after_puts
+                if down:
+                    payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+                               b'<Message>Service is unable to handle request.</Message></Error>')
+                    return self.reply(503, [("Content-Type", "application/xml")], payload)
                 with proxy.lock:
                     proxy.requests += 1
                     fault = None
@@ -404,7 +436,7 @@ def test_a_waiting_run_goes_on_when_the_holder_is_done_and_a_lease_is_kept_alive
     start = time.time()
     me.wait(["pairs/busy"])
     assert 1.0 < time.time() - start < 10
-    assert any("pairs/busy: being worked on by another run (job 'other', host elsewhere" in line for line in lines())
+    assert any("pairs/busy: being worked on by another run (job 'other', host 'elsewhere'" in line for line in lines())
     assert me.claim("pairs/busy")
     key = f"{layout.lease('pairs/busy')}/00000001.json"
     first = lease_store.read_json(key)["expires"]
@@ -511,12 +543,15 @@ def test_an_unreachable_grader_fails_the_pair_and_the_rerun_redoes_the_stage(
     assert len(chosen) == 9 * 20 and set(chosen.scale) == {1.0}
 
 
+@pytest.mark.parametrize("form", ["plain", "url-encoded"])
 def test_a_key_echoed_by_the_endpoint_is_never_shown(grader_root, make_spec, demo_pair, tmp_path, capfd,
-                                                     monkeypatch):
+                                                     monkeypatch, form):
+    from urllib.parse import quote
     from test_graders import ChatServer, Reply
-    key = f"sk-planted-{uuid.uuid4().hex}"
+    key = f"sk-planted-{uuid.uuid4().hex}" if form == "plain" else f"planted/{uuid.uuid4().hex}+k="
+    echoed = key if form == "plain" else quote(key, safe="")
     monkeypatch.setenv("ADL_TEST_GRADER_KEY", key)
-    body = json.dumps({"error": {"message": f"Incorrect API key provided: Bearer {key}. You sent {key}.",
+    body = json.dumps({"error": {"message": f"Incorrect API key provided: Bearer {key}. You sent {echoed}.",
                                  "code": "invalid_api_key"}}).encode()
     with ChatServer() as server:
         state = server.respond(lambda request: Reply(status=401, body=body))
@@ -526,11 +561,11 @@ def test_a_key_echoed_by_the_endpoint_is_never_shown(grader_root, make_spec, dem
     assert state.seen and state.seen[0].headers["Authorization"] == f"Bearer {key}"   # it was sent
     entry = Store(str(grader_root)).read_json(layout.run_status("test"))["pairs"]["demo"]
     assert "HTTP 401: " in entry["error"] and "Bearer ***" in entry["error"], entry
-    secret = key.removeprefix("sk-")
-    assert "HTTP 401" in out and secret not in out
+    secrets = [key.removeprefix("sk-"), echoed.removeprefix("sk-")]
+    assert "HTTP 401" in out and not [s for s in secrets if s in out]
     for path in grader_root.rglob("*"):
         if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+            assert not [s for s in secrets if s.encode() in path.read_bytes()], path
 
 
 def test_redact_masks_credentials():
@@ -556,3 +591,88 @@ def test_an_unset_api_key_env_is_an_input_error(tmp_path, make_spec, demo_pair, 
     assert make_plan(parse_spec(unused)).pairs
     monkeypatch.setenv("ADL_NO_SUCH_KEY", "some-key")
     assert make_plan(parse_spec(spec)).pairs
+
+
+# -- forged leases and secrets ------------------------------------------------------------------
+def test_a_lease_expiring_beyond_a_renewal_and_a_ttl_is_no_lease(lease_store):
+    """No holder renews further ahead than RENEW_S + TTL_S: an expiry beyond that (a lease
+    forged with expires 1e18, or written by a clock far ahead) would block the pair for
+    as long as it claims, so it is not live; a lease renewed just now still is."""
+    from jobs import leases as leases_module
+    me = Leases(lease_store, "job")
+    plant(lease_store, "pairs/forged", 0, expires=1e18)
+    plant(lease_store, "pairs/skewed", 0, expires=time.time() + leases_module.TTL_S + leases_module.RENEW_S + 60)
+    plant(lease_store, "pairs/nan", 0, expires=float("nan"))
+    plant(lease_store, "pairs/bool", 0, expires=True)
+    plant(lease_store, "pairs/fresh", 0, expires=time.time() + leases_module.TTL_S)
+    assert me.claim("pairs/forged") and me.claim("pairs/skewed") and me.claim("pairs/nan") and me.claim("pairs/bool")
+    assert not me.claim("pairs/fresh")
+    me.wait(["pairs/forged"], sleep=lambda s: None)   # returns at once: nobody holds it
+
+
+def test_credentials_in_an_endpoint_url_stay_out_of_the_run_record(tmp_path, make_spec, demo_pair, monkeypatch):
+    from common.redact import redact, register
+    from jobs.driver import write_run_record
+    monkeypatch.setenv("ADL_TEST_KEY", "some-key")
+    url = "https://admin:sk-planted123456@host.example/v1?api-key=planted-query-key&x=1"
+    spec = grader_job(make_spec, demo_pair, tmp_path / "out", url, api_key_env="ADL_TEST_KEY")
+    store = Store(str(tmp_path / "out"))
+    key = write_run_record(make_plan(parse_spec(spec)), store)
+    written = store.read_bytes(key).decode()
+    assert "planted" not in written
+    assert json.loads(written)["spec"]["grader"]["base_url"] == "https://***@host.example/v1?api-key=***&x=1"
+    secret = "k3y/with+special=chars&more"
+    register(secret)
+    from urllib.parse import quote, quote_plus
+    for echoed in (secret, quote(secret, safe=""), quote_plus(secret)):
+        assert redact(f"401: you sent ?token={echoed} and {echoed}.") == "401: you sent ?token=*** and ***."
+
+
+# -- storage failing during a run ------------------------------------------------------------
+def test_a_storage_failure_during_a_run_is_one_line_exit_1_and_recorded(tmp_path, make_spec, capfd):
+    """The root takes the status record, then refuses the run record (a folder stands in
+    its place): one line naming the root and the cause, exit 1, and the failure recorded
+    in the status record."""
+    root = tmp_path / "out"
+    (root / "runs" / "test" / "run.json").mkdir(parents=True)
+    code, out = run_cli(tmp_path, make_spec(root), capfd)
+    assert code == 1, out
+    assert "Traceback" not in out
+    assert out.strip().splitlines()[-1] == (f"adl: error: storage {root}: {root}/runs/test/run.json: is a folder, "
+                                            f"not a file; refusing to replace it")
+    status = json.loads((root / layout.run_status("test")).read_text())
+    assert status["state"] == "failed"
+    assert status["error"] == f"{root}/runs/test/run.json: is a folder, not a file; refusing to replace it"
+
+
+def test_an_s3_outage_longer_than_the_retries_ends_the_run_in_one_line(make_spec, s3_endpoint, s3_bucket,
+                                                                       tmp_path, capfd):
+    """Every request fails once the first object is written (the status record): after
+    the retries, one line naming the root, exit 1, no traceback; what could not be recorded
+    is said in the log."""
+    with FaultProxy(s3_endpoint, every=10 ** 9) as proxy:
+        proxy.down_after_puts = 1
+        root = f"s3://{s3_bucket}/outage"
+        code, out = run_cli(tmp_path, make_spec(root, storage={"endpoint_url": proxy.url, "region": "us-east-1"}),
+                            capfd)
+    assert code == 1, out
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"adl: error: storage {root}: ") and "503" in last, out
+    assert re.search(rf"could not record it on {root}: ", out), out
+    direct = Store.from_uri(root, StorageOptions(s3_endpoint, "us-east-1"))
+    assert direct.read_json(layout.run_status("test"))["state"] == "running"   # written before the outage
+    assert direct.list() == [layout.run_status("test")]
+
+
+def test_actors_larger_than_any_node_are_one_line(ray_cluster, make_spec, tmp_path, capfd):
+    """compute.cpus_per_worker beyond every node: known only once Ray is up (its nodes),
+    then one line and exit 2, not a SchedulingError traceback; the failure is recorded."""
+    root = tmp_path / "out"
+    code, out = run_cli(tmp_path, make_spec(root, compute={"cpus_per_worker": 64}), capfd)
+    assert code == 2, out
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("adl: error: compute: extract ") and "more than the cluster holds" in last, out
+    status = json.loads((root / layout.run_status("test")).read_text())
+    assert status["state"] == "failed" and status["error"].startswith("compute: extract ")

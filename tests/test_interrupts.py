@@ -119,6 +119,15 @@ def test_interrupted_run_stops_quickly_leaves_no_ray_and_resumes(adl_run, undist
     assert markers(root) < 2 * 40, "the job ran to its end instead"
     wait_for(lambda: not processes_of(ray_tmp), 20, f"Ray's processes to end: {processes_of(ray_tmp)}")
     print(f"exit {time.time() - sent:.1f} s after the signal ({took:.1f} s)")
+    # What the signal cut short is recorded as interrupted, never as a failure of its own
+    status = Store(str(root)).read_json(layout.run_status("test"))
+    assert status["error"] == "interrupted"
+    ended = [*status["units"], *status["pairs"].values(), *status["activation_sets"].values(),
+             *(s for p in status["pairs"].values() for s in p["stages"].values())]
+    assert not [e for e in ended if e["state"] == "failed" or e.get("error")], ended
+    assert any(e["state"] == "interrupted" for e in status["activation_sets"].values()), status["activation_sets"]
+    sets_done = sum(e["state"] == "done" for e in status["activation_sets"].values())
+    assert f"pairs and {sets_done} activation sets are complete" in said[0]
 
     stats = RunStats()   # the rerun, on the tests' Ray: only what was missing
     run_job(parse_spec(yaml.safe_load((root.parent / "job.yaml").read_text())), stats)
@@ -163,3 +172,25 @@ def test_a_killed_model_actor_is_restarted_and_its_work_retried(ray_cluster, mak
     assert status["state"] == "done"
     got = tables(root)
     assert got.keys() == undisturbed.keys() and all(got[k].equals(undisturbed[k]) for k in got)
+
+
+def test_sigterm_while_ray_starts_is_an_interrupt(adl_run):
+    """ray.init has its own SIGTERM handlers while it starts (sys.exit(15), then its node's
+    exit 1): a SIGTERM then still ends the job as an interrupt, exit 143 with the
+    interrupted line, the status record saying interrupted, and nothing of Ray left."""
+    proc, root, stderr, ray_tmp = adl_run()
+    ray_processes = lambda: [p for p in processes_of(ray_tmp) if int(p.split()[0]) != proc.pid]
+    wait_for(lambda: ray_processes() or proc.poll() is not None, 180, "Ray starting")
+    assert proc.poll() is None, stderr.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 143, stderr.read_text()[-3000:]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 30 s after the signal:\n{stderr.read_text()[-3000:]}")
+    text = stderr.read_text()
+    said = [line for line in text.splitlines() if "interrupted:" in line]
+    assert len(said) == 1 and "rerun the same spec to resume" in said[0], text[-3000:]
+    assert "Traceback" not in text and "SystemExit" not in text, text[-3000:]
+    status = Store(str(root)).read_json(layout.run_status("test"))
+    assert status["state"] == "failed" and status["error"] == "interrupted", status
+    wait_for(lambda: not ray_processes(), 20, f"Ray's processes to end: {ray_processes()}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import unloadable_copy
 
 from jobs.cli import main
 from jobs.driver import RunStats, run_job
@@ -20,9 +21,7 @@ from storage.tables import DIFFERENCE, LOGIT_LENS, SIMILARITY, STEERING
 
 def test_a_failing_pair_does_not_stop_the_others_and_a_rerun_redoes_only_it(
         ray_cluster, make_spec, demo_pair, tmp_path, capsys):
-    broken = tmp_path / "broken-ft"
-    shutil.copytree(demo_pair.finetuned_dir, broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")   # config reads, weights fail
+    broken = unloadable_copy(demo_pair.finetuned_dir, tmp_path / "broken-ft")   # checks pass, loading fails
     spec = make_spec(tmp_path / "out", name="two")
     spec["pairs"].append({"name": "broken", "base": str(demo_pair.base_dir), "finetuned": str(broken)})
     spec_file = tmp_path / "job.yaml"
@@ -37,7 +36,7 @@ def test_a_failing_pair_does_not_stop_the_others_and_a_rerun_redoes_only_it(
     assert status["counts"]["done"] == 1 and status["counts"]["failed"] == 1
     good, bad = status["pairs"]["demo"], status["pairs"]["broken"]
     assert good["state"] == "done" and store.exists(layout.manifest(good["dir"]))
-    assert bad["state"] == "failed" and "SafetensorError" in bad["error"], bad   # the cause, in one line
+    assert bad["state"] == "failed" and "ignore_mismatched_sizes" in bad["error"], bad   # the cause, in one line
     assert not store.exists(layout.manifest(bad["dir"]))
     assert status["activation_sets"][bad["finetuned_activations"]]["state"] == "failed"
     catalog = store.read_table(layout.run_catalog("two")).to_pandas()

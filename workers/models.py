@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 from common.errors import one_line
 from common.types import ModelSource
-from storage.store import LocationError, StorageOptions, Store, storage_kind
+from storage.store import LocationError, StorageError, StorageOptions, Store, shown, storage_kind
 
 
 
@@ -33,8 +34,11 @@ def location_kind(location: str) -> str:
         backend = None
     if backend not in (None, "local"):
         return backend
-    if Path(location).expanduser().is_dir():
-        return "local"
+    try:
+        if Path(location).expanduser().is_dir():
+            return "local"
+    except (OSError, ValueError):   # a name too long for a path, or holding NUL: no folder
+        return "missing"
     # A hub id is "name" or "org/name"; anything path-like that is not a folder is missing.
     if location.startswith(("/", "./", "../", "~")) or location.count("/") > 1:
         return "missing"
@@ -107,12 +111,22 @@ def read_config(source: ModelSource, storage: StorageOptions, trust_remote_code:
         raise ModelError(f"{source.model}: cannot read its config: {one_line(e, typed=False)}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{source.model}: config.json is not a JSON object")
+    if _is_folder(kind) and not trust_remote_code and config.get("auto_map") and not _known_type(config):
+        # transformers would refuse it only when a worker loads it, after Ray has started
+        raise ModelError(f"{source.model}: its model type {shown(config.get('model_type'))} needs the custom "
+                         f"code its config.json names (auto_map); set trust_remote_code: true to run it")
     if source.adapter:
         read_adapter_config(source.adapter, storage)
     config = config.get("text_config", config) if "num_hidden_layers" not in config else config
     if not isinstance(config, dict):
         raise ModelError(f"{source.model}: config.json's text_config is not a JSON object")
     return config
+
+
+def _known_type(config: dict) -> bool:
+    """transformers has the config's model_type built in (no remote code needed)."""
+    from transformers import CONFIG_MAPPING
+    return isinstance(config.get("model_type"), str) and config["model_type"] in CONFIG_MAPPING
 
 
 # Top-level files of a model folder that hold its weights; not training leftovers.
@@ -127,9 +141,66 @@ def _weight_files(location: str, storage: StorageOptions) -> list[str]:
 
 def check_weights(location: str, storage: StorageOptions) -> None:
     """A local or S3 model folder holds weights (*.safetensors, *.bin or an index file)
-    beside its config; hub ids are not checked (that would need the network)."""
-    if _is_folder(location_kind(location)) and not _weight_files(location, storage):
+    beside its config, and each safetensors file has a whole, well-formed header (a
+    truncated or garbage file is found now, not when a worker loads it); hub ids are not
+    checked (that would need the network)."""
+    if not _is_folder(location_kind(location)):
+        return
+    files = _weight_files(location, storage)
+    if not files:
         raise ModelError(f"{location}: no model weights (*.safetensors, *.bin or an index file)")
+    for name in files:
+        if name.endswith(".safetensors"):
+            safetensors_tensors(location, name, storage)
+
+
+# Bytes per element of safetensors' dtypes (its format's list).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_SAFETENSORS_HEADER = 100 * 2 ** 20   # safetensors' own limit on the JSON header
+
+
+def safetensors_tensors(location: str, name: str, storage: StorageOptions) -> dict:
+    """The tensors a safetensors file declares ({name: {dtype, shape, data_offsets}}), from
+    its header alone, checked against the file: ModelError naming the file when it is
+    truncated, its header is not the format's, or a tensor lies outside the file."""
+    where = f"{location.rstrip('/')}/{name}"
+    store = _folder(location, storage)
+    try:
+        head, size = store.read_head(name, 8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+            raise ModelError(f"{where}: not a safetensors file (truncated, or no header of the format; "
+                             f"{size} bytes)")
+        raw, _ = store.read_head(name, 8 + length)
+        header = json.loads(raw[8:])
+    except ModelError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"{where}: not a safetensors file (its header is not JSON)") from None
+    except (StorageError, OSError) as e:
+        raise ModelError(f"{where}: cannot read: {one_line(e, typed=False)}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{where}: not a safetensors file (its header is not a JSON object)")
+    data = size - 8 - length
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for tensor, info in tensors.items():
+        ok = isinstance(info, dict) and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+        if not ok:
+            raise ModelError(f"{where}: not a safetensors file (tensor {shown(tensor)} has no valid "
+                             f"dtype, shape and data_offsets)")
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= data:
+            raise ModelError(f"{where}: truncated or corrupted: tensor {shown(tensor)} lies at bytes "
+                             f"{start}..{end} of a {data}-byte data section")
+        width = _DTYPE_BYTES.get(info.get("dtype"))
+        if width is not None and end - start != width * math.prod(info["shape"]):
+            raise ModelError(f"{where}: corrupted: tensor {shown(tensor)} of shape {info['shape']} and dtype "
+                             f"{info['dtype']} takes {end - start} bytes")
+    return tensors
 
 
 def read_adapter_config(location: str, storage: StorageOptions) -> dict | None:
@@ -174,8 +245,19 @@ def read_adapter_config(location: str, storage: StorageOptions) -> dict | None:
                 or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise ModelError(f"{name}: target_modules must be a module name, a list of them or "
                              f"null, got {targets!r}")
-    if not _weight_files(location, storage):
+    files = _weight_files(location, storage)
+    if not files:
         raise ModelError(f"{location}: no adapter weights (adapter_model.safetensors or adapter_model.bin)")
+    for file in files:
+        if not file.endswith(".safetensors"):
+            continue
+        tensors = safetensors_tensors(location, file, storage)
+        if peft_type == "LORA" and not any("lora_" in t for t in tensors):
+            # e.g. a base model's weights saved under the adapter's name: it would load as
+            # an adapter that changes nothing, and every |delta| would read 0
+            raise ModelError(f"{location.rstrip('/')}/{file}: holds no LoRA tensors (lora_A / lora_B; "
+                             f"{len(tensors)} tensors such as {shown(next(iter(tensors), None))}): "
+                             f"not a LoRA adapter's weights")
     return config
 
 
