@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from workers.extraction import block_outputs
-from workers.models import decoder_layers, model_device
+from workers.models import decoder_layers, model_device, text_config
 
 
 def batches(tokenizer, texts: list[str], max_tokens: int, batch_size: int) -> list[tuple]:
@@ -59,7 +59,7 @@ def _acts(model, ids, mask, layer: int):
 def random_differences(model, groups, layer: int, count: int, seed: int) -> np.ndarray:
     """count differences of two distinct random tokens' activations (padding left out)."""
     if count == 0:
-        return np.zeros((0, model.config.hidden_size))
+        return np.zeros((0, text_config(model.config).hidden_size))
     pool = np.concatenate([_acts(model, ids, mask, layer)[mask.bool()].numpy() for ids, mask in groups])
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(pool), size=2 * count, replace=len(pool) < 2 * count)

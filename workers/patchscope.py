@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.models import core_model, decoder_layers, model_device
+from workers.models import core_model, decoder_layers, model_device, text_config
 
 ROWS_PER_FORWARD = 256
 
@@ -101,5 +101,5 @@ class Patchscope:
                 logits = self.head(hidden[rows, last])
         finally:
             handle.remove()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        cap = getattr(text_config(self.model.config), "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
