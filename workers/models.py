@@ -303,6 +303,15 @@ def decoder_layers(model):
     raise ModelError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
+def head_logits(model, hidden):
+    """The unembedding of final hidden states (after the final norm), with the model's
+    final-logit soft cap where it has one (Gemma 2), as its forward applies it."""
+    import torch
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def final_norm(model):
     core = core_model(model)
     for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
