@@ -117,6 +117,16 @@ def _stop_private_ray(grace_s: float = 5.0) -> None:
         node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
+def local_gpus() -> int:
+    """The GPUs a private local Ray would have: Ray's own detection (NVML, without touching
+    CUDA), within CUDA_VISIBLE_DEVICES."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))
+
+
 def refuse_gpuless_compute(spec: JobSpec) -> None:
     """A ClusterError, before anything is written, for a compute section that gives models
     no GPUs where the cluster has some: the Ray this process is connected to, or the local
@@ -126,8 +136,7 @@ def refuse_gpuless_compute(spec: JobSpec) -> None:
     if ray.is_initialized():
         gpus = sum(int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive"))
     elif (spec.compute.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
-        from ray._private.accelerators import get_accelerator_manager_for_resource
-        gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+        gpus = local_gpus()
     else:
         return
     refused = gpuless_refusal(spec.compute, gpus)

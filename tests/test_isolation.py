@@ -64,3 +64,23 @@ def test_gpus_are_hidden_from_actors_that_hold_none_and_gpuless_compute_is_refus
     assert lines["ERROR"] == ("ClusterError compute: the cluster has 2 GPUs and this spec gives models none: set "
                               "compute.gpu_memory_gb (the memory of one GPU, e.g. 80) or compute.gpus_per_worker")
     assert not [p for p in root.rglob("*") if p.is_file()]     # nothing written
+
+
+def test_the_demo_takes_a_share_of_a_gpu_where_there_are_some(monkeypatch):
+    """`adl demo` on a GPU machine gives each model an eighth of a GPU (a spec with none
+    would be refused there); the count is Ray's own (NVML, here a stand-in), within
+    CUDA_VISIBLE_DEVICES."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    from jobs.cli import demo_compute
+    from jobs.driver import local_gpus
+    manager = get_accelerator_manager_for_resource("GPU")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 0))
+    assert local_gpus() == 0 and demo_compute() == {"cpus_per_worker": 0.5}
+    monkeypatch.setattr(manager, "get_current_node_num_accelerators", staticmethod(lambda: 8))
+    assert local_gpus() == 8 and demo_compute() == {"cpus_per_worker": 0.5, "gpus_per_worker": 0.125}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert local_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_gpus() == 0 and demo_compute() == {"cpus_per_worker": 0.5}
