@@ -29,6 +29,14 @@ INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, Fil
 DEMO_MODELS = ("demo", "gemma-3-270m")
 
 
+def demo_compute() -> dict:
+    """The demo's compute: half a CPU per model actor, and on a machine with GPUs an
+    eighth of one (the demo's models are small), since a spec that gives models no GPUs
+    is refused where there are some (jobs/driver.refuse_gpuless_compute)."""
+    from jobs.driver import local_gpus
+    return {"cpus_per_worker": 0.5, **({"gpus_per_worker": 0.125} if local_gpus() else {})}
+
+
 def demo_spec(root: str, num_documents: int | None = None, model: str = "demo") -> dict:
     """The embedded default: the demo pair on the demo corpus, local storage, method
     defaults everywhere else. model "gemma-3-270m": the real pretrained pair
@@ -54,7 +62,7 @@ def demo_spec(root: str, num_documents: int | None = None, model: str = "demo") 
         # The demo runs on CPUs, where bf16 matmuls are ~50x slower than float32 (measured
         # by benchmarks/bench_extraction.py); the demo pair is trained in float32 anyway.
         "dtype": "float32",
-        "compute": {"cpus_per_worker": 0.5},
+        "compute": demo_compute(),
         # Generations scaled down from the method's (512 new tokens, 5 samples, 12 search
         # steps over [0, 100] with 10 samples) so the demo finishes in minutes on 2 cores;
         # the demo model breaks down well below alpha 10.
@@ -86,7 +94,7 @@ def _gemma_demo_spec(root: str, num_documents: int | None) -> dict:
         "corpus": {"kind": "demo", "num_documents": num_documents or 1000},
         "storage": {"root": root},
         "dtype": "float32",   # CPUs without native bf16 (see demo_spec)
-        "compute": {"cpus_per_worker": 0.5},
+        "compute": demo_compute(),
         # Relative depth 0.75 (block 12 of 18), not the method's 0.5: in this 270M model the
         # logit lens of delta at block 8 reads unrelated tokens, from block 12 on it reads
         # " volcano" first at positions 1..3 (measured over 200 demo documents).

@@ -27,11 +27,13 @@ from common.logs import configure as configure_logging
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
+from jobs.placement import gpuless_refusal
 from jobs.plan import Plan, PairPlan, make_plan
 from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec, SpecError
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
 from jobs.status import JobStatus
+from jobs.submit import ClusterError
 from jobs.views import Publisher, publish
 from storage import layout
 from storage.store import StorageError, Store, shown
@@ -129,6 +131,33 @@ def _stop_private_ray(grace_s: float = 5.0) -> None:
     stopper.join(grace_s)
     if stopper.is_alive() and node is not None:
         node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+def local_gpus() -> int:
+    """The GPUs a private local Ray would have: Ray's own detection (NVML, without touching
+    CUDA), within CUDA_VISIBLE_DEVICES."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))
+
+
+def refuse_gpuless_compute(spec: JobSpec) -> None:
+    """A ClusterError, before anything is written, for a compute section that gives models
+    no GPUs where the cluster has some: the Ray this process is connected to, or the local
+    machine for a private one (Ray's own GPU detection). A cluster at an address not yet
+    joined is checked when the job joins it (RayBackend)."""
+    import ray
+    if ray.is_initialized():
+        gpus = sum(int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive"))
+    elif (spec.compute.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        gpus = local_gpus()
+    else:
+        return
+    refused = gpuless_refusal(spec.compute, gpus)
+    if refused:
+        raise ClusterError(refused)
 
 
 def ensure_ray(spec: JobSpec) -> bool:
@@ -322,6 +351,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
     check_job_folder(store, spec.name)
+    refuse_gpuless_compute(spec)
     pending = pending_pairs(plan, store)
     for pair in plan.pairs:
         if pair not in pending:

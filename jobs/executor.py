@@ -23,17 +23,29 @@ import threading
 import time
 
 from common.errors import one_line
-from jobs.placement import Placement, engine_memory_utilization, placement
+from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, extract, offline_grader, run_baselines
 from jobs.status import JobStatus
+from jobs.steering import engine_need
+from jobs.submit import ClusterError
 from storage import layout
 from storage.store import Store
 
 POLL_S = 0.5        # how long the scheduler's loop waits for an event (SIGINT is seen in between)
+RELEASE_S = 60.0    # how long a released GPU actor gets to close its engine and free its cache
 
 logger = logging.getLogger("adl.executor")
+
+
+def hide_unheld_gpus() -> None:
+    """In an actor that holds no GPU, before anything touches CUDA: no GPU visible. Ray
+    sets CUDA_VISIBLE_DEVICES only for actors that hold GPUs, so one that asks for none
+    would see, and load onto, every GPU of its node outside all accounting."""
+    import ray
+    if not ray.get_gpu_ids():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @functools.cache
@@ -41,9 +53,27 @@ def _tracked_class(cls):
     """cls with a start time taken when Ray places the actor (its __init__ begins) and a
     method that reports where it runs: what the status record's actor entries show."""
     class Tracked(cls):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, _adl_gpu_share: tuple[float, bool] = (0.0, False), **kwargs):
             self._adl_started = time.time()
+            import ray
+            if ray.get_gpu_ids():
+                # Room for its share before the model loads (a released neighbour's memory
+                # may not be back yet); transformers actors capped to it.
+                from workers.gpu_memory import claim_gpu_share
+                fraction, cap = _adl_gpu_share
+                claim_gpu_share(fraction, cap=cap)
+            else:
+                hide_unheld_gpus()
             super().__init__(*args, **kwargs)
+
+        def adl_release(self) -> None:
+            """Gives back what the actor holds before it is ended: its engine (and vLLM's
+            worker processes), then cached CUDA memory."""
+            from workers.gpu_memory import release_gpu_memory
+            engine = getattr(self, "engine", None)
+            if engine is not None and hasattr(engine, "close"):
+                engine.close()
+            release_gpu_memory()
 
         def adl_placement(self) -> dict:
             import ray
@@ -85,6 +115,9 @@ class RayBackend:
         self.grader = grader                  # an LLM grader in the driver (LocalActor), or None
         self.verified = verified if verified is not None else {}   # set prefix -> {shard: digest} checked
         self.requests = ActorRequests(plan)
+        refused = gpuless_refusal(self.spec.compute, sum(n.gpus for n in self.nodes()))
+        if refused:
+            raise ClusterError(refused)
         self.baselines: dict = {}             # ModelSource -> that model's baseline results
         self.handles: dict[int, tuple] = {}   # id(handle) -> (key, handle): the live actors
         self._events: queue.Queue = queue.Queue()
@@ -102,10 +135,11 @@ class RayBackend:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         cls, args, kwargs, options = self._constructor(key)
         logger.info(f"loading {key}")
+        share = (slot.request.gpus, key.runtime == "transformers")
         handle = ray.remote(_tracked_class(cls)).options(
             num_gpus=slot.request.gpus, num_cpus=slot.request.cpus, max_restarts=3, max_task_retries=3,
             scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=True),
-            **options).remote(*args, **kwargs)
+            **options).remote(*args, _adl_gpu_share=share, **kwargs)
         self.handles[id(handle)] = (key, handle)
         self.status.actors.started(handle, key.runtime, key.label or str(key.source), slot.request.gpus)
         self.stats.loaded(key)
@@ -124,7 +158,7 @@ class RayBackend:
             return GenerationWorker, (key.source, storage), dict(
                 trust_remote_code=spec.trust_remote_code, grader=spec.grader if offline_grader(spec) else None,
                 dtype=spec.dtype,
-                max_model_len=gen.max_model_len,
+                max_model_len=gen.max_model_len, need=engine_need(spec),
                 tensor_parallel_size=placed.devices, seed=gen.seed,
                 gpu_memory_utilization=engine_memory_utilization(placed)), {}
         from workers.embedding import EmbeddingWorker
@@ -139,6 +173,14 @@ class RayBackend:
             return
         logger.info(f"releasing {key}")
         self.status.actors.ended(handle)
+        if self.requests(key).gpus > 0:
+            # Its engine and CUDA cache given back first, so the next actor on the GPU finds
+            # the memory (which it also waits for: workers/gpu_memory.py); bounded, since a
+            # stuck actor is ended all the same.
+            try:
+                ray.get(handle.adl_release.remote(), timeout=RELEASE_S)
+            except Exception as e:
+                logger.warning(f"releasing {key}: {one_line(e)}; ending it")
         ray.kill(handle)
 
     def kill_all(self) -> None:

@@ -82,3 +82,14 @@ def placement(compute, parameters: int, dtype: str, engine: bool = False,
 def engine_memory_utilization(placed: Placement) -> float:
     """vLLM's gpu_memory_utilization: an engine on a shared GPU must stay inside its share."""
     return 0.85 if placed.num_gpus == 0 or placed.num_gpus >= 1 else round(0.9 * placed.num_gpus, 4)
+
+
+def gpuless_refusal(compute, cluster_gpus: int) -> str | None:
+    """Why a compute section that gives model actors no GPUs must not run on a cluster
+    that has some (None: it may): Ray hides no GPU from an actor that asks for none
+    (Ray 2.60 leaves CUDA_VISIBLE_DEVICES unset for it), so every model would load onto
+    every GPU's memory outside all accounting, and every engine onto cuda:0."""
+    if cluster_gpus <= 0 or compute.gpu_memory_gb or compute.gpus_per_worker > 0:
+        return None
+    return (f"compute: the cluster has {cluster_gpus} GPUs and this spec gives models none: set "
+            f"compute.gpu_memory_gb (the memory of one GPU, e.g. 80) or compute.gpus_per_worker")

@@ -113,7 +113,7 @@ class Generation:
     temperature: float = 1.1
     baseline_models: tuple[str, ...] = ("finetuned", "base")
     seed: int = 0
-    max_model_len: int | None = None      # None: the model's own context length
+    max_model_len: int | None = None      # None: what the job needs (workers/engine_settings.py)
     tensor_parallel_size: int = 1
     search: SteeringSearch = SteeringSearch()
 

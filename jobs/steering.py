@@ -30,6 +30,18 @@ def steering_prompts(gen: Generation) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()] + list(gen.extra_prompts)
 
 
+def engine_need(spec: JobSpec):
+    """What a job's vLLM engines must hold (workers/engine_settings.py sizes max_model_len
+    by it): every prompt it knows, room for the agent's own, the most tokens it samples."""
+    from workers.engine_settings import FREE_PROMPT_TOKENS, EngineNeed
+    gen, agent = spec.generation, spec.agent
+    max_tokens = max(gen.max_tokens, gen.search.max_tokens)
+    if agent.enabled:
+        max_tokens = max(max_tokens, agent.ask_model.max_tokens, agent.generate_steered.max_tokens)
+    return EngineNeed(max_tokens, tuple(steering_prompts(gen)) + tuple(gen.search.prompts),
+                      FREE_PROMPT_TOKENS if agent.enabled else 0)
+
+
 # -- the strength search ----------------------------------------------------------------
 def tree_strengths(low: float, high: float, levels: int) -> list[float]:
     """The midpoints a bisection of [low, high] may visit in its next `levels` steps,

@@ -1,4 +1,5 @@
-"""The architecture matrix: every family the paper studies (Llama, Gemma 3, Qwen 3) and one
+"""The architecture matrix: every family the paper studies (Llama, Gemma 3 1B, Gemma 3 4B and
+larger as the multimodal wrapper Gemma3ForConditionalGeneration, Qwen 3) and one
 whose final norm is a LayerNorm with a bias (StableLM), each as a tiny locally built model
 (workers/architectures.py), checked against independent computations: a plain transformers
 forward, the family's norm written out here, a forward hook, PEFT.
@@ -17,7 +18,7 @@ from steering_reference import hf_greedy as reference_greedy
 from workers.demo_pair import generic_documents
 from workers.extraction import block_outputs
 from workers.lens import VARIANTS, Lens
-from workers.models import decoder_layers, final_norm
+from workers.models import decoder_layers, final_norm, text_config
 from workers.patchscope import Patchscope
 
 LAYER = 1
@@ -41,31 +42,32 @@ def documents(hf):
     return torch.tensor(ids)
 
 
-def reference_norm(name: str, model, x):
+def reference_norm(family, model, x):
     """The family's final norm, written out from its definition (not the model's module)."""
     norm = final_norm(model)
+    config = text_config(model.config)
     x = x.double()
     w = norm.weight.double()
-    if name == "stablelm":   # LayerNorm: centred, scaled, shifted by a bias
-        eps = model.config.layer_norm_eps
+    if family.norm == "layer":   # LayerNorm: centred, scaled, shifted by a bias
+        eps = config.layer_norm_eps
         centred = x - x.mean(-1, keepdim=True)
         return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * w + norm.bias.double()
-    scaled = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
-    return scaled * (1 + w) if name == "gemma3" else scaled * w   # Gemma stores w - 1
+    scaled = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+    return scaled * (1 + w) if family.norm == "gemma" else scaled * w   # Gemma stores w - 1
 
 
 def test_the_norms_are_not_the_identity(family_model, hf):
     """The builder perturbed them, so the tests below can tell a norm applied from none."""
     norm = final_norm(hf[0])
-    identity = 0.0 if family_model[0].name == "gemma3" else 1.0
+    identity = 0.0 if family_model[0].norm == "gemma" else 1.0
     assert (norm.weight - identity).abs().mean() > 0.1
-    if family_model[0].name == "stablelm":
+    if family_model[0].norm == "layer":
         assert norm.bias.abs().mean() > 0.1
 
 
 def test_extraction_equals_each_block_output(family_model, hf, documents):
     model, _ = hf
-    n = model.config.num_hidden_layers
+    n = text_config(model.config).num_hidden_layers
     with torch.no_grad():
         hidden = model(input_ids=documents, output_hidden_states=True).hidden_states
     blocks = block_outputs(model, documents, list(range(n)), truncate=False)
@@ -76,7 +78,7 @@ def test_extraction_equals_each_block_output(family_model, hf, documents):
     # HF's last hidden state is the last block's output with the final norm applied; the
     # method reads the block itself.
     last = blocks[:, n - 1]
-    np.testing.assert_allclose(reference_norm(family_model[0].name, model, last).numpy(),
+    np.testing.assert_allclose(reference_norm(family_model[0], model, last).numpy(),
                                hidden[-1].double().numpy(), atol=1e-4, rtol=0)
     assert not torch.allclose(last, hidden[-1], atol=1e-2)
 
@@ -102,20 +104,20 @@ def test_lens_applies_the_family_final_norm(family_model, hf, documents):
     model, tokenizer = hf
     with torch.no_grad():
         vectors = block_outputs(model, documents, [LAYER])[:4, 0, 3]   # 4 typical block outputs
-        vocab = model.config.vocab_size
+        vocab = text_config(model.config).vocab_size
         ids, _, probs = Lens(model).top_tokens(tokenizer, vectors.numpy(), list(VARIANTS), k=vocab)
         got = torch.zeros(len(VARIANTS), vocab, dtype=torch.float64)
         got.scatter_(1, torch.as_tensor(ids), torch.as_tensor(probs, dtype=torch.float64))
-        normed = reference_norm(family.name, model, vectors)
+        normed = reference_norm(family, model, vectors)
         sign = torch.tensor([-1.0 if v == "neg_delta" else 1.0 for v in VARIANTS], dtype=torch.float64)[:, None]
         np.testing.assert_allclose(got.numpy(), lens_probs(model, sign * normed).numpy(), atol=1e-6, rtol=0)
         # Each of these would be a different lens, so the comparison above can fail.
         assert differs(got, lens_probs(model, vectors.double()))   # no norm
-        if family.name == "gemma3":
+        if family.norm == "gemma":
             rms = vectors.double() * torch.rsqrt(vectors.double().pow(2).mean(-1, keepdim=True) + 1e-6)
             assert differs(got, lens_probs(model, rms * final_norm(model).weight.double()))   # w, not 1 + w
-        if family.name == "stablelm":
-            norm_of_negated = reference_norm(family.name, model, -vectors)
+        if family.norm == "layer":
+            norm_of_negated = reference_norm(family, model, -vectors)
             assert differs(got[1], lens_probs(model, norm_of_negated[1]))   # lm_head(norm(-v))
 
 
@@ -172,7 +174,7 @@ def vectors(hf):
     with torch.no_grad():
         hidden = model(**tokenizer(PROMPTS[0], return_tensors="pt"), output_hidden_states=True).hidden_states
     norm = hidden[LAYER + 1][0].norm(dim=-1).mean().item()
-    directions = np.random.default_rng(1).standard_normal((2, model.config.hidden_size))
+    directions = np.random.default_rng(1).standard_normal((2, text_config(model.config).hidden_size))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     return directions[0] * 4 * norm, directions[1] * 8 * norm
 
@@ -186,9 +188,23 @@ def adapter(family_model, tmp_path_factory):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     out = tmp_path_factory.mktemp(f"lora-{family.name}") / "adapter"
-    get_peft_model(base, LoraConfig(r=4, target_modules=list(family.lora_targets),
+    get_peft_model(base, LoraConfig(r=4, target_modules=family.peft_targets,
                                     init_lora_weights=False)).save_pretrained(out)
     return out
+
+
+def vllm_cannot_serve(family) -> str | None:
+    """Why vLLM cannot start this family's model on this machine (None: it can). vLLM's
+    Gemma3ForConditionalGeneration module imports transformers' Gemma 3 image processor,
+    which imports torchvision: CUDA vLLM installs it; the CPU machines here cannot (the
+    only torchvision wheels are CUDA builds, which break `import vllm`)."""
+    if family.wrapper is None:
+        return None
+    try:
+        import transformers.models.gemma3.image_processing_gemma3  # noqa: F401
+    except ImportError as e:
+        return f"vLLM cannot load {family.config_class}'s model here: {e}"
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +212,8 @@ def engine(family_model, adapter):
     pytest.importorskip("vllm")
     from workers.generation import GenerationEngine
     family, folder = family_model
+    if vllm_cannot_serve(family):
+        pytest.skip(vllm_cannot_serve(family))
     engine = GenerationEngine(str(folder), dtype="float32", max_model_len=512,
                               lora_adapter=None if family.no_vllm_lora else str(adapter))
     yield engine
@@ -245,9 +263,10 @@ def test_vllm_lora_adapter_equals_peft(family_model, engine, hf, adapter, vector
 
 
 def test_adl_run_completes_on_gemma_and_qwen(ray_cluster, make_spec, tmp_path):
-    """One job whose pairs are Gemma 3's and Qwen 3's model, each with a LoRA finetune of
-    it, through the actors and stages a job uses (Llama: the demo pair, in the other test
-    modules; StableLM is left out to keep the suite's time: about 1 min per pair here)."""
+    """One job whose pairs are Gemma 3's (1B-style and the 4B+ multimodal wrapper) and
+    Qwen 3's model, each with a LoRA finetune of it, through the actors and stages a job
+    uses (Llama: the demo pair, in the other test modules; StableLM is left out to keep
+    the suite's time: about 1 min per pair here)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -257,18 +276,19 @@ def test_adl_run_completes_on_gemma_and_qwen(ray_cluster, make_spec, tmp_path):
     from storage.tables import DIFFERENCE, LOGIT_LENS
     from workers.architectures import FAMILIES, build_family_model
     pairs = []
-    for name in ("gemma3", "qwen3"):
+    names = ("gemma3", "gemma3_mm", "qwen3")
+    for name in names:
         folder = build_family_model(name)
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        get_peft_model(base, LoraConfig(r=4, target_modules=list(FAMILIES[name].lora_targets),
+        get_peft_model(base, LoraConfig(r=4, target_modules=FAMILIES[name].peft_targets,
                                         init_lora_weights=False)).save_pretrained(tmp_path / name)
         pairs.append({"name": name, "base": str(folder), "finetuned": {"adapter": str(tmp_path / name)}})
     spec = parse_spec(make_spec(tmp_path / "store", pairs=pairs, corpus={"num_documents": 100},
                                 method={"layers": [0.5]}))
     store = Store(str(tmp_path / "store"))
     record = store.read_json(run_job(spec))
-    assert [p["name"] for p in record["pairs"]] == ["gemma3", "qwen3"]
+    assert [p["name"] for p in record["pairs"]] == list(names)
     for pair in record["pairs"]:
         lens = store.read_table(f"{pair['dir']}/{LOGIT_LENS.file}").to_pandas()
         assert len(lens) > 0 and np.isfinite(lens.probability).all()

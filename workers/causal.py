@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from workers.extraction import block_outputs
-from workers.models import decoder_layers, model_device
+from workers.models import core_model, decoder_layers, head_logits, model_device, text_config
 
 
 def batches(tokenizer, texts: list[str], max_tokens: int, batch_size: int) -> list[tuple]:
@@ -59,7 +59,7 @@ def _acts(model, ids, mask, layer: int):
 def random_differences(model, groups, layer: int, count: int, seed: int) -> np.ndarray:
     """count differences of two distinct random tokens' activations (padding left out)."""
     if count == 0:
-        return np.zeros((0, model.config.hidden_size))
+        return np.zeros((0, text_config(model.config).hidden_size))
     pool = np.concatenate([_acts(model, ids, mask, layer)[mask.bool()].numpy() for ids, mask in groups])
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(pool), size=2 * count, replace=len(pool) < 2 * count)
@@ -73,17 +73,38 @@ def coefficients(model, groups, layer: int, directions: np.ndarray) -> list[np.n
     return [(_acts(model, ids, mask, layer) @ v.T).numpy() for ids, mask in groups]
 
 
-def _nll(logits, ids):
+# Logits held at once in the loss: rows x vocabulary floats at most (a chunk of positions
+# through the unembedding, in float32, and its log-sum-exp), whatever the vocabulary.
+# Whole, a batch of 8 x 1024 tokens is 8 x 1024 x vocabulary, three times over (the
+# model's dtype, float32, the log-softmax): about 10 GB for Llama 3, 21 GB for Gemma 3.
+LOGIT_ELEMENTS = 2 ** 24   # 64 MB of float32
+
+
+def _nll(model, ids, mask):
+    """(batch, seq - 1) float64 on the CPU: the next-token NLL of each position, from the
+    body's last hidden states through the unembedding a chunk of positions at a time
+    (workers.models.head_logits: the final-logit soft cap where the model has one)."""
     import torch
-    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
-    return -logp.gather(2, ids[:, 1:, None].to(logp.device)).squeeze(-1).double().cpu()
+    device = model_device(model)
+    hidden = core_model(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               use_cache=False).last_hidden_state[:, :-1]
+    batch, positions, width = hidden.shape
+    rows, targets = hidden.reshape(-1, width), ids[:, 1:].reshape(-1)
+    step = max(1, LOGIT_ELEMENTS // text_config(model.config).vocab_size)
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    for start in range(0, rows.shape[0], step):
+        logits = head_logits(model, rows[start:start + step]).float()
+        target = targets[start:start + step].to(logits.device)
+        picked = logits.gather(1, target[:, None]).squeeze(1)
+        out[start:start + step] = (torch.logsumexp(logits, dim=-1) - picked).double().cpu()
+        del logits
+    return out.reshape(batch, positions)
 
 
 def losses(model, groups, layer: int, directions: np.ndarray, mode: str, targets: list | None,
            after_k: int) -> dict:
     """{"none": (sum, count, sum_after_k, count_after_k), "directions": [(...) per direction]}."""
     import torch
-    device = model_device(model)
     block = decoder_layers(model)[layer]
     v_all = torch.from_numpy(unit(directions))
     state = {}
@@ -101,8 +122,7 @@ def losses(model, groups, layer: int, directions: np.ndarray, mode: str, targets
 
     def sums(ids, mask):
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        nll = _nll(logits, ids)
+            nll = _nll(model, ids, mask)
         valid = mask[:, 1:].bool()
         after = valid & (torch.arange(nll.shape[1])[None, :] > after_k)
         return np.array([float(nll[valid].sum()), int(valid.sum()), float(nll[after].sum()), int(after.sum())])

@@ -45,16 +45,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
 from storage.store import StorageOptions
+from workers.engine_settings import EngineNeed, adapter_rank, check_vllm_version, engine_environment, engine_settings
 
 # Where the steering of a request travels inside vLLM's SamplingParams.extra_args.
 STEERING_KEY = "adl_steering"
@@ -100,38 +99,39 @@ class GenerationEngine:
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, lora_adapter: str | None = None, seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85,
-                 revision: str | None = None):
-        for key, value in ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+                 revision: str | None = None, need: EngineNeed | None = None):
+        """need: the job's prompts and most generated tokens, which size max_model_len
+        when it is None (workers/engine_settings.py)."""
         import torch
-        from transformers import AutoTokenizer
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for key, value in {**ENV_DEFAULTS, **engine_environment(device)}.items():
+            os.environ.setdefault(key, value)
+        import vllm
+        from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
 
+        check_vllm_version(vllm.__version__)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
         # (and binds its threads); close() gives the rest of the process both back.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
-        lora_kwargs = {}
         self._lora_request = None
         if lora_adapter is not None:
             from vllm.lora.request import LoRARequest
-            lora_kwargs = {"enable_lora": True, "max_loras": 1}
-            rank = _lora_rank(lora_adapter)
-            if rank is not None:
-                lora_kwargs["max_lora_rank"] = rank
             self._lora_request = LoRARequest("adapter", 1, lora_adapter)
         self._tokenizer = AutoTokenizer.from_pretrained(model, revision=revision,
                                                         trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code).to_dict()
+        settings = engine_settings(
+            device, config, max_model_len=max_model_len, need=need,
+            count=lambda prompt: len(self._prompt_ids(GenerationRequest(prompt))),
+            lora_rank=None if lora_adapter is None else adapter_rank(lora_adapter))
         self._llm = LLM(
-            model=model, revision=revision, tokenizer_revision=revision, dtype=dtype, max_model_len=max_model_len,
+            model=model, revision=revision, tokenizer_revision=revision, dtype=dtype,
             tensor_parallel_size=tensor_parallel_size, seed=seed,
             trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=True,  # hooks must run at every step: see the module docstring
-            # A prompt split over steps has its sampled token discarded, which rewinds its
-            # seeded generator, and CPU generators cannot rewind ("CPU Generator does not
-            # use offset"): whole prompts only, so seeded sampling works in large batches.
-            enable_chunked_prefill=False,
             worker_extension_cls=f"{SteeringWorkerExtension.__module__}.{SteeringWorkerExtension.__qualname__}",
-            **lora_kwargs,
+            **settings,
         )
         self._llm.collective_rpc("adl_install_steering")
         model_config = self._llm.llm_engine.model_config
@@ -241,24 +241,6 @@ class GenerationEngine:
         if not np.isfinite(vector).all():
             raise ValueError("steering vector has non-finite entries")
         return layer, vector
-
-
-def _lora_rank(adapter: str) -> int | None:
-    """The smallest rank vLLM accepts as `max_lora_rank` (it sizes LoRA buffers by it and
-    allows only a few values) that holds the adapter's rank; None when the adapter is not
-    a local folder (vLLM's default then applies)."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    config = Path(adapter).expanduser() / "adapter_config.json"
-    if not config.is_file():
-        return None
-    rank = int(json.loads(config.read_text())["r"])
-    allowed = [r for r in get_args(MaxLoRARanks) if r >= rank]
-    if not allowed:
-        raise ValueError(f"{adapter}: LoRA rank {rank} is above vLLM's largest ({max(get_args(MaxLoRARanks))})")
-    return min(allowed)
 
 
 def _steering_digest(layer: int, vector: np.ndarray) -> str:

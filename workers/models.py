@@ -356,22 +356,42 @@ def engine_arguments(source: ModelSource, storage: StorageOptions, trust_remote_
             "trust_remote_code": trust_remote_code}
 
 
+def text_config(config):
+    """The language model's settings of a transformers config: the config itself, or the
+    `text_config` of a multimodal wrapper (Gemma 3 4B and larger, Qwen2.5-VL), where
+    num_hidden_layers, hidden_size and vocab_size live."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def core_model(model):
-    """The transformer inside wrappers (PEFT, *ForCausalLM)."""
+    """The text transformer inside wrappers: PEFT, *ForCausalLM, and multimodal
+    *ForConditionalGeneration, whose `model` holds the vision tower beside the
+    `language_model` (Gemma3ForConditionalGeneration.model.language_model)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    return getattr(model, "model", None) or getattr(model, "transformer", None) \
+    core = getattr(model, "model", None) or getattr(model, "transformer", None) \
         or getattr(model, "gpt_neox", None) or model
+    language_model = getattr(core, "language_model", None)
+    return language_model if language_model is not None else core
 
 
 def decoder_layers(model):
-    """The ModuleList of decoder blocks: the one with config.num_hidden_layers entries."""
+    """The ModuleList of decoder blocks: the one with num_hidden_layers entries."""
     import torch
-    n = model.config.num_hidden_layers
+    n = text_config(model.config).num_hidden_layers
     for module in core_model(model).modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
     raise ModelError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+
+
+def head_logits(model, hidden):
+    """The unembedding of final hidden states (after the final norm), with the model's
+    final-logit soft cap where it has one (Gemma 2), as its forward applies it."""
+    import torch
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def final_norm(model):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.models import core_model, decoder_layers, model_device
+from workers.models import core_model, decoder_layers, head_logits, model_device
 
 ROWS_PER_FORWARD = 256
 
@@ -39,7 +39,7 @@ class Patchscope:
     def __init__(self, model):
         self.model, self.device = model, model_device(model)
         self.blocks = decoder_layers(self.model)
-        self.core, self.head = core_model(self.model), self.model.get_output_embeddings()
+        self.core = core_model(self.model)
 
     def run(self, tokenizer, vectors: np.ndarray, layers: list[int], scales: list[float], prompts: list[str],
             vocab_top: int, top_k: int):
@@ -98,8 +98,6 @@ class Patchscope:
                 # position would be rows x length x vocabulary floats.
                 hidden = self.core(input_ids=ids.to(self.device),
                                    attention_mask=mask.to(self.device)).last_hidden_state
-                logits = self.head(hidden[rows, last])
+                return head_logits(self.model, hidden[rows, last])
         finally:
             handle.remove()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits

@@ -7,7 +7,7 @@ import numpy as np
 
 from storage.store import StorageOptions
 from workers.extraction import block_outputs
-from workers.models import load_model, load_tokenizer, model_device
+from workers.models import load_model, load_tokenizer, model_device, text_config
 
 
 def token_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
@@ -32,6 +32,6 @@ def project_text(source, tokenizer_source, text: str, layer: int, directions: np
     token as text, projections)."""
     tokenizer = load_tokenizer(tokenizer_source, storage, trust_remote_code)
     model = load_model(source, dtype=dtype, storage=storage, trust_remote_code=trust_remote_code)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
     ids = token_ids(tokenizer, text, limit)
     return ids, [tokenizer.decode([i]) for i in ids], projections(model, ids, layer, directions)

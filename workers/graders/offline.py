@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from common.types import OfflineGrading
 from workers.graders.base import OFFLINE_RELEVANCE, GraderError, Judgement, candidates, failed, scale_label
+from workers.models import text_config
 
 
 class PerplexityCoherenceGrader:
@@ -56,7 +57,7 @@ class PerplexityCoherenceGrader:
                 model_dir, dtype=getattr(torch, settings.dtype or "float32")).to(device).eval().requires_grad_(False)
         self.tokenizer, self.model = tokenizer, model
         self.device = next(model.parameters()).device
-        self.rule = CoherenceRule.of(settings, getattr(self.model.config, "max_position_embeddings", None))
+        self.rule = CoherenceRule.of(settings, getattr(text_config(self.model.config), "max_position_embeddings", None))
         self.threshold, self.min_tokens, self.min_distinct_ratio, self.max_length = \
             self.rule.threshold, self.rule.min_tokens, self.rule.min_distinct_ratio, self.rule.max_length
 
