@@ -13,6 +13,7 @@ from common.logs import configure as configure_logging
 from jobs.plan import PlanError
 from jobs.project import ProjectError
 from jobs.report import ReportError
+from jobs.scheduler import SchedulingError
 from jobs.spec import SpecError, check_location, load_spec, parse_spec
 from jobs.submit import ClusterError
 from storage.store import StorageError, StorageOptions, Store
@@ -22,7 +23,7 @@ logger = logging.getLogger("adl.cli")
 
 # Errors about the user's inputs: one line and exit code 2, never a traceback.
 INPUT_ERRORS = (SpecError, PlanError, StorageError, ModelError, ReportError, FileNotFoundError,
-                ClusterError, ProjectError)
+                ClusterError, ProjectError, SchedulingError)
 
 
 DEMO_MODELS = ("demo", "gemma-3-270m")

@@ -23,6 +23,7 @@ import threading
 import time
 
 from common.errors import one_line
+from jobs import autoscale
 from jobs.placement import Placement, engine_memory_utilization, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
@@ -90,12 +91,22 @@ class RayBackend:
         self._events: queue.Queue = queue.Queue()
         self._stages = {s.name: s for s in PAIR_STAGES}
         self._pairs = {p.pair.name: p for p in plan.pairs}
+        self._node_types = autoscale.cluster_node_types()
 
     # -- the cluster and its actors -----------------------------------------------------
     def nodes(self) -> list[NodeResources]:
         import ray
         return [NodeResources(n["NodeID"], n["Resources"].get("CPU", 0.0), int(n["Resources"].get("GPU", 0)))
                 for n in ray.nodes() if n.get("Alive")]
+
+    def node_types(self):
+        return self._node_types
+
+    def want(self, requests: list[Request]) -> None:
+        if self._node_types:
+            logger.info(f"asking the cluster for room for {len(requests)} model actor(s)" if requests
+                        else "the job needs no more nodes: its request to the autoscaler is lowered to none")
+            autoscale.request(requests)
 
     def create(self, key: ModelKey, slot: Slot):
         import ray
