@@ -263,11 +263,3 @@ def test_scheduler_fails_in_one_line_when_no_node_comes_within_its_bound():
         "`ray status` and the autoscaler's log (monitor.out) say why")
     assert backend.sim.now == pytest.approx(30.0, abs=0.6) and backend.wants[-1] == []
 
-
-def test_node_types_come_from_the_launcher_config():
-    from jobs.autoscale import NodeType, node_types_from_config
-    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    config["available_node_types"]["gpu_a10g_x1"]["resources"] = {"CPU": 8, "GPU": 1}
-    types = {t.name: t for t in node_types_from_config(config)}
-    assert "head" not in types
-    assert types["gpu_a10g_x1"] == NodeType("gpu_a10g_x1", 8.0, 1, 8)
