@@ -139,7 +139,8 @@ def _spec_from_env(name: str):
         register(os.environ[n])
     if names:
         logger.info(f"forwarded by adl submit: {', '.join(names)}")
-    return parse_spec(json.loads(os.environ[name]))
+    from jobs.uploads import fetch_env
+    return parse_spec(fetch_env(json.loads(os.environ[name])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,8 +239,11 @@ def _cluster(args) -> int:
     from jobs import submit
     addr = submit.address(args.address)
     if args.command == "submit":
+        from jobs.uploads import UPLOADS_ENV, ship
         spec = load_spec(args.spec)   # bad input fails here, before anything is sent
-        print(submit.submit(spec, addr, submit.forwarded(args.env)))
+        env = submit.forwarded(args.env)
+        spec, files = ship(spec)      # local files and folders travel through the storage root
+        print(submit.submit(spec, addr, {**env, **({UPLOADS_ENV: json.dumps(files)} if files else {})}))
     elif args.command == "status":
         print(submit.status_text(args.job_id, addr))
     elif args.command == "logs":

@@ -77,7 +77,7 @@ def forwarded(names: list[str]) -> dict:
     import re
     out = {}
     for name in names:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in (SPEC_ENV, FORWARDED_ENV) \
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in (SPEC_ENV, FORWARDED_ENV, "ADL_UPLOADS") \
                 or name.startswith("RAY_"):
             raise ClusterError(f"--env {name!r}: not a variable that can be forwarded")
         if not os.environ.get(name):

@@ -383,3 +383,38 @@ def test_submit_refuses_an_unset_env_in_one_line(tmp_path, make_spec):
                          text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "adl: error: --env ADL_NOT_SET_ANYWHERE: not set in this environment"
+
+
+def test_local_files_travel_with_a_submitted_job(cluster, make_spec, demo_pair, variants, tmp_path):
+    """A spec naming a local corpus, finetune data, base folder and adapter folder: `adl
+    submit` uploads them under the storage root, and the job runs although the submitter's
+    folder is gone (renamed) once the job was sent; a second submit uploads nothing."""
+    mine = tmp_path / "laptop"
+    shutil.copytree(variants["lora"], mine / "lora")
+    shutil.copytree(demo_pair.base_dir, mine / "base")
+    shutil.copy(demo_pair.finetune_texts, mine / "corpus.jsonl")
+    shutil.copy(demo_pair.finetune_texts, mine / "finetune.jsonl")
+    spec = make_spec(tmp_path / "out", name="travel", shard_size=100,
+                     corpus={"kind": "jsonl", "path": str(mine / "corpus.jsonl"), "num_documents": 200},
+                     compute={"cpus_per_worker": 0.25, "gpus_per_worker": 1})
+    spec["pairs"] = [{"name": "lora", "base": str(mine / "base"), "finetuned": {"adapter": str(mine / "lora")},
+                      "finetune_data": str(mine / "finetune.jsonl")}]
+    job_id = submit(cluster, spec, tmp_path, "travel")
+    mine.rename(tmp_path / "renamed")   # the submitter's folder is not there any more
+    finish(cluster, job_id)
+    store = Store(str(tmp_path / "out"))
+    assert store.read_json(layout.run_status("travel"))["state"] == "done"
+    sent = store.read_json(layout.run_record("travel"))["spec"]
+    uploads = store.uri("uploads")
+    assert sent["pairs"][0]["base"]["model"].startswith(uploads)
+    assert sent["pairs"][0]["finetuned"]["adapter"].startswith(uploads)
+    # The files were read from the head's copies of the uploads.
+    assert "/uploads/" in sent["corpus"]["path"] and "/uploads/" in sent["pairs"][0]["finetune_data"]
+    assert not sent["corpus"]["path"].startswith(str(tmp_path))
+    before = sorted(store.list("uploads"))
+    assert len([k for k in before if k.endswith(".adl-upload-complete")]) == 4
+    (tmp_path / "renamed").rename(mine)
+    again = adl("submit", str(tmp_path / "travel.yaml"), "--address", cluster.address)
+    assert again.returncode == 0 and again.stderr.count("uploaded before") == 4, again.stderr
+    finish(cluster, again.stdout.strip().splitlines()[-1])
+    assert sorted(store.list("uploads")) == before
