@@ -242,6 +242,7 @@ def _cluster(args) -> int:
         from jobs.uploads import UPLOADS_ENV, ship
         spec = load_spec(args.spec)   # bad input fails here, before anything is sent
         env = submit.forwarded(args.env)
+        submit.check_storage_reach(spec.storage.root, submit.node_ips(addr), submit.this_machine())
         spec, files = ship(spec)      # local files and folders travel through the storage root
         print(submit.submit(spec, addr, {**env, **({UPLOADS_ENV: json.dumps(files)} if files else {})}))
     elif args.command == "status":

@@ -72,6 +72,44 @@ def runtime_env(spec: JobSpec, extra_env: dict | None = None) -> dict:
     return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
+def this_machine() -> set[str]:
+    """The addresses by which this machine may appear as a Ray node."""
+    import socket
+    ips = {"127.0.0.1", "localhost"}
+    try:
+        ips |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    try:
+        from ray._private.services import get_node_ip_address
+        ips.add(get_node_ip_address())
+    except Exception:
+        pass
+    return ips
+
+
+def node_ips(addr: str) -> list[str]:
+    """The cluster's alive nodes' addresses (the dashboard's state API); [] when unknown."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"{addr.rstrip('/')}/api/v0/nodes?limit=1000", timeout=10) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return []
+    return sorted(n["node_ip"] for n in nodes if n.get("state") == "ALIVE")
+
+
+def check_storage_reach(root: str, ips: list[str], here: set[str]) -> None:
+    """A local storage.root is a folder on this machine: refused when the cluster's nodes
+    are other machines (each would write its own disk, and the results would be split)."""
+    from storage.store import storage_kind
+    others = [ip for ip in ips if ip not in here]
+    if storage_kind(root) == "local" and others:
+        raise ClusterError(f"storage.root: {root} is a folder on this machine, but the cluster's "
+                           f"{len(ips)} node(s) ({', '.join(ips[:3])}{', ...' if len(ips) > 3 else ''}) are not: "
+                           f"each would write to its own disk; use s3://bucket/prefix")
+
+
 def forwarded(names: list[str]) -> dict:
     """The submitter's values of the --env names, checked before anything is sent."""
     import re

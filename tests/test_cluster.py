@@ -418,3 +418,20 @@ def test_local_files_travel_with_a_submitted_job(cluster, make_spec, demo_pair, 
     assert again.returncode == 0 and again.stderr.count("uploaded before") == 4, again.stderr
     finish(cluster, again.stdout.strip().splitlines()[-1])
     assert sorted(store.list("uploads")) == before
+
+
+def test_a_local_storage_root_is_refused_when_the_nodes_are_other_machines():
+    from jobs.submit import ClusterError, check_storage_reach
+    with pytest.raises(ClusterError) as e:
+        check_storage_reach("adl-output", ["10.0.1.5", "10.0.1.6"], {"127.0.0.1", "192.0.2.2"})
+    assert str(e.value) == ("storage.root: adl-output is a folder on this machine, but the cluster's 2 node(s) "
+                            "(10.0.1.5, 10.0.1.6) are not: each would write to its own disk; use s3://bucket/prefix")
+    check_storage_reach("s3://bucket/adl", ["10.0.1.5", "10.0.1.6"], {"127.0.0.1"})   # S3 reaches them all
+    check_storage_reach("adl-output", ["127.0.0.1", "127.0.0.1"], {"127.0.0.1"})      # one machine: one disk
+
+
+def test_the_two_loopback_nodes_are_this_machine(cluster):
+    from jobs.submit import check_storage_reach, node_ips, this_machine
+    ips = node_ips(cluster.address)
+    assert len(ips) == 2 and set(ips) <= this_machine(), ips   # both nodes run here: one disk
+    check_storage_reach("adl-output", ips, this_machine())
