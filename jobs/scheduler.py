@@ -25,6 +25,12 @@ and depending on other units. The scheduler is model-centric and never holds and
   was using it runs again (up to UNIT_ATTEMPTS times) once a new actor fits; every
   unit's writes are atomic and pure, so a second run gives what the first would have.
 
+- On a cluster that grows (its backend names the node types its autoscaler can add), work
+  must fit the cluster as it can grow; the backend is asked for room for every actor the
+  unfinished work needs (less as work ends, nothing at the end), and when nothing runs
+  and the earliest ready unit fits only nodes yet to come, the scheduler waits for them
+  up to node_wait_s, then fails the job in one line naming what never came.
+
 It knows nothing of Ray, models or storage: a Backend creates and releases actors and
 runs units. jobs/executor.py is the real one (Ray actors, a thread per unit); the
 simulation (jobs/simulation.py, benchmarks/bench_scheduler.py) runs this same code with
