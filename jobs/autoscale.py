@@ -29,6 +29,9 @@ from jobs.scheduler import NodeResources, Request
 logger = logging.getLogger("adl.autoscale")
 
 
+MAX_PLANNED = 256   # nodes of one type planned against at most (a type may have no bound)
+
+
 @dataclass(frozen=True)
 class NodeType:
     name: str
@@ -48,7 +51,7 @@ def node_types_from_config(config: dict) -> list[NodeType]:
     types = []
     for name, node in sorted((config.get("available_node_types") or {}).items()):
         resources = node.get("resources") or {}
-        count = min(int(node.get("max_workers", 0)), cap)
+        count = min(int(node.get("max_workers", 0)), cap, MAX_PLANNED)
         if name == head or count <= 0:
             continue
         types.append(NodeType(name, float(resources.get("CPU", 0)), int(resources.get("GPU", 0)), count))
@@ -64,12 +67,14 @@ def _from_gcs() -> list[NodeType] | None:
     if config is None or not config.node_group_configs:
         return None
     return [NodeType(g.name, float(g.resources.get("CPU", 0)), int(g.resources.get("GPU", 0)),
-                     g.max_count if g.max_count >= 0 else 2 ** 31)
+                     g.max_count if 0 <= g.max_count <= MAX_PLANNED else MAX_PLANNED)
             for g in config.node_group_configs if g.max_count != 0]
 
 
 def _monitor_config(session_dir: str) -> Path | None:
     """The --autoscaling-config of the autoscaler of this Ray session, when it runs here."""
+    if not os.path.isdir("/proc"):   # not Linux: no cluster head either
+        return None
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
