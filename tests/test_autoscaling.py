@@ -263,3 +263,29 @@ def test_scheduler_fails_in_one_line_when_no_node_comes_within_its_bound():
         "`ray status` and the autoscaler's log (monitor.out) say why")
     assert backend.sim.now == pytest.approx(30.0, abs=0.6) and backend.wants[-1] == []
 
+
+
+def test_node_types_from_rays_cluster_config_record(cluster):
+    """KubeRay and the v2 autoscaler write what the cluster can grow to into the GCS
+    (autoscaler_pb2.ClusterConfig): it is read first."""
+    script = f"""
+import ray
+from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY as KEY, GCS_AUTOSCALER_STATE_NAMESPACE as NS
+from ray.core.generated import autoscaler_pb2
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+ray.init(address="{cluster.address}", log_to_driver=False)
+config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+    autoscaler_pb2.NodeGroupConfig(name="h100", resources={{"CPU": 192, "GPU": 8}}, max_count=2),
+    autoscaler_pb2.NodeGroupConfig(name="unbounded", resources={{"CPU": 8, "GPU": 1}}, max_count=-1),
+    autoscaler_pb2.NodeGroupConfig(name="off", resources={{"CPU": 8}}, max_count=0)])
+_internal_kv_put(KEY, config.SerializeToString(), namespace=NS)
+try:
+    from jobs.autoscale import cluster_node_types
+    print(sorted((t.name, t.cpus, t.gpus, t.max_count) for t in cluster_node_types()))
+finally:
+    _internal_kv_del(KEY, namespace=NS)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[('h100', 192.0, 8, 2), ('unbounded', 8.0, 1, 256)]"
