@@ -17,6 +17,14 @@ _lock = threading.Lock()
 _handler: logging.Handler | None = None
 
 
+class _Masked(logging.Formatter):
+    """Registered secrets and key-like text never reach a log line (common/redact.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from common.redact import redact
+        return redact(super().format(record))
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to sys.stderr as it is at each record (a redirected or captured stderr
     included), not as it was when the handler was made."""
@@ -37,7 +45,7 @@ def configure(level: str | int | None = None) -> logging.Logger:
     with _lock:
         if _handler is None:
             _handler = _Stderr()
-            _handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+            _handler.setFormatter(_Masked(FORMAT, DATE_FORMAT))
             logger.addHandler(_handler)
             if logger.level == logging.NOTSET:
                 logger.setLevel(logging.INFO)

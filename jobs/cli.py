@@ -143,7 +143,15 @@ def _spec_from_env(name: str):
     the job's environment."""
     if not os.environ.get(name):
         raise SpecError(f"${name}: not set (adl submit sets it for the cluster's entrypoint)")
-    return parse_spec(json.loads(os.environ[name]))
+    from common.redact import register
+    from jobs.submit import FORWARDED_ENV
+    names = [n for n in os.environ.get(FORWARDED_ENV, "").split(",") if os.environ.get(n)]
+    for n in names:   # masked in every log line and error of this job from now on
+        register(os.environ[n])
+    if names:
+        logger.info(f"forwarded by adl submit: {', '.join(names)}")
+    from jobs.uploads import fetch_env
+    return parse_spec(fetch_env(json.loads(os.environ[name])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p_submit = sub.add_parser("submit", help="submit a job spec to a running Ray cluster; prints the job id")
     p_submit.add_argument("spec", help="job spec (YAML)")
     p_submit.add_argument("--address", default=None, help=address_help)
+    p_submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                          help="forward this environment variable's value to the job (repeatable), "
+                               "e.g. HF_TOKEN; masked in its logs and errors")
     p_status = sub.add_parser("status", help="a submitted job's state and progress")
     p_logs = sub.add_parser("logs", help="a submitted job's logs")
     p_logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
@@ -242,8 +253,12 @@ def _cluster(args) -> int:
     from jobs import submit
     addr = submit.address(args.address)
     if args.command == "submit":
+        from jobs.uploads import UPLOADS_ENV, ship
         spec = load_spec(args.spec)   # bad input fails here, before anything is sent
-        print(submit.submit(spec, addr))
+        env = submit.forwarded(args.env)
+        submit.check_storage_reach(spec.storage.root, submit.node_ips(addr), submit.this_machine())
+        spec, files = ship(spec)      # local files and folders travel through the storage root
+        print(submit.submit(spec, addr, {**env, **({UPLOADS_ENV: json.dumps(files)} if files else {})}))
     elif args.command == "status":
         print(submit.status_text(args.job_id, addr))
     elif args.command == "logs":

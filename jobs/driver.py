@@ -391,7 +391,8 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                     _stop_on_sigterm()
                     backend = RayBackend(plan, store, status, stats, grader=_llm_grader(spec), verified=verified)
                     scheduler = Scheduler(units, backend.requests, backend,
-                                          _on_change(plan, units, store, status, stats, leases, publisher.request))
+                                          _on_change(plan, units, store, status, stats, leases, publisher.request),
+                                          node_wait_s=60 * spec.compute.node_wait_minutes)
                     try:
                         scheduler.run()
                     finally:

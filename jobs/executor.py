@@ -23,6 +23,7 @@ import threading
 import time
 
 from common.errors import one_line
+from jobs import autoscale
 from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
@@ -55,6 +56,7 @@ def _tracked_class(cls):
     class Tracked(cls):
         def __init__(self, *args, _adl_gpu_share: tuple[float, bool] = (0.0, False), **kwargs):
             self._adl_started = time.time()
+            self._adl_warnings = _WarningsKept()   # before the load: its warnings too
             import ray
             if ray.get_gpu_ids():
                 # Room for its share before the model loads (a released neighbour's memory
@@ -75,6 +77,9 @@ def _tracked_class(cls):
                 engine.close()
             release_gpu_memory()
 
+        def adl_warnings(self) -> list[str]:
+            return self._adl_warnings.take()
+
         def adl_placement(self) -> dict:
             import ray
             return {"node_id": ray.get_runtime_context().get_node_id(),
@@ -83,6 +88,37 @@ def _tracked_class(cls):
 
     Tracked.__name__, Tracked.__qualname__, Tracked.__doc__ = cls.__name__, cls.__qualname__, cls.__doc__
     return Tracked
+
+
+class _WarningsKept(logging.Handler):
+    """An actor's warnings (its own, vLLM's, transformers', Python's `warnings`), kept for
+    the driver's log: the actors' output does not reach it (ray.init(log_to_driver=False):
+    vLLM's progress would flood it). Each distinct first line once, with its count."""
+    LOGGERS = ("", "vllm", "transformers", "py.warnings")   # vllm and transformers do not propagate
+    MAX = 50
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.kept: dict[str, int] = {}
+        self._guard = threading.Lock()
+        logging.captureWarnings(True)
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            lines = record.getMessage().strip().splitlines() or [""]
+        except Exception:
+            return
+        line = f"{record.levelname.lower()}: {lines[0][:300]}"
+        with self._guard:
+            if line in self.kept or len(self.kept) < self.MAX:
+                self.kept[line] = self.kept.get(line, 0) + 1
+
+    def take(self) -> list[str]:
+        with self._guard:
+            kept, self.kept = self.kept, {}
+        return [line + (f" (x{n})" if n > 1 else "") for line, n in kept.items()]
 
 
 class ActorRequests:
@@ -123,12 +159,22 @@ class RayBackend:
         self._events: queue.Queue = queue.Queue()
         self._stages = {s.name: s for s in PAIR_STAGES}
         self._pairs = {p.pair.name: p for p in plan.pairs}
+        self._node_types = autoscale.cluster_node_types()
 
     # -- the cluster and its actors -----------------------------------------------------
     def nodes(self) -> list[NodeResources]:
         import ray
         return [NodeResources(n["NodeID"], n["Resources"].get("CPU", 0.0), int(n["Resources"].get("GPU", 0)))
                 for n in ray.nodes() if n.get("Alive")]
+
+    def node_types(self):
+        return self._node_types
+
+    def want(self, requests: list[Request]) -> None:
+        if self._node_types:
+            logger.info(f"asking the cluster for room for {len(requests)} model actor(s)" if requests
+                        else "the job needs no more nodes: its request to the autoscaler is lowered to none")
+            autoscale.request(requests)
 
     def create(self, key: ModelKey, slot: Slot):
         import ray
@@ -171,6 +217,7 @@ class RayBackend:
             ray.kill(handle, no_restart=True)
             self.status.actors.ended(handle)
             return
+        self._log_warnings(key, handle, timeout=10)
         logger.info(f"releasing {key}")
         self.status.actors.ended(handle)
         if self.requests(key).gpus > 0:
@@ -182,6 +229,17 @@ class RayBackend:
             except Exception as e:
                 logger.warning(f"releasing {key}: {one_line(e)}; ending it")
         ray.kill(handle)
+
+    def _log_warnings(self, key: ModelKey, handle, timeout: float) -> None:
+        """The actor's warnings since the last look, one line each (idle or not: a busy
+        actor's are left for later)."""
+        import ray
+        try:
+            warnings = ray.get(handle.adl_warnings.remote(), timeout=timeout)
+        except Exception:   # busy, or gone: its error, if any, is the unit's
+            return
+        for line in warnings:
+            logger.info(f"{key}: {line}")
 
     def kill_all(self) -> None:
         """Ends every live actor at once (an interrupted job): no last placement report."""
@@ -226,12 +284,30 @@ class RayBackend:
             error = one_line(e)
             if unit.kind == "extract":
                 error = f"activations {unit.subject.name} failed: {error}"
+            self._trace(unit, e, error, actors)
         finally:
             seconds = time.time() - start
             if error is None:
                 logger.info(f"{unit.name}: done in {seconds:.1f} s")
             self.status.unit_ended(unit.name, unit.kind, seconds, error)
             self._events.put((unit, error))
+
+    def _trace(self, unit: Unit, e: BaseException, error: str, actors: dict) -> None:
+        """A failed unit: one line in the log, its whole trace (the actor's, for an actor's
+        error: Ray carries it) in the run's folder, and its actors' warnings."""
+        import traceback
+        from common.redact import redact
+        if isinstance(e, KeyboardInterrupt):
+            return
+        key = layout.run_trace(self.spec.name, unit.name, unit.attempts)
+        try:
+            self.store.write_bytes(key, redact("".join(traceback.format_exception(e))).encode())
+            where = f" (full trace: {self.store.uri(key)})"
+        except Exception:
+            where = ""
+        logger.info(f"{unit.name} failed: {error}{where}")
+        for model, handle in actors.items():
+            self._log_warnings(model, handle, timeout=2)
 
     def _stage(self, unit: Unit, actors: dict) -> None:
         """A pair's stage, then its marker: the digests of every file it wrote in the

@@ -25,6 +25,12 @@ and depending on other units. The scheduler is model-centric and never holds and
   was using it runs again (up to UNIT_ATTEMPTS times) once a new actor fits; every
   unit's writes are atomic and pure, so a second run gives what the first would have.
 
+- On a cluster that grows (its backend names the node types its autoscaler can add), work
+  must fit the cluster as it can grow; the backend is asked for room for every actor the
+  unfinished work needs (less as work ends, nothing at the end), and when nothing runs
+  and the earliest ready unit fits only nodes yet to come, the scheduler waits for them
+  up to node_wait_s, then fails the job in one line naming what never came.
+
 It knows nothing of Ray, models or storage: a Backend creates and releases actors and
 runs units. jobs/executor.py is the real one (Ray actors, a thread per unit); the
 simulation (jobs/simulation.py, benchmarks/bench_scheduler.py) runs this same code with
@@ -33,6 +39,7 @@ simulated actors and times.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -168,6 +175,10 @@ class Backend(Protocol):
     def wait(self) -> list[tuple[Unit, str | None]]:
         """Units that ended since the last call, with their error (None: done); may
         return nothing (a timeout), and then the scheduler looks again."""
+    # Optional, for a cluster that grows (jobs/autoscale.py):
+    # def node_types(self) -> list | None: node types it can add (.template(i) -> NodeResources,
+    #                                         .max_count), None for a fixed cluster
+    # def want(self, requests: list[Request]) -> None: room for these actors, asked of the cluster
 
 
 class SchedulingError(RuntimeError):
@@ -176,10 +187,17 @@ class SchedulingError(RuntimeError):
 
 class Scheduler:
     def __init__(self, units: list[Unit], request_of: Callable[[ModelKey], Request], backend: Backend,
-                 on_change: Callable[[Unit], None] = lambda u: None):
+                 on_change: Callable[[Unit], None] = lambda u: None, node_wait_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.units = list(units)
         self.request_of, self.backend, self.on_change = request_of, backend, on_change
         self.cluster = Cluster(backend.nodes())
+        # A cluster that grows: the nodes it can add, and how long to wait for one.
+        types = getattr(backend, "node_types", lambda: None)()
+        self.growth = [t.template(i) for t in types or () for i in range(t.max_count)]
+        self.node_wait_s, self._now = node_wait_s, clock
+        self._waiting_since: float | None = None
+        self._wanted: list | None = None
         self.live: dict[ModelKey, LiveActor] = {}
         self.loads: Counter = Counter()          # ModelKey -> loads
         self.reloads: list[tuple[ModelKey, str]] = []
@@ -353,8 +371,9 @@ class Scheduler:
         self.on_change(unit)
 
     def check_feasible(self) -> None:
-        """Every unit's actors must fit together on the cluster as it is now."""
-        totals = Cluster(self.backend.nodes())
+        """Every unit's actors must fit together on the cluster as it is now, or as it can
+        grow (the nodes its autoscaler can add)."""
+        totals = self._grown()
         for unit in self.units:
             trial = totals.copy()
             if not all(trial.take(self.request_of(k)) is not None for k in dict.fromkeys(unit.needs)):
@@ -365,24 +384,88 @@ class Scheduler:
                     f"(compute.cpus_per_worker, compute.gpus_per_worker, or compute.gpu_memory_gb "
                     f"so that models share a GPU)")
 
+    def _grown(self) -> Cluster:
+        return Cluster(self.backend.nodes() + self.growth)
+
+    def _fits(self, cluster: Cluster, unit: Unit) -> bool:
+        trial = cluster.copy()
+        return all(trial.take(self.request_of(k)) is not None for k in dict.fromkeys(unit.needs))
+
+    def _want(self, final: bool = False) -> None:
+        """Asks the cluster for room for every actor that unfinished work needs (the plan's
+        peak at first, less as work ends, nothing at the end), when that changes."""
+        want = getattr(self.backend, "want", None)
+        if want is None or not self.growth:
+            return
+        keys = [] if final else sorted({k for u in self.units if u.state in ("waiting", "running")
+                                        for k in u.needs}, key=str)
+        if keys != self._wanted:
+            self._wanted = keys
+            want([self.request_of(k) for k in keys])
+
+    def _wait_for_nodes(self, ready: list[Unit]) -> bool:
+        """Nothing runs and the earliest ready unit fits only nodes the cluster can still
+        add: True while within node_wait_s (a log line every minute); then a one-line error."""
+        unit = ready[0]
+        if not self.growth or not self._fits(self._grown(), unit):
+            return False
+        now = self._now()
+        if self._waiting_since is None:
+            self._waiting_since, self._last_note = now, now
+            logger.info(f"waiting for the cluster to add a node for {unit.name} "
+                        f"({_requests(self.request_of, unit)}), up to {self.node_wait_s:g} s")
+        waited = now - self._waiting_since
+        if waited >= self.node_wait_s:
+            raise SchedulingError(
+                f"compute: no node with room for {unit.name} ({_requests(self.request_of, unit)}) joined the "
+                f"cluster in {waited:.0f} s (compute.node_wait_minutes); it has {_describe(self.cluster)} and "
+                f"can add {_describe(Cluster(self.growth))}; `ray status` and the autoscaler's log "
+                f"(monitor.out) say why")
+        if now - self._last_note >= 60:
+            self._last_note = now
+            logger.info(f"still waiting for a node for {unit.name}: {waited / 60:.0f} min of "
+                        f"{self.node_wait_s / 60:g}; the cluster has {_describe(self.cluster)}")
+        return True
+
     def run(self) -> None:
         self.check_feasible()
+        try:
+            self._run()
+        finally:
+            self._want(final=True)
+
+    def _run(self) -> None:
         while any(u.state in ("waiting", "running") for u in self.units):
+            self._want()
             self.step()
             if not any(u.state == "running" for u in self.units):
+                ready = sorted(self._ready(), key=lambda u: self._order[id(u)])
+                if ready and self._wait_for_nodes(ready):
+                    self.backend.wait()   # a pause, then the nodes are looked at again
+                    continue
                 # Nothing runs, so every live actor was idle and could have made room: a
                 # ready unit that did not start cannot fit the cluster as it is now (nodes
-                # left). It fails rather than waits for ever.
+                # left), nor as it can grow. It fails rather than waits for ever.
                 for unit in self._ready():
                     self.finished(unit, f"{unit.name}: its actors no longer fit the cluster "
                                         f"({_describe(self.cluster)})")
                 self._fail_orphans()
                 continue
+            self._waiting_since = None
             for unit, error in self.backend.wait():
                 self.finished(unit, error)
         self._release_unneeded()
         for key in sorted(self.live, key=str):
             self._release(key, "the job ended")
+
+
+def _requests(request_of, unit: Unit) -> str:
+    """The resources a unit's actors ask for, e.g. '1 CPU + 4 GPUs, 1 CPU + 0.5 GPUs'."""
+    parts = []
+    for key in dict.fromkeys(unit.needs):
+        r = request_of(key)
+        parts.append(f"{r.counted_cpus:g} CPU" + (f" + {r.gpus:g} GPU" if r.gpus else ""))
+    return ", ".join(parts)
 
 
 def _describe(cluster: Cluster) -> str:

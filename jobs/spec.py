@@ -82,6 +82,8 @@ class Compute:
     ray_address: str | None = None    # None: an embedded local Ray
     gpu_memory_gb: float | None = None    # memory of one GPU: set, model actors get GPUs by
                                           # their estimated memory (jobs/placement.py)
+    node_wait_minutes: float = 30         # on an autoscaling cluster: how long to wait for a
+                                          # node the job asked for (jobs/autoscale.py)
 
 
 # The three prompts whose steering thresholds are averaged (adl-method.md, "Steering").
@@ -690,8 +692,9 @@ def parse_spec(raw: Any, base_dir: Path | None = None) -> JobSpec:
     check_location(storage.root, "storage.root", "storage")
     compute = _build(Compute, data.get("compute"), "compute",
                      {"gpus_per_worker": "number", "cpus_per_worker": "number",
-                      "ray_address": "str", "gpu_memory_gb": "number"},
+                      "ray_address": "str", "gpu_memory_gb": "number", "node_wait_minutes": "number"},
                      [("gpu_memory_gb", lambda v: v is None or v > 0, "must be > 0"),
+                      ("node_wait_minutes", lambda v: v >= 0, "must be >= 0"),
                       ("gpus_per_worker", lambda v: v >= 0, "must be >= 0"),
                       ("cpus_per_worker", lambda v: v >= 0, "must be >= 0")])
     generation, analyses, agent = _generation(data.get("generation")), _analyses(data.get("analyses")), \

@@ -6,6 +6,12 @@ ADL_JOB_SPEC`, with a runtime environment carrying this project (its folder, wit
 virtual environments, outputs, caches or git) and the validated spec (relative paths
 already resolved) as an environment variable. The entrypoint joins the cluster through
 the RAY_ADDRESS that Ray sets for it (driver.ensure_ray).
+
+`--env NAME` forwards the submitter's value of NAME (HF_TOKEN, a grader's key) in the same
+runtime environment, which every process of the job inherits; FORWARDED_ENV names them, so
+that the job masks their values in every log line and error (common/redact.py). Ray keeps
+a runtime environment in its job table: the dashboard and `ray job list` show it to whoever
+can reach the cluster's dashboard (README: "Secrets").
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from storage import layout
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SPEC_ENV = "ADL_JOB_SPEC"
+FORWARDED_ENV = "ADL_FORWARDED_ENV"    # the names --env forwarded, comma-separated
 # Never shipped to the cluster: environments, outputs, caches, version control.
 EXCLUDES = [".venv", "venv", ".git", "adl-output", "__pycache__", "*.pyc", ".pytest_cache",
             "*.egg-info", "build", "dist", ".mypy_cache", ".ruff_cache"]
@@ -63,6 +70,60 @@ def runtime_env(spec: JobSpec, extra_env: dict | None = None) -> dict:
     env_vars = {SPEC_ENV: json.dumps(spec.to_dict()), "PYTHONUNBUFFERED": "1",
                 **{k: v for k, v in (extra_env or {}).items()}}
     return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars}
+
+
+def this_machine() -> set[str]:
+    """The addresses by which this machine may appear as a Ray node."""
+    import socket
+    ips = {"127.0.0.1", "localhost"}
+    try:
+        ips |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    try:
+        from ray._private.services import get_node_ip_address
+        ips.add(get_node_ip_address())
+    except Exception:
+        pass
+    return ips
+
+
+def node_ips(addr: str) -> list[str]:
+    """The cluster's alive nodes' addresses (the dashboard's state API); [] when unknown."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"{addr.rstrip('/')}/api/v0/nodes?limit=1000", timeout=10) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return []
+    return sorted(n["node_ip"] for n in nodes if n.get("state") == "ALIVE")
+
+
+def check_storage_reach(root: str, ips: list[str], here: set[str]) -> None:
+    """A local storage.root is a folder on this machine: refused when the cluster's nodes
+    are other machines (each would write its own disk, and the results would be split)."""
+    from storage.store import storage_kind
+    others = [ip for ip in ips if ip not in here]
+    if storage_kind(root) == "local" and others:
+        raise ClusterError(f"storage.root: {root} is a folder on this machine, but the cluster's "
+                           f"{len(ips)} node(s) ({', '.join(ips[:3])}{', ...' if len(ips) > 3 else ''}) are not: "
+                           f"each would write to its own disk; use s3://bucket/prefix")
+
+
+def forwarded(names: list[str]) -> dict:
+    """The submitter's values of the --env names, checked before anything is sent."""
+    import re
+    out = {}
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in (SPEC_ENV, FORWARDED_ENV, "ADL_UPLOADS") \
+                or name.startswith("RAY_"):
+            raise ClusterError(f"--env {name!r}: not a variable that can be forwarded")
+        if not os.environ.get(name):
+            raise ClusterError(f"--env {name}: not set in this environment")
+        out[name] = os.environ[name]
+    if out:
+        out[FORWARDED_ENV] = ",".join(out)
+    return out
 
 
 def submit(spec: JobSpec, addr: str, extra_env: dict | None = None) -> str:

@@ -120,6 +120,11 @@ def run_status(job_name: str) -> str:
     return f"{run_dir(job_name)}/status.json"
 
 
+def run_trace(job_name: str, unit: str, attempt: int = 1) -> str:
+    """The full trace of a unit of work that failed (the log has its one line)."""
+    return f"runs/{slug(job_name)}/traces/{slug(unit)}-{attempt}.txt"
+
+
 def run_catalog(job_name: str) -> str:
     return f"{run_dir(job_name)}/{CATALOG.file}"
 

@@ -37,7 +37,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -445,23 +444,6 @@ class Store:
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
             self.delete(key)
-
-    def download_prefix(self, prefix: str, dest: Path) -> None:
-        """Copy every file under prefix into the local folder dest (atomically, as a whole)."""
-        dest = Path(dest)
-        tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex}")
-        tmp.mkdir(parents=True)
-        keys = self.list(prefix)
-        if not keys:
-            raise StorageError(f"no files under {self.uri(prefix)}")
-        for key in keys:
-            target = tmp / key[len(prefix.strip("/")):].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read_bytes(key))
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another process finished the same download first
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_file(out: str, data: bytes, options: StorageOptions | None, signature: bytes, what: str) -> str:

@@ -337,3 +337,101 @@ def test_killing_a_node_mid_job_gives_identical_results(cluster, finished_job, m
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key].equals(expected[key]), key
+
+
+def test_forwarded_secrets_reach_the_job_and_show_nowhere(cluster, make_spec, tmp_path):
+    """`adl submit --env` forwards a planted HF_TOKEN and grader key: the job's driver has
+    them, and their values are nowhere under the storage root, in the job's logs, in what
+    `adl status` prints, nor in the Ray job's entrypoint and metadata."""
+    planted = {"HF_TOKEN": "hf_PlantedToken" + os.urandom(6).hex(),
+               "ADL_TEST_GRADER_KEY": "grader-planted-" + os.urandom(6).hex()}
+    spec = make_spec(tmp_path / "out", name="secrets", compute={"cpus_per_worker": 0.25, "gpus_per_worker": 1})
+    spec_file = tmp_path / "secrets.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO), **planted}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.cli", *a], cwd=REPO, capture_output=True,
+                                    text=True, env=env, timeout=120)
+    sent = run("submit", str(spec_file), "--address", cluster.address, "--env", "HF_TOKEN",
+               "--env", "ADL_TEST_GRADER_KEY")
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.strip().splitlines()[-1]
+    finish(cluster, job_id)
+    logs = run("logs", job_id, "--address", cluster.address).stdout
+    assert "forwarded by adl submit: HF_TOKEN, ADL_TEST_GRADER_KEY" in logs   # they arrived, set
+    shown = run("status", job_id, "--address", cluster.address).stdout
+    assert "SUCCEEDED" in shown
+    from ray.job_submission import JobSubmissionClient
+    info = JobSubmissionClient(cluster.address).get_job_info(job_id)
+    where = {"logs": logs, "status": shown, "entrypoint": info.entrypoint, "metadata": json.dumps(info.metadata),
+             "message": str(info.message)}
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            where[str(path)] = path.read_bytes().decode("latin-1")
+    assert len(where) > 10
+    for name, value in planted.items():
+        assert not [k for k, text in where.items() if value in text], name
+    # What Ray keeps (README: "Secrets"): the runtime environment holds them, for the job's processes.
+    assert info.runtime_env["env_vars"]["HF_TOKEN"] == planted["HF_TOKEN"]
+
+
+def test_submit_refuses_an_unset_env_in_one_line(tmp_path, make_spec):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec(tmp_path / "out")))
+    env = {k: v for k, v in os.environ.items() if k != "ADL_NOT_SET_ANYWHERE"}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", str(spec_file), "--env", "ADL_NOT_SET_ANYWHERE",
+                          "--address", f"http://127.0.0.1:{_free_port()}"], cwd=REPO, capture_output=True,
+                         text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "adl: error: --env ADL_NOT_SET_ANYWHERE: not set in this environment"
+
+
+def test_local_files_travel_with_a_submitted_job(cluster, make_spec, demo_pair, variants, tmp_path):
+    """A spec naming a local corpus, finetune data, base folder and adapter folder: `adl
+    submit` uploads them under the storage root, and the job runs although the submitter's
+    folder is gone (renamed) once the job was sent; a second submit uploads nothing."""
+    mine = tmp_path / "laptop"
+    shutil.copytree(variants["lora"], mine / "lora")
+    shutil.copytree(demo_pair.base_dir, mine / "base")
+    shutil.copy(demo_pair.finetune_texts, mine / "corpus.jsonl")
+    shutil.copy(demo_pair.finetune_texts, mine / "finetune.jsonl")
+    spec = make_spec(tmp_path / "out", name="travel", shard_size=100,
+                     corpus={"kind": "jsonl", "path": str(mine / "corpus.jsonl"), "num_documents": 200},
+                     compute={"cpus_per_worker": 0.25, "gpus_per_worker": 1})
+    spec["pairs"] = [{"name": "lora", "base": str(mine / "base"), "finetuned": {"adapter": str(mine / "lora")},
+                      "finetune_data": str(mine / "finetune.jsonl")}]
+    job_id = submit(cluster, spec, tmp_path, "travel")
+    mine.rename(tmp_path / "renamed")   # the submitter's folder is not there any more
+    finish(cluster, job_id)
+    store = Store(str(tmp_path / "out"))
+    assert store.read_json(layout.run_status("travel"))["state"] == "done"
+    sent = store.read_json(layout.run_record("travel"))["spec"]
+    uploads = store.uri("uploads")
+    assert sent["pairs"][0]["base"]["model"].startswith(uploads)
+    assert sent["pairs"][0]["finetuned"]["adapter"].startswith(uploads)
+    # The files were read from the head's copies of the uploads.
+    assert "/uploads/" in sent["corpus"]["path"] and "/uploads/" in sent["pairs"][0]["finetune_data"]
+    assert not sent["corpus"]["path"].startswith(str(tmp_path))
+    before = sorted(store.list("uploads"))
+    assert len([k for k in before if k.endswith(".adl-upload-complete")]) == 4
+    (tmp_path / "renamed").rename(mine)
+    again = adl("submit", str(tmp_path / "travel.yaml"), "--address", cluster.address)
+    assert again.returncode == 0 and again.stderr.count("uploaded before") == 4, again.stderr
+    finish(cluster, again.stdout.strip().splitlines()[-1])
+    assert sorted(store.list("uploads")) == before
+
+
+def test_a_local_storage_root_is_refused_when_the_nodes_are_other_machines():
+    from jobs.submit import ClusterError, check_storage_reach
+    with pytest.raises(ClusterError) as e:
+        check_storage_reach("adl-output", ["10.0.1.5", "10.0.1.6"], {"127.0.0.1", "192.0.2.2"})
+    assert str(e.value) == ("storage.root: adl-output is a folder on this machine, but the cluster's 2 node(s) "
+                            "(10.0.1.5, 10.0.1.6) are not: each would write to its own disk; use s3://bucket/prefix")
+    check_storage_reach("s3://bucket/adl", ["10.0.1.5", "10.0.1.6"], {"127.0.0.1"})   # S3 reaches them all
+    check_storage_reach("adl-output", ["127.0.0.1", "127.0.0.1"], {"127.0.0.1"})      # one machine: one disk
+
+
+def test_the_two_loopback_nodes_are_this_machine(cluster):
+    from jobs.submit import check_storage_reach, node_ips, this_machine
+    ips = node_ips(cluster.address)
+    assert len(ips) == 2 and set(ips) <= this_machine(), ips   # both nodes run here: one disk
+    check_storage_reach("adl-output", ips, this_machine())

@@ -27,3 +27,15 @@ def test_child_loggers_write_through_the_configured_handler(capsys):
         adl.setLevel(level)
     err = capsys.readouterr().err
     assert re.fullmatch(f"{LINE}storage: a retry\n{LINE}a warning\n", err), err
+
+
+def test_a_registered_secret_never_reaches_a_log_line(capsys):
+    from common.redact import register
+    configure()
+    secret = "hf_" + "x7Q2planted" * 2
+    logging.getLogger("adl.driver").info(f"a model answered 401 to {secret}")
+    assert secret in capsys.readouterr().err   # not registered yet: the test can fail
+    register(secret)   # what `adl run --spec-env` does for each name adl submit --env forwarded
+    logging.getLogger("adl.driver").info(f"a model answered 401 to {secret}")
+    err = capsys.readouterr().err
+    assert secret not in err and err.endswith("a model answered 401 to ***\n"), err

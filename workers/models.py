@@ -77,17 +77,31 @@ def location_identity(location: str, revision: str | None, storage: StorageOptio
     return {kind: store.uri(), "files": digest}
 
 
-def materialize(location: str, storage: StorageOptions) -> str:
+# Files of a model folder that only the weights need (a tokenizer reads none of them).
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
+
+
+def materialize(location: str, storage: StorageOptions, tokenizer_only: bool = False) -> str:
     """Something from_pretrained accepts: local folders and hub ids as they are, S3
-    prefixes downloaded once into the local cache (keyed by their listing)."""
+    prefixes downloaded once per node into the local cache (keyed by their listing;
+    workers/model_cache.py). tokenizer_only: every file but the weights."""
     kind = location_kind(location)
     if not _remote(kind):
         return str(Path(location).expanduser()) if kind == "local" else location
-    ident = location_identity(location, None, storage)
+    from workers.model_cache import fetch
+    store = _folder(location, storage)
+    listing = store.listing()
+    if not listing:
+        raise ModelError(f"{location}: no files there")
+    ident = {kind: store.uri(), "files": hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}
     dest = cache_dir() / "models" / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
-    if not dest.is_dir():
-        _folder(location, storage).download_prefix("", dest)
-    return str(dest)
+    files = [(key, size) for key, size, _ in listing]
+    if tokenizer_only:
+        if dest.is_dir():   # the whole model is here already
+            return str(dest)
+        files = [(key, size) for key, size in files if not key.endswith(WEIGHT_FILES)]
+        dest = dest.with_name(dest.name + "-tokenizer")
+    return str(fetch(store, files, dest, location + (" (tokenizer files)" if tokenizer_only else "")))
 
 
 def read_config(source: ModelSource, storage: StorageOptions, trust_remote_code: bool) -> dict:
@@ -328,7 +342,8 @@ def model_device(model):
 
 def load_tokenizer(source: ModelSource, storage: StorageOptions, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(materialize(source.model, storage), revision=source.revision,
+    return AutoTokenizer.from_pretrained(materialize(source.model, storage, tokenizer_only=True),
+                                         revision=source.revision,
                                          trust_remote_code=trust_remote_code)
 
 
