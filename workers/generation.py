@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +83,7 @@ class GenerationRequest:
     max_tokens: int = 128
     seed: int | None = None
     steering: Steering | None = None
+    adapter: str | None = None  # one of the engine's LoRA adapters (its folder); None: as generate() says
 
 
 @dataclass(frozen=True)
@@ -100,25 +99,30 @@ class GenerationEngine:
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, lora_adapter: str | None = None, seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85,
-                 revision: str | None = None):
+                 revision: str | None = None, lora_adapters: tuple[str, ...] = (), max_loras: int | None = None):
+        """lora_adapter: the adapter that requests without one of their own run with (an
+        adapter model's engine); lora_adapters: every other adapter folder of this base
+        that requests may name (GenerationRequest.adapter), batched with the base's
+        requests and each other; max_loras: how many distinct adapters one batch may hold
+        (default: all)."""
         for key, value in ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         import torch
         from transformers import AutoTokenizer
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        from workers.lora import adapts_logits, engine_lora_settings
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
         # (and binds its threads); close() gives the rest of the process both back.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
-        lora_kwargs = {}
-        self._lora_request = None
-        if lora_adapter is not None:
-            from vllm.lora.request import LoRARequest
-            lora_kwargs = {"enable_lora": True, "max_loras": 1}
-            rank = _lora_rank(lora_adapter)
-            if rank is not None:
-                lora_kwargs["max_lora_rank"] = rank
-            self._lora_request = LoRARequest("adapter", 1, lora_adapter)
+        adapters = list(dict.fromkeys(([lora_adapter] if lora_adapter else []) + list(lora_adapters)))
+        lora_kwargs = engine_lora_settings(adapters, max_loras)
+        self._scores_wrongly = adapts_logits(lora_kwargs)
+        # vLLM tells adapters apart by a positive integer id; the name is for its logs.
+        self._loras = {path: LoRARequest(f"adapter{i + 1}", i + 1, path) for i, path in enumerate(adapters)}
+        self._lora_request = self._loras[lora_adapter] if lora_adapter else None
         self._tokenizer = AutoTokenizer.from_pretrained(model, revision=revision,
                                                         trust_remote_code=trust_remote_code)
         self._llm = LLM(
@@ -134,6 +138,8 @@ class GenerationEngine:
             **lora_kwargs,
         )
         self._llm.collective_rpc("adl_install_steering")
+        if self._loras:
+            self._llm.collective_rpc("adl_install_lora")
         model_config = self._llm.llm_engine.model_config
         self.hidden_size = model_config.get_hidden_size()
         self.num_layers = model_config.hf_text_config.num_hidden_layers
@@ -141,13 +147,19 @@ class GenerationEngine:
     def generate(self, requests: list[GenerationRequest], adapter: bool = True) -> list[GenerationResult]:
         """All requests go to the engine as ONE batch (continuous batching), mixing steered
         and unsteered requests and different vectors/strengths freely. Results ordered by
-        (request_index, sample_index). With adapter=False, an engine started with a LoRA
-        adapter runs the base model alone."""
+        (request_index, sample_index). A request naming an adapter runs with it, and one
+        that does not with the engine's `lora_adapter`, or with the base alone when
+        adapter=False or the engine has none: adapters and the base share the batch."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, params, steered_sequences = [], [], 0
+        prompts, params, loras, steered_sequences = [], [], [], 0
         for request in requests:
+            if request.adapter is not None and request.adapter not in self._loras:
+                raise ValueError(f"adapter {request.adapter} is not one this engine was started with "
+                                 f"({', '.join(self._loras) or 'none'})")
+            loras.append(self._loras[request.adapter] if request.adapter is not None
+                         else self._lora_request if adapter else None)
             if request.n < 1 or request.max_tokens < 1 or request.temperature < 0:
                 raise ValueError(f"bad request (n >= 1, max_tokens >= 1, temperature >= 0): {request}")
             prompt = TokensPrompt(prompt_token_ids=self._prompt_ids(request))
@@ -163,8 +175,7 @@ class GenerationEngine:
                                          max_tokens=request.max_tokens, seed=request.seed,
                                          extra_args=extra_args))
         self._llm.collective_rpc("adl_take_steered_ids")  # forget a failed call's requests
-        outputs = self._llm.generate(prompts, params, use_tqdm=False,
-                                    lora_request=self._lora_request if adapter else None)
+        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         steered = set().union(*self._llm.collective_rpc("adl_take_steered_ids"))
         if len(steered) < steered_sequences:
             raise RuntimeError(
@@ -185,6 +196,11 @@ class GenerationEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         scorable = [i for i, ids in enumerate(token_ids) if len(ids) >= 2]
+        if self._scores_wrongly and len(scorable) > 1:
+            raise RuntimeError(
+                "an adapter of this engine adapts lm_head (or its modules could not be read), and vLLM "
+                "0.32 computes prompt logprobs with LoRA's logits processor wrongly "
+                "(vllm-project/vllm#51594): grade with an LLM grader instead of the offline one")
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids[i])) for i in scorable],
                                      SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                                      use_tqdm=False) if scorable else []
@@ -243,24 +259,6 @@ class GenerationEngine:
         return layer, vector
 
 
-def _lora_rank(adapter: str) -> int | None:
-    """The smallest rank vLLM accepts as `max_lora_rank` (it sizes LoRA buffers by it and
-    allows only a few values) that holds the adapter's rank; None when the adapter is not
-    a local folder (vLLM's default then applies)."""
-    from typing import get_args
-
-    from vllm.config.lora import MaxLoRARanks
-
-    config = Path(adapter).expanduser() / "adapter_config.json"
-    if not config.is_file():
-        return None
-    rank = int(json.loads(config.read_text())["r"])
-    allowed = [r for r in get_args(MaxLoRARanks) if r >= rank]
-    if not allowed:
-        raise ValueError(f"{adapter}: LoRA rank {rank} is above vLLM's largest ({max(get_args(MaxLoRARanks))})")
-    return min(allowed)
-
-
 def _steering_digest(layer: int, vector: np.ndarray) -> str:
     return hashlib.sha256(f"{layer}:".encode() + vector.astype("<f8").tobytes()).hexdigest()
 
@@ -271,6 +269,10 @@ class SteeringWorkerExtension:
 
     def adl_install_steering(self) -> None:
         self.adl_steerer = _RowSteerer(self.model_runner)
+
+    def adl_install_lora(self) -> None:
+        from workers.lora import mask_unadapted_rows
+        mask_unadapted_rows()
 
     def adl_take_steered_ids(self) -> list[str]:
         return self.adl_steerer.take_steered_ids()
