@@ -29,7 +29,7 @@ def make_adapter(base_dir: Path, folder: Path, rank: int, targets: list[str], se
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.mul_(8.0 / rank ** 0.5)
+                p.mul_(30.0 / rank ** 0.5)
     model.save_pretrained(folder)
     return folder
 
@@ -73,3 +73,52 @@ def test_adapter_pair_generates_with_the_default_search(ray_cluster, make_spec, 
         assert len(row["trials"]) == trials
         assert sum(t["graded"] for t in row["trials"]) == trials * search.samples
     assert {r["kind"] for r in generations} == {"baseline", "steered"}
+
+
+def merged(base_dir: Path, adapter: Path | None):
+    """The adapter merged into the base (PEFT merge_and_unload): a plain model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model.eval()
+
+
+def test_one_engine_serves_the_base_and_its_adapters_in_one_batch(demo_pair, adapters):
+    """Three adapters and the base, steered and unsteered, greedy, in one batch: each
+    request's text equals that adapter's requests run alone on the engine, and a
+    transformers hook on the merged model."""
+    from steering_reference import hf_greedy
+    from transformers import AutoTokenizer
+
+    from workers.generation import GenerationEngine, GenerationRequest, Steering
+    layer, tokens, prompt = 1, 24, "Tell me a story?"
+    chosen = [None, str(adapters[0]), str(adapters[1]), str(adapters[3])]
+    tokenizer = AutoTokenizer.from_pretrained(demo_pair.base_dir)
+    models = {a: merged(demo_pair.base_dir, a and Path(a)) for a in chosen}
+    rng = np.random.default_rng(3)
+    vector = rng.standard_normal(models[None].config.hidden_size)
+    with torch.no_grad():
+        hidden = models[None](**tokenizer(prompt, return_tensors="pt"), output_hidden_states=True).hidden_states
+    vector *= 4 * hidden[layer + 1][0].norm(dim=-1).mean().item() / np.linalg.norm(vector)
+    expected = {(a, s): hf_greedy(models[a], tokenizer, prompt, layer, tokens, vector if s else None)
+                for a in chosen for s in (False, True)}
+    assert len({tuple(v) for (a, s), v in expected.items() if not s}) == len(chosen)   # each adapter tells
+    assert all(expected[(a, True)] != expected[(a, False)] for a in chosen)           # steering tells
+
+    engine = GenerationEngine(str(demo_pair.base_dir), dtype="float32", max_model_len=512,
+                              lora_adapters=tuple(a for a in chosen if a), max_loras=3)
+    try:
+        request = lambda a, s: GenerationRequest(prompt, temperature=0.0, max_tokens=tokens, adapter=a,
+                                                 steering=Steering(layer, vector) if s else None)
+        keys = [(a, s) for a in chosen for s in (False, True)]
+        mixed = engine.generate([request(a, s) for a, s in keys])
+        alone = {a: engine.generate([request(a, s) for s in (False, True)]) for a in chosen}
+        with pytest.raises(ValueError, match="not one this engine was started with"):
+            engine.generate([GenerationRequest(prompt, adapter=str(adapters[2]))])
+    finally:
+        engine.close()
+    for (a, s), result in zip(keys, mixed):
+        assert list(result.token_ids) == expected[(a, s)], (a, s)
+        assert result.token_ids == alone[a][int(s)].token_ids, (a, s)

@@ -47,7 +47,7 @@ import hashlib
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -423,17 +423,39 @@ def _decoder_layers(model, num_layers: int):
 
 
 class GenerationWorker:
-    """A Ray actor holding one engine for one model of a job. The model is fetched on the
-    worker's own node (an S3 location is downloaded there, not on the driver)."""
+    """A Ray actor holding one engine for one model of a job, and for every LoRA adapter
+    of it in the job (`adapters`, locations as the spec gives them): their requests share
+    the engine's batches. The model and adapters are fetched on the worker's own node (an
+    S3 location is downloaded there, not on the driver)."""
+
+    # Distinct adapters one batch may hold (vLLM's max_loras: a buffer slot each). A
+    # batch with more is still served, the extra adapters' requests in later steps.
+    MAX_LORAS = 8
 
     def __init__(self, source, storage: StorageOptions, trust_remote_code: bool = False,
-                 grader=None, **engine_options):
-        from workers.models import engine_arguments
+                 grader=None, adapters: tuple[str, ...] = (), **engine_options):
+        from workers.models import engine_arguments, materialize
         self.grader_config = grader   # the offline grader's settings (common.types.OfflineGrading) or None
+        self._adapters = {a: materialize(a, storage) for a in adapters}
+        if self._adapters:
+            engine_options = {"lora_adapters": tuple(self._adapters.values()),
+                              "max_loras": min(len(self._adapters), self.MAX_LORAS), **engine_options}
         self.engine = GenerationEngine(**engine_arguments(source, storage, trust_remote_code), **engine_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests)
+
+    def for_adapter(self, adapter: str | None, method: str, *args, **kwargs):
+        """generate() with every request that names no adapter run with `adapter` (its
+        location as the spec gives it; None: the base); other methods are the base's (the
+        offline grader scores on the base, an adapter pair's reference)."""
+        if method == "generate":
+            if adapter is not None and adapter not in self._adapters:
+                raise ValueError(f"adapter {adapter} is not one this engine was started with")
+            path = self._adapters.get(adapter)
+            requests = [r if r.adapter is not None else replace(r, adapter=path) for r in args[0]]
+            return self.generate(requests, *args[1:], **kwargs)
+        return getattr(self, method)(*args, **kwargs)
 
     def coherence(self, texts: list[str]):
         """The offline grader's coherence judgements (workers/graders/offline.py
