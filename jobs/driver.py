@@ -78,8 +78,7 @@ class RunStats:
 
     def as_dict(self) -> dict:
         with self._lock:
-            return {"model_loads": sum(self.loads.values()), "adapter_loads": sum(self.adapter_loads.values()),
-                    "shards_extracted": self.shards_extracted,
+            return {"model_loads": sum(self.loads.values()), "shards_extracted": self.shards_extracted,
                     "pairs_run": self.pairs_reduced}
 
 
