@@ -122,3 +122,71 @@ def test_one_engine_serves_the_base_and_its_adapters_in_one_batch(demo_pair, ada
     for (a, s), result in zip(keys, mixed):
         assert list(result.token_ids) == expected[(a, s)], (a, s)
         assert result.token_ids == alone[a][int(s)].token_ids, (a, s)
+
+
+def _job(make_spec, demo_pair, root, pairs, generation: bool) -> dict:
+    spec = make_spec(root, method={"layers": [0.5], "positions": [0, 1]}, analyses={},
+                     grader={"kind": "offline", "threshold": 5000})
+    if generation:
+        spec["generation"] = {"samples": 1, "max_tokens": 12,
+                              "search": {"steps": 2, "samples": 2, "max_tokens": 12}}
+    spec["pairs"] = pairs
+    return spec
+
+
+def test_six_adapters_ride_on_one_base_and_equal_their_merged_models(ray_cluster, make_spec, demo_pair, adapters,
+                                                                     tmp_path):
+    """Six adapters (ranks 8 and 64) on the demo base, generation and analyses on: the
+    base is loaded once per runtime and each adapter once onto it; each adapter's
+    activations, lens and patchscope lists equal those of the same job with the adapter
+    merged into a plain model (PEFT merge_and_unload), which loads a model per adapter."""
+    from jobs.results import PairResults
+    from storage import layout
+    from storage.tables import LOGIT_LENS, PATCHSCOPE
+    base = str(demo_pair.base_dir)
+    names = [f"a{i}" for i in range(len(adapters))]
+    spec = parse_spec(_job(make_spec, demo_pair, tmp_path / "adapters",
+                           [{"name": n, "base": base, "finetuned": {"adapter": str(a)}}
+                            for n, a in zip(names, adapters)], generation=True))
+    stats = RunStats()
+    store = Store(str(tmp_path / "adapters"))
+    record = store.read_json(run_job(spec, stats))
+    assert not stats.failed, stats.failed
+    assert sorted((k.runtime, n) for k, n in stats.loads.items()) == [
+        ("embedder", 1), ("transformers", 1), ("vllm", 1)]                        # the base, once
+    assert sorted((k.runtime, a) for (k, a), n in stats.adapter_loads.items() if n == 1) == sorted(
+        (runtime, str(a)) for runtime in ("transformers", "vllm") for a in adapters)   # each adapter, once
+
+    for i, a in enumerate(adapters):
+        folder = tmp_path / "merged" / names[i]
+        merged(demo_pair.base_dir, a).save_pretrained(folder)
+    from transformers import AutoTokenizer
+    for n in names:
+        AutoTokenizer.from_pretrained(demo_pair.base_dir).save_pretrained(tmp_path / "merged" / n)
+    plain = parse_spec(_job(make_spec, demo_pair, tmp_path / "plain",
+                            [{"name": n, "base": base, "finetuned": str(tmp_path / "merged" / n)} for n in names],
+                            generation=False))
+    plain_stats = RunStats()
+    plain_store = Store(str(tmp_path / "plain"))
+    plain_record = plain_store.read_json(run_job(plain, plain_stats))
+    assert not plain_stats.failed, plain_stats.failed
+    assert plain_stats.loads_by_runtime()["transformers"] == 1 + len(adapters) > stats.model_loads - 2
+
+    for ours, theirs in zip(record["pairs"], plain_record["pairs"]):
+        assert ours["name"] == theirs["name"]
+        for shard in range(spec.corpus.num_documents // spec.shard_size):
+            got = store.read_table(layout.shard(ours["finetuned_activations"], shard)).to_pydict()
+            want = plain_store.read_table(layout.shard(theirs["finetuned_activations"], shard)).to_pydict()
+            assert got["doc_id"] == want["doc_id"]
+            np.testing.assert_allclose(np.asarray(got["act"]), np.asarray(want["act"]), rtol=1e-4, atol=1e-4)
+        ours_r, theirs_r = PairResults(store, ours["dir"]), PairResults(plain_store, theirs["dir"])
+        for kind, keys in ((LOGIT_LENS, ["layer", "position", "variant", "rank", "token_id"]),
+                           (PATCHSCOPE, ["layer", "position", "variant", "scale", "rank", "token_id"])):
+            got, want = ours_r.arrow(kind).to_pydict(), theirs_r.arrow(kind).to_pydict()
+            assert [got[k] for k in keys] == [want[k] for k in keys], (ours["name"], kind.name)
+            np.testing.assert_allclose(got["probability"], want["probability"], rtol=1e-3, atol=1e-6)
+    # The adapters' activations differ from the base's, so the comparison above can fail.
+    first = record["pairs"][0]
+    a0 = store.read_table(layout.shard(first["finetuned_activations"], 0)).column("act").to_numpy(False)
+    b0 = store.read_table(layout.shard(first["base_activations"], 0)).column("act").to_numpy(False)
+    assert not np.allclose(np.stack(a0), np.stack(b0), atol=1e-3)
