@@ -1,4 +1,6 @@
-"""Generation throughput: vLLM steered vs unsteered (target: steered >= 0.9x), vLLM vs
+"""Generation throughput: vLLM steered vs unsteered (target: steered >= 0.9x), seeded vs
+unseeded sampling (every request its own seed, as the job's generations are, against none:
+vLLM samples seeded requests one by one), vLLM vs
 transformers `generate` for the same prompts and token budget, and (--compiled) what eager
 mode, which steering needs, costs against vLLM's default compiled mode (CUDA graphs on a
 GPU, torch.compile on both), unsteered.
@@ -135,11 +137,17 @@ def main() -> None:
             # Every request steered with its own vector: the most work for the hooks.
             steered = [GenerationRequest(p, temperature=0.0, max_tokens=args.new_tokens,
                                          steering=Steering(LAYER, v)) for p, v in zip(prompts, vectors)]
-            engine.generate(plain[:4] + steered[:4])  # warm-up
-            plain_rates, steered_rates = [], []
-            for _ in range(args.repeats):  # interleaved pairs, so drifts in machine load hit both
+            # Sampling at temperature 1: every request seeded (its own seed) or none.
+            seeded = [GenerationRequest(p, temperature=1.0, max_tokens=args.new_tokens, seed=1000 + i)
+                      for i, p in enumerate(prompts)]
+            unseeded = [GenerationRequest(p, temperature=1.0, max_tokens=args.new_tokens) for p in prompts]
+            engine.generate(plain[:4] + steered[:4] + seeded[:4] + unseeded[:4])  # warm-up
+            plain_rates, steered_rates, seeded_rates, unseeded_rates = [], [], [], []
+            for _ in range(args.repeats):  # interleaved, so drifts in machine load hit all alike
                 plain_rates.append(vllm_tokens_per_s(engine, plain))
                 steered_rates.append(vllm_tokens_per_s(engine, steered))
+                seeded_rates.append(vllm_tokens_per_s(engine, seeded))
+                unseeded_rates.append(vllm_tokens_per_s(engine, unseeded))
         finally:
             engine.close()
         compiled_rates = compiled_tokens_per_s(folder, prompts, args.new_tokens, args.repeats) \
@@ -155,6 +163,11 @@ def main() -> None:
     ratios = [s / p for s, p in zip(steered_rates, plain_rates)]
     print(f"steered / unsteered:    {statistics.median(ratios):9.2f}x  (median of pairs; target >= 0.9x)")
     print(f"vLLM / transformers:    {plain_rate / hf_rate:9.2f}x  (unsteered vLLM vs the faster transformers)")
+    print(f"vLLM sampled, seeded:   {statistics.median(seeded_rates):9.1f} tokens/s  {[round(r) for r in seeded_rates]}")
+    print(f"vLLM sampled, unseeded: {statistics.median(unseeded_rates):9.1f} tokens/s  "
+          f"{[round(r) for r in unseeded_rates]}")
+    print(f"seeded / unseeded:      {statistics.median(s / u for s, u in zip(seeded_rates, unseeded_rates)):9.2f}x  "
+          f"(median of pairs; tokens/s, so texts of other lengths compare fairly)")
     if compiled_rates:
         compiled_rate = statistics.median(compiled_rates)
         print(f"vLLM compiled:          {compiled_rate:9.1f} tokens/s  {[round(r) for r in compiled_rates]}")

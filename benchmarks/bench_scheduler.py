@@ -6,6 +6,9 @@ Cases (8 x 80 GB GPUs, bfloat16, generation and analyses on, the offline grader)
   even:     100 pairs, 10 bases of 1-32B, ten finetunes each
   uneven:   100 pairs, one base shared by 50 pairs, the rest by 1-10 each
   crowded:  40 pairs of 32B models: more models than fit at once
+  lora:     100 pairs, 10 bases of 1-32B, ten LoRA adapters each: an adapter rides on its
+            base's actors (one per runtime), so only the bases are loaded; adapter loads
+            are counted apart (their time, about a second each, is not simulated)
 
 For each: total time, GPU utilisation (GPU-seconds computing / GPU-seconds available),
 loads per (model, runtime), against
@@ -45,9 +48,10 @@ from jobs.plan import ActivationSet, Documents, PairPlan, Plan
 from jobs.scheduler import ModelKey, NodeResources, Scheduler
 from jobs.simulation import SimulatedBackend
 from jobs.spec import Analyses, Compute, Generation, JobSpec, ModelSource, Pair
+from jobs.stages import actor_source
 
 SIZES_B = (1.0, 3.0, 8.0, 14.0, 32.0)
-CASES = ("even", "uneven", "crowded")
+CASES = ("even", "uneven", "crowded", "lora")
 
 
 class Costs:
@@ -79,8 +83,10 @@ class Costs:
             # Two calls at once, as jobs/analyses.patchscope makes them: the finetuned
             # model's (two of the three variants, then the grading) and the base model's
             # (the third), each on its own actor at that actor's speed.
-            pair = unit.subject.pair
-            parts = {ModelKey("transformers", pair.finetuned): 2 / 3, ModelKey("transformers", pair.base): 1 / 3}
+            # An adapter pair's two calls go to one actor, its base's.
+            pair, parts = unit.subject.pair, Counter()
+            parts[ModelKey("transformers", actor_source(pair.finetuned))] += 2 / 3
+            parts[ModelKey("transformers", actor_source(pair.base))] += 1 / 3
             return {key: self.cost(unit) * part / _speed(actors[key]) for key, part in parts.items()}
         return self.cost(unit) / _speed(next(iter(actors.values())))
 
@@ -110,10 +116,11 @@ def workload(case: str, seed: int = 0):
         base = ModelSource(f"sim/base{b}")
         model_sizes[base.model] = size
         for j in range(share):
-            ft = ModelSource(f"sim/ft{b}-{j}")
+            ft = ModelSource(base.model, adapter=f"sim/adapter{b}-{j}") if case == "lora" \
+                else ModelSource(f"sim/ft{b}-{j}")
             model_sizes[ft.model] = size
-            aset = lambda s: sets.setdefault(s, ActivationSet(f"activations/{s.model}", s, (1,), {}, documents,
-                                                              s.model, int(size * 1e9)))
+            aset = lambda s: sets.setdefault(s, ActivationSet(f"activations/{s.adapter or s.model}", s, (1,), {},
+                                                              documents, s.adapter or s.model, int(size * 1e9)))
             pairs.append(PairPlan(Pair(f"pair{b}-{j}", base, ft), (1,), aset(base), aset(ft), f"pairs/{b}-{j}"))
     return model_sizes, pairs, list(sets.values())
 
@@ -153,7 +160,8 @@ def simulate(case: str, gpus: int, gpu_memory: float, object_storage: bool):
             "bound_util": compute / (gpus * bound), "naive_util": compute / (gpus * naive),
             "loads": loads, "distinct": len(distinct), "max_alive": scheduler.max_alive,
             "by_runtime": Counter(k.runtime for k in scheduler.loads.elements()),
-            "reloads": len(scheduler.reloads)}
+            "reloads": len(scheduler.reloads), "adapter_loads": sum(scheduler.adapter_loads.values()),
+            "bases": len({p.pair.base for p in pairs})}
 
 
 def main() -> None:
@@ -171,6 +179,9 @@ def main() -> None:
         print(f"  ours   {r['total'] / 3600:7.2f} h  GPU utilisation {r['util']:6.1%}  loads {r['loads']} "
               f"for {r['distinct']} (model, runtime): {r['loads'] / r['distinct']:.3f} per model "
               f"({dict(r['by_runtime'])}; {r['reloads']} reloads), at most {r['max_alive']} actors alive")
+        if r["adapter_loads"]:
+            per_base = {k: n / r["bases"] for k, n in r["by_runtime"].items() if k != "embedder"}
+            print(f"  loads per base and runtime {per_base}; {r['adapter_loads']} adapter loads")
         print(f"  bound  {r['bound'] / 3600:7.2f} h  GPU utilisation {r['bound_util']:6.1%}")
         print(f"  naive  {r['naive'] / 3600:7.2f} h  GPU utilisation {r['naive_util']:6.1%}")
         print(f"  ratio: ours reaches {r['bound'] / r['total']:.3f} of the bound's utilisation; "

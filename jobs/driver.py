@@ -28,7 +28,7 @@ from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
 from jobs.placement import gpuless_refusal
-from jobs.plan import Plan, PairPlan, make_plan
+from jobs.plan import Plan, PairPlan, make_plan, model_label
 from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec, SpecError
 from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
@@ -49,6 +49,7 @@ class RunStats:
     gpu_ids: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)     # pair name -> error, for pairs that failed
     loads: Counter = field(default_factory=Counter)    # ModelKey -> times loaded
+    adapter_loads: Counter = field(default_factory=Counter)   # (ModelKey, adapter) -> loads onto its base's actor
     reloads: list = field(default_factory=list)        # (ModelKey, why it had been released)
     decisions: list = field(default_factory=list)      # the scheduler's (jobs/scheduler.py)
     max_alive: int = 0                                 # model actors alive at once, at most
@@ -299,7 +300,7 @@ def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, leases: Leas
             if stage.name == "generate":
                 for source in baseline_sources(spec, pair):
                     if source not in baselines:
-                        baselines[source] = Unit(f"baselines {vllm(source).label}", "baselines",
+                        baselines[source] = Unit(f"baselines {model_label(source)}", "baselines",
                                                  (vllm(source),), subject=source, group=name)
                         units.append(baselines[source])
                     deps.append(baselines[source])
@@ -398,6 +399,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                     finally:
                         stats.reloads.extend((str(k), why) for k, why in scheduler.reloads)
                         stats.decisions += scheduler.decisions
+                        stats.adapter_loads.update(scheduler.adapter_loads)
                         stats.max_alive = max(stats.max_alive, scheduler.max_alive)
                 blocked = {p.out_dir for p in outcome["blocked"]}
                 for pair in todo:   # every stage complete from earlier runs: only the manifest was missing

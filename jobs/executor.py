@@ -27,7 +27,7 @@ from jobs import autoscale
 from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
-from jobs.stages import PAIR_STAGES, StageRun, extract, offline_grader, run_baselines
+from jobs.stages import PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines
 from jobs.status import JobStatus
 from jobs.steering import engine_need
 from jobs.submit import ClusterError
@@ -202,6 +202,7 @@ class RayBackend:
             from workers.generation import GenerationWorker
             gen, placed = spec.generation, self.requests.placed(key)
             return GenerationWorker, (key.source, storage), dict(
+                adapters=self._adapters(key),
                 trust_remote_code=spec.trust_remote_code, grader=spec.grader if offline_grader(spec) else None,
                 dtype=spec.dtype,
                 max_model_len=gen.max_model_len, need=engine_need(spec),
@@ -209,6 +210,11 @@ class RayBackend:
                 gpu_memory_utilization=engine_memory_utilization(placed)), {}
         from workers.embedding import EmbeddingWorker
         return EmbeddingWorker, (spec.analyses.embedding_model, spec.analyses.embedding_batch_size), {}, {}
+
+    def _adapters(self, key: ModelKey) -> tuple[str, ...]:
+        """The job's adapters on this key's model: its engine is sized for all of them."""
+        sources = [p.pair.finetuned for p in self.plan.pairs] + [p.pair.base for p in self.plan.pairs]
+        return tuple(dict.fromkeys(s.adapter for s in sources if s.adapter and actor_source(s) == key.source))
 
     def release(self, key: ModelKey, handle, lost: bool = False) -> None:
         import ray
@@ -275,7 +281,7 @@ class RayBackend:
             if unit.kind == "extract":
                 self._extract(unit, actors)
             elif unit.kind == "baselines":
-                engine = actors[next(iter(actors))]
+                engine = model_actor(actors, "vllm", unit.subject)
                 self.baselines[unit.subject] = run_baselines(self.spec, unit.subject, engine)
             else:
                 with self.status.stage(unit.pair, unit.kind):
@@ -335,7 +341,7 @@ class RayBackend:
                 self.status.shards(aset.prefix, finished)
             # What was verified before the first run; a second run (its actor was lost)
             # checks storage again, so the shards the first one wrote are kept.
-            extract(aset, self.spec, self.store, actors[next(iter(actors))], on_shard,
+            extract(aset, self.spec, self.store, model_actor(actors, "transformers", aset.source), on_shard,
                     verified=self.verified.pop(aset.prefix, None))
         except BaseException as e:
             self.status.set_state(aset.prefix, "failed", one_line(e))

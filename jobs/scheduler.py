@@ -53,10 +53,16 @@ logger = logging.getLogger("adl.scheduler")
 @dataclass(frozen=True)
 class ModelKey:
     """A model in one runtime: 'transformers' (extraction, lens, patchscope, offline
-    grading), 'vllm' (generation) or 'embedder'."""
+    grading), 'vllm' (generation) or 'embedder'.
+
+    adapter: the LoRA adapter a unit uses on the model's actor (None: the model itself).
+    It is not part of the key: an adapter rides on its base's actor, so every adapter of
+    a base and the base share one actor per runtime. Its first use on an actor is an
+    adapter load, counted apart from model loads."""
     runtime: str
-    source: Any          # a jobs.spec.ModelSource (or the simulation's model)
+    source: Any          # a jobs.spec.ModelSource (or the simulation's model); for an adapter, its base
     label: str = field(default="", compare=False)
+    adapter: Any = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.label or self.source} ({self.runtime})"
@@ -164,6 +170,7 @@ class LiveActor:
     slot: Slot
     users: set = field(default_factory=set)    # running units that use it
     last_used: int = 0
+    adapters: set = field(default_factory=set)  # adapters loaded on it so far
 
 
 class Backend(Protocol):
@@ -200,6 +207,7 @@ class Scheduler:
         self._wanted: list | None = None
         self.live: dict[ModelKey, LiveActor] = {}
         self.loads: Counter = Counter()          # ModelKey -> loads
+        self.adapter_loads: Counter = Counter()  # (ModelKey, adapter) -> loads onto its base's actor
         self.reloads: list[tuple[ModelKey, str]] = []
         self.released: set[ModelKey] = set()
         self.decisions: list[tuple] = []         # ("create", key, unit) / ("release", key, why) / ("start", unit)
@@ -319,6 +327,10 @@ class Scheduler:
             actor.users.add(unit)
             actor.last_used = self._clock
             handles[key] = actor.handle
+            if key.adapter is not None and key.adapter not in actor.adapters:
+                actor.adapters.add(key.adapter)
+                self.adapter_loads[(key, key.adapter)] += 1
+                self.decisions.append(("adapter", str(key), key.adapter, unit.name))
         unit.state, unit.lost_actor = "running", False
         unit.attempts += 1
         self.decisions.append(("start", unit.name))

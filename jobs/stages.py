@@ -48,12 +48,44 @@ logger = logging.getLogger("adl.stages")
 _label = model_label
 
 
+def actor_source(source):
+    """The model an actor loads for a source: an adapter rides on its base's actors."""
+    return ModelSource(source.model, source.revision) if isinstance(source, ModelSource) and source.adapter \
+        else source
+
+
+def _key(runtime: str, source) -> ModelKey:
+    model = actor_source(source)
+    return ModelKey(runtime, model, _label(model), getattr(source, "adapter", None))
+
+
 def transformers(source: ModelSource) -> ModelKey:
-    return ModelKey("transformers", source, _label(source))
+    return _key("transformers", source)
 
 
 def vllm(source: ModelSource) -> ModelKey:
-    return ModelKey("vllm", source, _label(source))
+    return _key("vllm", source)
+
+
+def on_adapter(handle, adapter: str | None):
+    """A model actor's handle seen through one of its adapters (None: the base itself):
+    `view.method.remote(...)` calls `handle.for_adapter.remote(adapter, "method", ...)`,
+    and the actor runs the method with that adapter active (workers/model_worker.py,
+    workers/generation.py)."""
+    class Method:
+        def __init__(self, name):
+            self.name = name
+
+        def remote(self, *args, **kwargs):
+            return handle.for_adapter.remote(adapter, self.name, *args, **kwargs)
+
+    return type("OnAdapter", (), {"__getattr__": lambda self, name: Method(name)})()
+
+
+def model_actor(actors: dict, runtime: str, source):
+    """The handle a unit calls for `source` in a runtime, out of the actors it was given."""
+    handle = actors[ModelKey(runtime, actor_source(source))]
+    return on_adapter(handle, source.adapter) if runtime in ("transformers", "vllm") else handle
 
 
 def embedder(spec: JobSpec) -> ModelKey:
@@ -89,7 +121,7 @@ class StageRun:
     _results: PairResults | None = field(default=None, repr=False)
 
     def model(self, runtime: str, source: ModelSource):
-        return self.actors[ModelKey(runtime, source)]
+        return model_actor(self.actors, runtime, source)
 
     def grader_handle(self):
         """The grader, called like an actor: the reference model's actor when offline."""
@@ -309,7 +341,7 @@ def extract(aset: ActivationSet, spec: JobSpec, store: Store, worker, on_shard=N
 
 # -- the declarations -------------------------------------------------------------------------
 def _ft(runtime):
-    return lambda spec, pair: ((ModelKey(runtime, pair.pair.finetuned, _label(pair.pair.finetuned)),))
+    return lambda spec, pair: (_key(runtime, pair.pair.finetuned),)
 
 
 PAIR_STAGES: tuple[Stage, ...] = (

@@ -83,7 +83,8 @@ def test_pairs_sharing_a_base_extract_it_once_and_lora_is_applied(ray_cluster, m
     assert len(sets) == 3                        # base, full finetune, adapter
     assert record["pairs"][0]["base_activations"] == record["pairs"][1]["base_activations"]
     assert stats.shards_extracted == 3 * 3       # 3 sets x 3 shards: the base once
-    assert stats.model_loads == 3                # one actor per model: it extracts and reads the lens
+    assert stats.model_loads == 2                # one actor per model: it extracts and reads the lens,
+    assert sum(stats.adapter_loads.values()) == 1  # and the adapter rides on its base's
 
     # The adapter's activations are those of base + LoRA (unmerged), computed directly.
     shard = store.read_table(layout.shard(record["pairs"][1]["finetuned_activations"], 0))

@@ -132,9 +132,11 @@ def adapter_rank(adapter: str, revision: str | None = None) -> int:
         from huggingface_hub import hf_hub_download
         path = Path(hf_hub_download(adapter, "adapter_config.json", revision=revision))
     try:
-        rank = json.loads(path.read_text())["r"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        config = json.loads(path.read_text())
+        ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]   # per-module ranks too
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{adapter}: cannot read the LoRA rank r from adapter_config.json ({e})") from None
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{adapter}: adapter_config.json's r must be an integer >= 1, got {rank!r}")
-    return rank
+    for rank in ranks:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{adapter}: adapter_config.json's r must be an integer >= 1, got {rank!r}")
+    return max(ranks)

@@ -47,13 +47,13 @@ import hashlib
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 
 from storage.store import StorageOptions
-from workers.engine_settings import EngineNeed, adapter_rank, check_vllm_version, engine_environment, engine_settings
+from workers.engine_settings import EngineNeed, check_vllm_version, engine_environment, engine_settings
 
 # Where the steering of a request travels inside vLLM's SamplingParams.extra_args.
 STEERING_KEY = "adl_steering"
@@ -84,6 +84,7 @@ class GenerationRequest:
     max_tokens: int = 128
     seed: int | None = None
     steering: Steering | None = None
+    adapter: str | None = None  # one of the engine's LoRA adapters (its folder); None: as generate() says
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,14 @@ class GenerationEngine:
     def __init__(self, model: str, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, lora_adapter: str | None = None, seed: int = 0,
                  trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85,
-                 revision: str | None = None, need: EngineNeed | None = None):
+                 revision: str | None = None, need: EngineNeed | None = None,
+                 lora_adapters: tuple[str, ...] = (), max_loras: int | None = None):
         """need: the job's prompts and most generated tokens, which size max_model_len
-        when it is None (workers/engine_settings.py)."""
+        when it is None (workers/engine_settings.py). lora_adapter: the adapter that
+        requests without one of their own run with (an adapter model's engine);
+        lora_adapters: every other adapter folder of this base that requests may name
+        (GenerationRequest.adapter), batched with the base's requests and each other;
+        max_loras: how many distinct adapters one batch may hold (default: all)."""
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for key, value in {**ENV_DEFAULTS, **engine_environment(device)}.items():
@@ -109,22 +115,27 @@ class GenerationEngine:
         import vllm
         from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        from workers.lora import adapts_logits, engine_lora_settings
 
         check_vllm_version(vllm.__version__)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
         # (and binds its threads); close() gives the rest of the process both back.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
-        self._lora_request = None
-        if lora_adapter is not None:
-            from vllm.lora.request import LoRARequest
-            self._lora_request = LoRARequest("adapter", 1, lora_adapter)
+        adapters = list(dict.fromkeys(([lora_adapter] if lora_adapter else []) + list(lora_adapters)))
+        lora_kwargs = engine_lora_settings(adapters, max_loras)
+        self._scores_wrongly = adapts_logits(lora_kwargs)
+        # vLLM tells adapters apart by a positive integer id; the name is for its logs.
+        self._loras = {path: LoRARequest(f"adapter{i + 1}", i + 1, path) for i, path in enumerate(adapters)}
+        self._lora_request = self._loras[lora_adapter] if lora_adapter else None
         self._tokenizer = AutoTokenizer.from_pretrained(model, revision=revision,
                                                         trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code).to_dict()
         settings = engine_settings(
             device, config, max_model_len=max_model_len, need=need,
-            count=lambda prompt: len(self._prompt_ids(GenerationRequest(prompt))),
-            lora_rank=None if lora_adapter is None else adapter_rank(lora_adapter))
+            count=lambda prompt: len(self._prompt_ids(GenerationRequest(prompt))))
+        settings.update(lora_kwargs)
         self._llm = LLM(
             model=model, revision=revision, tokenizer_revision=revision, dtype=dtype,
             tensor_parallel_size=tensor_parallel_size, seed=seed,
@@ -134,6 +145,8 @@ class GenerationEngine:
             **settings,
         )
         self._llm.collective_rpc("adl_install_steering")
+        if self._loras:
+            self._llm.collective_rpc("adl_install_lora")
         model_config = self._llm.llm_engine.model_config
         self.hidden_size = model_config.get_hidden_size()
         self.num_layers = model_config.hf_text_config.num_hidden_layers
@@ -141,13 +154,19 @@ class GenerationEngine:
     def generate(self, requests: list[GenerationRequest], adapter: bool = True) -> list[GenerationResult]:
         """All requests go to the engine as ONE batch (continuous batching), mixing steered
         and unsteered requests and different vectors/strengths freely. Results ordered by
-        (request_index, sample_index). With adapter=False, an engine started with a LoRA
-        adapter runs the base model alone."""
+        (request_index, sample_index). A request naming an adapter runs with it, and one
+        that does not with the engine's `lora_adapter`, or with the base alone when
+        adapter=False or the engine has none: adapters and the base share the batch."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, params, steered_sequences = [], [], 0
+        prompts, params, loras, steered_sequences = [], [], [], 0
         for request in requests:
+            if request.adapter is not None and request.adapter not in self._loras:
+                raise ValueError(f"adapter {request.adapter} is not one this engine was started with "
+                                 f"({', '.join(self._loras) or 'none'})")
+            loras.append(self._loras[request.adapter] if request.adapter is not None
+                         else self._lora_request if adapter else None)
             if request.n < 1 or request.max_tokens < 1 or request.temperature < 0:
                 raise ValueError(f"bad request (n >= 1, max_tokens >= 1, temperature >= 0): {request}")
             prompt = TokensPrompt(prompt_token_ids=self._prompt_ids(request))
@@ -163,8 +182,7 @@ class GenerationEngine:
                                          max_tokens=request.max_tokens, seed=request.seed,
                                          extra_args=extra_args))
         self._llm.collective_rpc("adl_take_steered_ids")  # forget a failed call's requests
-        outputs = self._llm.generate(prompts, params, use_tqdm=False,
-                                    lora_request=self._lora_request if adapter else None)
+        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         steered = set().union(*self._llm.collective_rpc("adl_take_steered_ids"))
         if len(steered) < steered_sequences:
             raise RuntimeError(
@@ -185,6 +203,11 @@ class GenerationEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         scorable = [i for i, ids in enumerate(token_ids) if len(ids) >= 2]
+        if self._scores_wrongly and len(scorable) > 1:
+            raise RuntimeError(
+                "an adapter of this engine adapts lm_head (or its modules could not be read), and vLLM "
+                "0.32 computes prompt logprobs with LoRA's logits processor wrongly "
+                "(vllm-project/vllm#51594): grade with an LLM grader instead of the offline one")
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(token_ids[i])) for i in scorable],
                                      SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                                      use_tqdm=False) if scorable else []
@@ -253,6 +276,10 @@ class SteeringWorkerExtension:
 
     def adl_install_steering(self) -> None:
         self.adl_steerer = _RowSteerer(self.model_runner)
+
+    def adl_install_lora(self) -> None:
+        from workers.lora import mask_unadapted_rows
+        mask_unadapted_rows()
 
     def adl_take_steered_ids(self) -> list[str]:
         return self.adl_steerer.take_steered_ids()
@@ -403,17 +430,39 @@ def _decoder_layers(model, num_layers: int):
 
 
 class GenerationWorker:
-    """A Ray actor holding one engine for one model of a job. The model is fetched on the
-    worker's own node (an S3 location is downloaded there, not on the driver)."""
+    """A Ray actor holding one engine for one model of a job, and for every LoRA adapter
+    of it in the job (`adapters`, locations as the spec gives them): their requests share
+    the engine's batches. The model and adapters are fetched on the worker's own node (an
+    S3 location is downloaded there, not on the driver)."""
+
+    # Distinct adapters one batch may hold (vLLM's max_loras: a buffer slot each). A
+    # batch with more is still served, the extra adapters' requests in later steps.
+    MAX_LORAS = 8
 
     def __init__(self, source, storage: StorageOptions, trust_remote_code: bool = False,
-                 grader=None, **engine_options):
-        from workers.models import engine_arguments
+                 grader=None, adapters: tuple[str, ...] = (), **engine_options):
+        from workers.models import engine_arguments, materialize
         self.grader_config = grader   # the offline grader's settings (common.types.OfflineGrading) or None
+        self._adapters = {a: materialize(a, storage) for a in adapters}
+        if self._adapters:
+            engine_options = {"lora_adapters": tuple(self._adapters.values()),
+                              "max_loras": min(len(self._adapters), self.MAX_LORAS), **engine_options}
         self.engine = GenerationEngine(**engine_arguments(source, storage, trust_remote_code), **engine_options)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests)
+
+    def for_adapter(self, adapter: str | None, method: str, *args, **kwargs):
+        """generate() with every request that names no adapter run with `adapter` (its
+        location as the spec gives it; None: the base); other methods are the base's (the
+        offline grader scores on the base, an adapter pair's reference)."""
+        if method == "generate":
+            if adapter is not None and adapter not in self._adapters:
+                raise ValueError(f"adapter {adapter} is not one this engine was started with")
+            path = self._adapters.get(adapter)
+            requests = [r if r.adapter is not None else replace(r, adapter=path) for r in args[0]]
+            return self.generate(requests, *args[1:], **kwargs)
+        return getattr(self, method)(*args, **kwargs)
 
     def coherence(self, texts: list[str]):
         """The offline grader's coherence judgements (workers/graders/offline.py

@@ -6,6 +6,12 @@ and sends it all of that model's work, so a model shared by many pairs is loaded
 Calls may overlap (max_concurrency=2: a shard's encode and write overlap the next
 forward); every use of the model's forward takes `forward_lock`, because patchscope's
 hooks sit on the same blocks that extraction reads.
+
+A LoRA adapter rides on its base's actor: the executor calls `for_adapter(adapter,
+method, ...)`, and every forward of that call runs with that adapter alone active (PEFT
+multi-adapter: each adapter is loaded once, on its first use, beside the others, and
+`set_adapter` picks one), or with all adapters off for the base. The adapter is chosen
+inside `forward_lock`, so two adapters never meet in one forward.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from common.types import OfflineGrading
 from storage.store import StorageOptions, Store
 from workers.extraction import extract_shard
 from workers.lens import Lens
-from workers.models import load_model, load_tokenizer
+from workers.models import load_model, load_tokenizer, materialize
 from workers.patchscope import Patchscope
 
 
@@ -29,10 +35,47 @@ class TransformersWorker:
         self.trust_remote_code = trust_remote_code
         self.grader_settings = grader
         self.model = load_model(source, dtype=dtype, storage=storage, trust_remote_code=trust_remote_code)
-        self.forward_lock = threading.Lock()
+        self.forward_lock = _AdapterLock(self)
+        self._call = threading.local()      # the adapter of the call this thread runs
+        self._peft = None                   # the PeftModel around self.model, once an adapter is loaded
+        self._adapter_names: dict[str, str] = {}   # adapter location -> its PEFT name
         self._tokenizers: dict = {}
         self._lens = self._patchscope = self._grader = None
         self._setup = threading.Lock()
+
+    def for_adapter(self, adapter: str | None, method: str, *args, **kwargs):
+        """Runs a method with an adapter (its location as the spec gives it) active in
+        every forward it makes; None: the base model alone."""
+        self._call.adapter = adapter
+        try:
+            return getattr(self, method)(*args, **kwargs)
+        finally:
+            self._call.adapter = None
+
+    @property
+    def adapter_loads(self) -> int:
+        return len(self._adapter_names)
+
+    def _activate(self, adapter: str | None) -> None:
+        """Under the forward lock: makes `adapter` the only active one (None: none)."""
+        if adapter is None:
+            if self._peft is not None:
+                self._peft.base_model.disable_adapter_layers()
+            return
+        name = self._adapter_names.get(adapter)
+        if name is None:
+            from peft import PeftModel
+            name = f"adapter{len(self._adapter_names)}"
+            path = materialize(adapter, self.storage)
+            if self._peft is None:     # wraps self.model in place: its modules gain LoRA layers
+                self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                self._peft.load_adapter(path, adapter_name=name)
+            self._peft.eval().requires_grad_(False)
+            self._adapter_names[adapter] = name
+        self._peft.base_model.enable_adapter_layers()
+        self._peft.set_adapter(name)
+        self._peft.requires_grad_(False)
 
     def tokenizer(self, source):
         """A tokenizer by ModelSource (a pair reads its finetuned model with its base's)."""
@@ -93,7 +136,8 @@ class TransformersWorker:
                 model = self.model
                 if dtype != self.dtype:      # a copy in the grader's own dtype, from these weights
                     import torch
-                    model = copy.deepcopy(model).to(getattr(torch, dtype))
+                    with self.forward_lock:  # (the reference is the base: adapters off in the copy)
+                        model = copy.deepcopy(model).to(getattr(torch, dtype))
                 own = type(self.source)(self.source.model, self.source.revision)
                 tokenizer = load_tokenizer(own, self.storage, self.trust_remote_code)
                 self._grader = GraderService(make_grader(settings, model=model, tokenizer=tokenizer))
@@ -113,3 +157,24 @@ class TransformersWorker:
         return self._grading().token_relevances(token_lists, description, frequent_tokens)
 
 
+
+
+class _AdapterLock:
+    """The forward lock of a TransformersWorker: whoever holds it runs forwards with the
+    adapter of its own call (TransformersWorker.for_adapter) active."""
+
+    def __init__(self, worker: TransformersWorker):
+        self._worker, self._lock = worker, threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        try:
+            self._worker._activate(getattr(self._worker._call, "adapter", None))
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
