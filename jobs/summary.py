@@ -87,6 +87,8 @@ def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP)
     gens = results.table(GENERATIONS)
     if gens is not None:
         lines += _generation_lines(gens)
+    lines += [f"  NO RESULT layer {layer} pos {pos}: {what}"
+              for (layer, pos), whats in results.no_results().items() for what in whats]
     lines += _analyses_lines(results, top)
     return lines
 
@@ -107,8 +109,9 @@ def _analyses_lines(results, top: int) -> list[str]:
     elif relevance is not None:
         lines.append("  token relevance (fraction relevant / probability-weighted / already frequent):")
         for m in relevance["metrics"]:
+            two = lambda v: "none labelled" if v is None else f"{v:.2f}"
             lines.append(f"    layer {m['layer']} pos {m['position']} {m['source']:10s} "
-                         f"{m['fraction_relevant']:.2f} / {m['weighted_fraction_relevant']:.2f} / "
+                         f"{two(m['fraction_relevant'])} / {two(m['weighted_fraction_relevant'])} / "
                          f"{m['fraction_frequent']:.2f}")
     sim = results.table(SIMILARITY)
     if sim is not None:
@@ -137,6 +140,8 @@ def _generation_lines(gens) -> list[str]:
     lines = ["  steered vs unsteered (finetuned model, first prompt, first sample):"]
     unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
     steered = gens[gens.kind == "steered"]
+    if steered.empty:
+        return ["  no steered samples"]
     first = steered.prompt_id.min()
     plain = unsteered[(unsteered.prompt_id == first) & (unsteered.sample_index == 0)].text
     lines.append(f"    prompt: {_clip(steered[steered.prompt_id == first].prompt.iloc[0])}")
