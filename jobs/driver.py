@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from common.errors import one_line
 from common.logs import configure as configure_logging
+from jobs.attempts import AttemptLog
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
@@ -295,11 +296,16 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     store = Store.from_uri(spec.storage.root, spec.storage.options)
     store.check()
     plan = make_plan(spec)   # every input error surfaces here, before any write
-    pending = pending_pairs(plan, store)
-    for pair in plan.pairs:
-        if pair not in pending:
-            logger.info(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
-    status = JobStatus(store, plan, pending, pair_stages(spec))
+    log = AttemptLog.attached(store, spec.name)   # this attempt's log (jobs/attempts.py)
+    try:
+        pending = pending_pairs(plan, store)
+        for pair in plan.pairs:
+            if pair not in pending:
+                logger.info(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
+        status = JobStatus(store, plan, pending, pair_stages(spec), log)
+    except BaseException:
+        log.detach()
+        raise
     status.stats = stats
     key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
     private = False
@@ -358,6 +364,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                         f"rerun the same spec to resume from there")
         if private:
             _stop_private_ray()
+        status.close()
         raise
     publisher.close()
     status.catalog = publish(store, key, views=("catalog", "pair similarity"))
@@ -367,6 +374,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         publish(store, key, views=("report",))
     if store.retries:
         logger.info(f"storage: {store.retries} retries in this run")
+    status.close()
     return key
 
 

@@ -15,6 +15,7 @@ its units again on a new actor that it packs itself.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -36,20 +37,58 @@ POLL_S = 0.5        # how long the scheduler's loop waits for an event (SIGINT i
 logger = logging.getLogger("adl.executor")
 
 
+class ActorWarnings(logging.Handler):
+    """An actor's log records at WARNING and above (its own, transformers', vLLM's and
+    Python's warnings), kept until the driver asks for them (adl_placement): Ray runs
+    with log_to_driver=False, so they would stay in the log files of the actor's node;
+    the driver puts them in its log and the attempt's (jobs/status.py ActorLedger)."""
+    LOGGERS = ("", "transformers", "vllm")   # the last two do not propagate to the root
+    KEEP = 200
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: collections.deque = collections.deque(maxlen=self.KEEP)
+        self._seen: collections.deque = collections.deque(maxlen=64)   # a record reaching two loggers
+
+    def install(self) -> "ActorWarnings":
+        logging.captureWarnings(True)
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if id(record) in self._seen:
+            return
+        self._seen.append(id(record))
+        try:
+            lines = record.getMessage().strip().splitlines() or [""]
+        except Exception:   # noqa: BLE001  (a bad log call must not break the actor)
+            return
+        text = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"   # a traceback: its last line
+        self.lines.append(f"{record.levelname} {record.name or 'root'}: {text}")
+
+    def drain(self) -> list[str]:
+        out = list(self.lines)
+        self.lines.clear()
+        return out
+
+
 @functools.cache
 def _tracked_class(cls):
     """cls with a start time taken when Ray places the actor (its __init__ begins) and a
-    method that reports where it runs: what the status record's actor entries show."""
+    method that reports where it runs (what the status record's actor entries show) and
+    the warnings it logged since it last reported."""
     class Tracked(cls):
         def __init__(self, *args, **kwargs):
             self._adl_started = time.time()
+            self._adl_warnings = ActorWarnings().install()
             super().__init__(*args, **kwargs)
 
         def adl_placement(self) -> dict:
             import ray
             return {"node_id": ray.get_runtime_context().get_node_id(),
                     "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(),
-                    "started": self._adl_started}
+                    "started": self._adl_started, "warnings": self._adl_warnings.drain()}
 
     Tracked.__name__, Tracked.__qualname__, Tracked.__doc__ = cls.__name__, cls.__qualname__, cls.__doc__
     return Tracked

@@ -1,6 +1,7 @@
 """Readable summaries of what a run produced, for the end of `adl run` and `adl inspect`."""
 from __future__ import annotations
 
+from jobs.attempts import history, history_lines
 from storage import layout
 from storage.store import StorageError, StorageOptions, Store
 from storage.tables import CATALOG, DIFFERENCE, GENERATIONS, SIMILARITY, table_kind
@@ -198,6 +199,10 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
     status = read_status_record(store, status_key) if store.exists(status_key) else None
     if status:
         lines += status_lines(status)
+    attempts = history(store, record["job"])
+    if attempts:
+        lines.append(f"run history ({len(attempts)} attempts, newest first; status above: the latest that did work):")
+        lines += history_lines(attempts)
     catalog = layout.run_catalog(record["job"])
     if store.exists(catalog):
         rows = store.read_table(catalog, CATALOG, ["pair"]).num_rows
