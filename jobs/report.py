@@ -274,8 +274,8 @@ def steering_section(data: PairData, layer: int, position: int, spec: dict) -> s
     if rows.empty:
         return head + note("no strength search at this layer and position")
     pass_fraction = spec.get("generation", {}).get("search", {}).get("pass_fraction")
-    if rows.strength_found.eq(False).all():
-        tried = sorted({t["strength"] for r in rows.itertuples() for t in (r.trials if r.trials is not None else [])})
+    tried = _no_strength(data).get((layer, position))
+    if tried is not None:
         return (head + note("no coherent strength found: no strength tried (" + ", ".join(f"{a:.3g}" for a in tried)
                             + ") passed for any prompt; this vector has no alpha and no steered samples")
                 + steering_chart(rows, pass_fraction))
@@ -286,6 +286,11 @@ def steering_section(data: PairData, layer: int, position: int, spec: dict) -> s
             f"<table><tr><th>threshold prompt</th><th>threshold</th><th>strengths tried</th></tr>{table}</table>"
             f'<p class="legend">the search: coherent fraction of each strength tried, one colour per prompt</p>'
             f"{steering_chart(rows, pass_fraction)}")
+
+
+def _no_strength(data: PairData) -> dict:
+    """(layer, position) -> strengths tried, where the steering search found none."""
+    return data.results.no_strength() if data.results is not None else {}
 
 
 def sample(text: str) -> str:
@@ -304,8 +309,7 @@ def samples_section(data: PairData, layer: int, position: int) -> str:
     steered = _at(gens[gens.kind == "steered"], layer, position)
     unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
     if steered.empty:
-        if (layer, position) in {key for key, what in data.no_results.items()
-                                 if any(w.startswith("steering") for w in what)}:
+        if (layer, position) in _no_strength(data):
             return head + note("no steered samples: the steering search found no coherent strength here")
         return head + note("no steered samples at this layer and position")
     alpha = float(steered.alpha.iloc[0])
@@ -436,11 +440,11 @@ def _headline_alpha(data: PairData, layer: int) -> str:
     if data.steering is None:
         return '<span class="none">–</span>'
     alphas = data.steering[data.steering.layer == layer].groupby("position").alpha.first().dropna()
-    missing = sorted(p for l, p in data.results.no_strength() if l == layer) if data.results is not None else []
+    missing = sorted(p for l, p in _no_strength(data) if l == layer)
     marker = (f'<br><span class="no-result">no coherent strength at position{"s" if len(missing) > 1 else ""} '
               f'{", ".join(map(str, missing))}</span>' if missing else "")
     if alphas.empty:
-        return ('<span class="none">–</span>' + marker) if marker else '<span class="none">–</span>'
+        return '<span class="none">–</span>' + marker
     span = f"{alphas.min():.3g}" if alphas.min() == alphas.max() else f"{alphas.min():.3g} – {alphas.max():.3g}"
     return span + marker
 

@@ -26,6 +26,7 @@ from storage import layout
 from storage.store import Store
 
 PROGRESS_EVERY_S = 2.0
+LOG_EVERY_S = 10.0          # the attempt's log is rewritten whole: not with every record
 STATES = ("pending", "running", "done", "failed")
 
 logger = logging.getLogger("adl.status")
@@ -118,12 +119,13 @@ def _log_warnings(entry: dict, placed: dict) -> None:
 
 
 class JobStatus:
-    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...], log: AttemptLog | None = None):
-        """log: the attempt's log (jobs/attempts.py), written with the record and let go by
-        finish(); None: a log of its own, from here on."""
+    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...], log: AttemptLog):
+        """log: the attempt's log (jobs/attempts.py), written with the record (at most every
+        LOG_EVERY_S) and whole by close()."""
         self.store, self.stages = store, stages
         self.key = layout.run_status(plan.spec.name)
-        self.log = log if log is not None else AttemptLog.attached(store, plan.spec.name)
+        self.log = log
+        self._last_log = 0.0
         self.actors = ActorLedger()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()   # snapshots reach storage in the order taken
@@ -254,7 +256,9 @@ class JobStatus:
             record = self._snapshot(force)
             if record is not None:
                 write_attempt(self.store, self.record["job"], record)
-                self.log.flush()
+                if time.time() - self._last_log >= LOG_EVERY_S:
+                    self._last_log = time.time()
+                    self.log.flush()
 
     def _snapshot(self, force: bool) -> dict | None:
         with self._lock:
