@@ -68,7 +68,8 @@ class PairEvidence:
         positions = [p for p in spec.method.positions]
         vectors = {(int(r.layer), int(r.position)): unit_scaled(np.asarray(r.delta, np.float64), float(r.finetuned_norm))
                    for r in difference.itertuples() if int(r.position) in positions}
-        alphas = {(int(r.layer), int(r.position)): float(r.alpha) for r in steering.itertuples()}
+        alphas = {(int(r.layer), int(r.position)): float(r.alpha) for r in steering.itertuples()
+                  if r.alpha is not None and not np.isnan(r.alpha)}   # null: no coherent strength
         return cls(layers=sorted(int(x) for x in layers), positions=positions,
                    prompts=steering_prompts(spec.generation),
                    lens=lens[lens.variant == "delta"], patchscope=scope[scope.variant == "delta"],

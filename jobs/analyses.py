@@ -91,7 +91,8 @@ def patchscope(ctx) -> None:
         chosen = j.value["scale"] if j.ok else None
         coherent = set(j.value["tokens"]) if j.ok else set()
         if not j.ok:
-            logger.info(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale ({j.error})")
+            logger.warning(f"{pair.pair.name}: patchscope layer {layer} pos {pos} {variant}: no best scale "
+                           f"({j.error}); no row of it is chosen")
         for i, scale in enumerate(scales):
             is_chosen = chosen is not None and scale == chosen
             for rank, (tid, tok, p) in enumerate(zip(ids[i], tokens[i], probs[i])):
@@ -165,9 +166,15 @@ def token_relevance(ctx) -> None:
             rows.append({"layer": layer, "position": pos, "source": source, "rank": int(rank), "token": tok,
                          "probability": float(p), "relevant": bool(rel), "frequent": bool(freq),
                          "labels": list(j.labels) if j.labels else ["FAILED"] * 3})
+        # A list the grader labelled no token of has no fraction: 0 would read as "none relevant".
+        labelled = any(j.ok for j in judgements)
+        if not labelled:
+            logger.warning(f"{pair.pair.name}: token relevance layer {layer} pos {pos} {source}: the grader "
+                           f"labelled none of its {len(judgements)} tokens; no fraction relevant")
         metrics.append({"layer": layer, "position": pos, "source": source,
-                        "fraction_relevant": float(relevant.mean()),
-                        "weighted_fraction_relevant": float((probs * relevant).sum() / probs.sum()),
+                        "fraction_relevant": float(relevant.mean()) if labelled else None,
+                        "weighted_fraction_relevant": float((probs * relevant).sum() / probs.sum())
+                        if labelled else None,
                         "fraction_frequent": float(is_frequent.mean()),
                         # tokens the grader failed on count as not relevant
                         "tokens": len(judgements), "failed": sum(not j.ok for j in judgements)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pyarrow as pa
 
 from jobs.results import PairResults, agent_summary  # noqa: F401  (agent_summary: its readers import it here)
@@ -29,8 +30,11 @@ def pair_rows(store: Store, pair: dict, positions: list[int], control: bool = Fa
     diff = results.norms().to_dict("records")
     top = {key: (list(g.token), [float(p) for p in g.probability])
            for key, g in results.lens_top("delta", TOP_TOKENS).groupby(["layer", "position"])}
-    steering = results.table(STEERING, ["layer", "position", "alpha"])
-    alpha = {} if steering is None else {(r.layer, r.position): r.alpha for r in steering.itertuples()}
+    steering = results.table(STEERING, ["layer", "position", "alpha", "strength_found"])
+    alpha = {} if steering is None else {(r.layer, r.position): None if pd.isna(r.alpha) else float(r.alpha)
+                                         for r in steering.itertuples()}
+    found = {} if steering is None else {(r.layer, r.position): None if r.strength_found is None
+                                         else bool(r.strength_found) for r in steering.itertuples()}
     similarities: dict = {}
     sim = results.table(SIMILARITY)
     for r in ([] if sim is None else sim.itertuples()):
@@ -55,7 +59,8 @@ def pair_rows(store: Store, pair: dict, positions: list[int], control: bool = Fa
                                                                  r["delta_norm"] / r["finetuned_norm"]),
                      "trace_strength": t.get("trace_strength"),
                      "steering_uplift": t.get("steering_uplift", {}).get(int(r["position"])),
-                     "best_grade": t.get("best_grade"), "control": control})
+                     "best_grade": t.get("best_grade"), "control": control,
+                     "strength_found": found.get(key)})
     return rows
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from common.errors import one_line
 from common.redact import redact_urls
 from common.logs import configure as configure_logging
+from jobs.attempts import AttemptLog
 from jobs.executor import RayBackend, pair_manifest
 from jobs.integrity import check_pair, check_set, check_stage, set_manifest
 from jobs.leases import Leases
@@ -353,19 +354,25 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     plan = make_plan(spec)   # every input error surfaces here, before any write
     check_job_folder(store, spec.name)
     refuse_gpuless_compute(spec)
-    pending = pending_pairs(plan, store)
-    for pair in plan.pairs:
-        if pair not in pending:
-            logger.info(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
+    log = AttemptLog.attached(store, spec.name)   # this attempt's log (jobs/attempts.py)
     status = None
     try:
-        status = JobStatus(store, plan, pending, pair_stages(spec))
+        pending = pending_pairs(plan, store)
+        for pair in plan.pairs:
+            if pair not in pending:
+                logger.info(f"{pair.pair.name}: results complete, skipped ({store.uri(pair.out_dir)})")
+        status = JobStatus(store, plan, pending, pair_stages(spec), log)
         status.stats = stats
         key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
     except (StorageError, OSError) as e:   # the root checked writable, and then was not
+        log.detach()
         if status is not None:
             _recording(store, lambda: status.finish(error=one_line(e)))
+            _recording(store, status.close)
         raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
+    except BaseException:
+        log.detach()
+        raise
     private = False
     backend = None
     leases = Leases(store, spec.name)
@@ -427,6 +434,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
                         f"rerun the same spec to resume from there")
         if private:
             _stop_private_ray()
+        _recording(store, status.close)
         if isinstance(e, (StorageError, OSError)):
             raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
         raise
@@ -439,9 +447,11 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             publish(store, key, views=("report",))
     except (StorageError, OSError) as e:
         _recording(store, lambda: status.finish(error=one_line(e)))
+        _recording(store, status.close)
         raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
     if store.retries:
         logger.info(f"storage: {store.retries} retries in this run")
+    status.close()
     return key
 
 

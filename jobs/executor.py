@@ -52,7 +52,8 @@ def hide_unheld_gpus() -> None:
 @functools.cache
 def _tracked_class(cls):
     """cls with a start time taken when Ray places the actor (its __init__ begins) and a
-    method that reports where it runs: what the status record's actor entries show."""
+    method that reports where it runs (what the status record's actor entries show) and
+    the warnings it logged since it last reported."""
     class Tracked(cls):
         def __init__(self, *args, _adl_gpu_share: tuple[float, bool] = (0.0, False), **kwargs):
             self._adl_started = time.time()
@@ -84,7 +85,7 @@ def _tracked_class(cls):
             import ray
             return {"node_id": ray.get_runtime_context().get_node_id(),
                     "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(),
-                    "started": self._adl_started}
+                    "started": self._adl_started, "warnings": self._adl_warnings.take()}
 
     Tracked.__name__, Tracked.__qualname__, Tracked.__doc__ = cls.__name__, cls.__qualname__, cls.__doc__
     return Tracked

@@ -64,7 +64,7 @@ th{background:#f6f8fa}.index td{max-width:34em}
 .sample{border-left:3px solid #d0d7de;padding-left:.5em;margin:.2em 0 .6em;white-space:pre-wrap;word-break:break-word}
 details>summary{cursor:pointer;color:#0969da}details.sample>summary{color:inherit}
 .note{color:#9a6700;background:#fff8c5;border:1px solid #d4a72c;border-radius:4px;padding:.3em .6em;display:inline-block}
-.none{color:#8c959f}.legend{color:#57606a;font-size:.9em;margin:.3em 0}.uri{color:#57606a;font-size:.9em;word-break:break-all}ul.stages{color:#57606a}
+.none{color:#8c959f}.no-result{color:#cf222e}ul.no-result{font-weight:600}.legend{color:#57606a;font-size:.9em;margin:.3em 0}.uri{color:#57606a;font-size:.9em;word-break:break-all}ul.stages{color:#57606a}
 svg.chart{display:block;font:12px system-ui,sans-serif;margin:.4em 0}svg .bar{fill:#8c959f}svg .bar.key{fill:#0969da}
 svg .axis{stroke:#57606a;stroke-width:1}svg .pass{stroke:#cf222e;stroke-dasharray:4 3}
 svg .grid{stroke:#d0d7de}svg .bar.adl{fill:#0969da}svg .bar.blackbox{fill:#8c959f}svg .whisker{stroke:#1d232a;stroke-width:2}

@@ -93,6 +93,7 @@ class PairData:
     results: PairResults | None = None
     state: dict = field(default_factory=lambda: {"state": "pending", "error": None})   # the job's view of it
     notes: dict = field(default_factory=dict)    # stage -> why it is not shown
+    no_results: dict = field(default_factory=dict)   # (layer, position) -> what ran but found nothing
 
 
 def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
@@ -110,6 +111,7 @@ def load_pair(store: Store, pair: dict, spec: dict) -> PairData:
     data.relevance = results.table(TOKEN_RELEVANCE)
     data.relevance_status = results.json(layout.TOKEN_RELEVANCE_JSON)
     data.agent = results.table(AGENT)
+    data.no_results = results.no_results()
     if data.agent is not None:
         data.agent = data.agent.astype(object).where(data.agent.notna(), None)   # nulls as None, not NaN
         for path in data.agent.transcript.dropna():
@@ -286,6 +288,11 @@ def steering_section(data: PairData, layer: int, position: int, spec: dict) -> s
     if rows.empty:
         return head + note("no strength search at this layer and position")
     pass_fraction = spec.get("generation", {}).get("search", {}).get("pass_fraction")
+    tried = _no_strength(data).get((layer, position))
+    if tried is not None:
+        return (head + note("no coherent strength found: no strength tried (" + ", ".join(f"{a:.3g}" for a in tried)
+                            + ") passed for any prompt; this vector has no alpha and no steered samples")
+                + steering_chart(rows, pass_fraction))
     table = "".join(f"<tr><td>{esc(r.prompt)}</td><td>{fmt(r.threshold)}</td>"
                     f"<td>{len(r.trials) if r.trials is not None else 0}</td></tr>"
                     for r in rows.itertuples())
@@ -293,6 +300,11 @@ def steering_section(data: PairData, layer: int, position: int, spec: dict) -> s
             f"<table><tr><th>threshold prompt</th><th>threshold</th><th>strengths tried</th></tr>{table}</table>"
             f'<p class="legend">the search: coherent fraction of each strength tried, one colour per prompt</p>'
             f"{steering_chart(rows, pass_fraction)}")
+
+
+def _no_strength(data: PairData) -> dict:
+    """(layer, position) -> strengths tried, where the steering search found none."""
+    return data.results.no_strength() if data.results is not None else {}
 
 
 def sample(text: str) -> str:
@@ -311,6 +323,8 @@ def samples_section(data: PairData, layer: int, position: int) -> str:
     steered = _at(gens[gens.kind == "steered"], layer, position)
     unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
     if steered.empty:
+        if (layer, position) in _no_strength(data):
+            return head + note("no steered samples: the steering search found no coherent strength here")
         return head + note("no steered samples at this layer and position")
     alpha = float(steered.alpha.iloc[0])
     rows = []
@@ -378,6 +392,11 @@ def pair_section(data: PairData, spec: dict) -> str:
         out.append(note("incomplete: the pair's manifest is missing, its results are not final"))
     if stages:
         out.append(f'<ul class="stages">{stages}</ul>')
+    if data.no_results:
+        out.append('<ul class="no-result">' + "".join(
+            f'<li><a href="#{anchor("pair", data.name, "L", layer, "P", position)}">layer {layer}, position '
+            f"{position}</a>: no result: {esc(what)}</li>"
+            for (layer, position), whats in data.no_results.items() for what in whats) + "</ul>")
     norms = data.difference
     for layer in sorted({layer for layer, _ in _targets(data)}):
         out.append(f'<h3 id="{anchor("pair", data.name, "L", layer)}">layer {layer}</h3>')
@@ -435,9 +454,13 @@ def _headline_alpha(data: PairData, layer: int) -> str:
     if data.steering is None:
         return '<span class="none">–</span>'
     alphas = data.steering[data.steering.layer == layer].groupby("position").alpha.first().dropna()
+    missing = sorted(p for l, p in _no_strength(data) if l == layer)
+    marker = (f'<br><span class="no-result">no coherent strength at position{"s" if len(missing) > 1 else ""} '
+              f'{", ".join(map(str, missing))}</span>' if missing else "")
     if alphas.empty:
-        return '<span class="none">–</span>'
-    return f"{alphas.min():.3g}" if alphas.min() == alphas.max() else f"{alphas.min():.3g} – {alphas.max():.3g}"
+        return '<span class="none">–</span>' + marker
+    span = f"{alphas.min():.3g}" if alphas.min() == alphas.max() else f"{alphas.min():.3g} – {alphas.max():.3g}"
+    return span + marker
 
 
 def _headline_similarity(data: PairData, layer: int) -> str:

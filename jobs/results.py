@@ -19,7 +19,7 @@ import pandas as pd
 from jobs.integrity import read_record
 from storage import layout
 from storage.store import IntegrityError, Store
-from storage.tables import AGENT, DIFFERENCE, LOGIT_LENS, PATCHSCOPE, SIMILARITY, TableKind, decode_vectors
+from storage.tables import AGENT, DIFFERENCE, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING, TableKind, decode_vectors
 
 NORM_COLUMNS = ["layer", "position", "num_documents", "delta_norm", "finetuned_norm"]
 
@@ -132,6 +132,31 @@ class PairResults:
                 return float(hit.similarity.iloc[0]) if not hit.empty else None
             out[(int(layer), int(pos))] = (against("steered"), against("unsteered"))
         return out
+
+    def no_strength(self) -> dict[tuple[int, int], list[float]]:
+        """(layer, position) -> the strengths tried, for each vector whose steering search
+        found no coherent strength (steering.parquet's strength_found false)."""
+        steering = self.table(STEERING, ["layer", "position", "strength_found", "trials"])
+        out: dict = {}
+        for r in ([] if steering is None else steering[steering.strength_found.eq(False)].itertuples()):
+            tried = out.setdefault((int(r.layer), int(r.position)), set())
+            tried.update(float(t["strength"]) for t in (r.trials if r.trials is not None else []))
+        return {key: sorted(tried) for key, tried in sorted(out.items())}
+
+    def no_results(self) -> dict[tuple[int, int], list[str]]:
+        """(layer, position) -> what a stage ran for but found nothing: the outputs that
+        would otherwise look like results (the report's and the summary's markers)."""
+        out: dict = {}
+        for key, tried in self.no_strength().items():
+            out.setdefault(key, []).append(
+                "steering: no coherent strength found (tried " + ", ".join(f"{a:.3g}" for a in tried) + ")")
+        scope = self.table(PATCHSCOPE, ["layer", "position", "variant", "chosen"])
+        if scope is not None:
+            delta = scope[scope.variant == "delta"]
+            for (layer, pos), group in delta.groupby(["layer", "position"]):
+                if not group.chosen.any():
+                    out.setdefault((int(layer), int(pos)), []).append("patchscope: no scale chosen for delta")
+        return dict(sorted(out.items()))
 
     def agent_groups(self) -> list[dict] | None:
         agent = self.table(AGENT)

@@ -6,8 +6,10 @@ per pair and stage, pending / running / done / failed (with the error); per acti
 its shards; every model actor's node, GPU ids and lifetime; counts, timings and GPU-hours
 (actor lifetimes x GPUs held). A progress line goes to the log with every state change.
 
-The record describes one run of the job; the results themselves are complete or not by
-their manifests, never by this file.
+The record describes one attempt of the job; the results themselves are complete or not
+by their manifests, never by this file. Every attempt's record and log are also kept apart
+(jobs/attempts.py): status.json is the latest attempt that did work, and an attempt with
+nothing to do leaves it as it was.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from common.errors import one_line
+from jobs.attempts import AttemptLog, attempt_log, write_attempt
 from storage import layout
 from storage.store import Store
 
 PROGRESS_EVERY_S = 2.0
+LOG_EVERY_S = 10.0          # the attempt's log is rewritten whole: not with every record
 STATES = ("pending", "running", "done", "failed", "interrupted")
 
 logger = logging.getLogger("adl.status")
@@ -72,6 +76,7 @@ class ActorLedger:
         with self._lock:
             self._resolve(index, ref, wait=0)
             if latest:
+                _log_warnings(entry, latest)
                 if entry["node_id"] and latest["node_id"] != entry["node_id"]:
                     entry["moved_from"] = {"node_id": entry["node_id"], "gpu_ids": entry["gpu_ids"]}
                 entry.update({k: latest[k] for k in ("node_id", "gpu_ids", "pid", "started")})
@@ -88,9 +93,12 @@ class ActorLedger:
         ready, _ = ray.wait([ref], timeout=wait)
         if ready:
             try:
-                entry.update(ray.get(ready[0]))
+                placed = ray.get(ready[0])
             except Exception as e:   # the actor failed to start
                 entry["error"] = one_line(e)
+                return
+            _log_warnings(entry, placed)
+            entry.update(placed)
 
     def snapshot(self) -> tuple[list[dict], float]:
         """The entries (resolving placements that have arrived) and the GPU-hours so far."""
@@ -103,10 +111,21 @@ class ActorLedger:
             return [dict(e) for e in self.entries], gpu_seconds / 3600
 
 
+def _log_warnings(entry: dict, placed: dict) -> None:
+    """The warnings an actor logged since it last reported (jobs/executor.py
+    _WarningsKept), into the driver's log and so the attempt's."""
+    for line in placed.pop("warnings", None) or []:
+        logger.warning(f"actor {entry['model']} ({entry['kind']}): {line}")
+
+
 class JobStatus:
-    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...]):
+    def __init__(self, store: Store, plan, pending, stages: tuple[str, ...], log: AttemptLog):
+        """log: the attempt's log (jobs/attempts.py), written with the record (at most every
+        LOG_EVERY_S) and whole by close()."""
         self.store, self.stages = store, stages
         self.key = layout.run_status(plan.spec.name)
+        self.log = log
+        self._last_log = 0.0
         self.actors = ActorLedger()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()   # snapshots reach storage in the order taken
@@ -115,7 +134,9 @@ class JobStatus:
         pending_dirs = {p.out_dir for p in pending}
         needed = {a.prefix for p in pending for a in (p.base, p.finetuned)}
         self.record = {
-            "job": plan.spec.name, "state": "running", "started": _now(), "updated": None,
+            "job": plan.spec.name, "attempt": self.log.attempt, "did_work": bool(pending),
+            "log": attempt_log(plan.spec.name, self.log.attempt).rpartition("/")[2],
+            "state": "running", "started": _now(), "updated": None,
             "finished": None, "seconds": 0.0, "driver_pid": os.getpid(),
             "pairs": {p.pair.name: {
                 "dir": p.out_dir, "base_activations": p.base.prefix,
@@ -251,12 +272,20 @@ class JobStatus:
             self.record["catalog"] = self.catalog
         self.write(force=True)
 
+    def close(self) -> None:
+        """The attempt's log receives no more lines and is written whole."""
+        self.log.detach()
+        self.log.flush()
+
     # -- writing ---------------------------------------------------------------------
     def write(self, force: bool = False) -> None:
         with self._write_lock:
             record = self._snapshot(force)
             if record is not None:
-                self.store.write_json(self.key, record)
+                write_attempt(self.store, self.record["job"], record)
+                if time.time() - self._last_log >= LOG_EVERY_S:
+                    self._last_log = time.time()
+                    self.log.flush()
 
     def _snapshot(self, force: bool) -> dict | None:
         with self._lock:

@@ -203,16 +203,45 @@ def steer(pair_name: str, spec: JobSpec, difference, engine, grader) -> PairGene
         return outcome
 
     search_rounds(states, search.lookahead, evaluate)
-    alphas = {key: float(np.mean([s.low for s in states if (s.layer, s.position) == key])) for key in vectors}
+    alphas = strengths_found(pair_name, search, states)
     steering_rows = [{"layer": s.layer, "position": s.position, "prompt_id": s.prompt_id,
                       "prompt": search.prompts[s.prompt_id], "threshold": s.low,
-                      "alpha": alphas[(s.layer, s.position)], "trials": s.trials} for s in states]
+                      "alpha": alphas.get((s.layer, s.position)),
+                      "strength_found": (s.layer, s.position) in alphas, "trials": s.trials} for s in states]
 
-    requests = steered_requests(pair_name, gen, vectors, alphas)
-    logger.info(f"{pair_name}: steered generations, {len(vectors) * len(steering_prompts(gen))} prompts x "
+    # A vector without a coherent strength gets no steered samples: text generated at
+    # search.low would be shown as steered while being the model's own.
+    found = {key: vector for key, vector in vectors.items() if key in alphas}
+    if not found:
+        return PairGenerations([], steering_rows)
+    requests = steered_requests(pair_name, gen, found, alphas)
+    logger.info(f"{pair_name}: steered generations, {len(found) * len(steering_prompts(gen))} prompts x "
                 f"{gen.samples} samples")
     results = ray.get(engine.generate.remote(requests))
-    return PairGenerations(steered_rows(pair_name, gen, vectors, alphas, results), steering_rows)
+    return PairGenerations(steered_rows(pair_name, gen, found, alphas, results), steering_rows)
+
+
+def strengths_found(pair: str, search, states: list[SearchState]) -> dict[tuple[int, int], float]:
+    """(layer, position) -> alpha, the mean of its prompts' thresholds, for the vectors
+    whose search found a coherent strength above search.low for at least one prompt (a
+    threshold rises above low only when a strength passed). The others are left out,
+    each with a WARNING naming the strengths tried and their best coherent fractions."""
+    by_key: dict[tuple[int, int], list[SearchState]] = {}
+    for s in states:
+        by_key.setdefault((s.layer, s.position), []).append(s)
+    alphas = {}
+    for (layer, position), mine in by_key.items():
+        if any(s.low > search.low for s in mine):
+            alphas[(layer, position)] = float(np.mean([s.low for s in mine]))
+            continue
+        best: dict[float, float] = {}
+        for t in (t for s in mine for t in s.trials):
+            best[t["strength"]] = max(best.get(t["strength"], 0.0), t["coherent_fraction"])
+        tried = ", ".join(f"{a:.3g} ({best[a]:.2f})" for a in sorted(best))
+        logger.warning(f"{pair}: steering layer {layer} position {position}: no coherent strength found in "
+                       f"({search.low:g}, {search.high:g}) (pass fraction {search.pass_fraction:g}); strengths "
+                       f"tried (best coherent fraction over prompts): {tried}; no steered samples for this vector")
+    return alphas
 
 
 def steered_requests(pair: str, gen: Generation, vectors: dict, alphas: dict) -> list:

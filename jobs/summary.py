@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from common.errors import one_line
+from jobs.attempts import history, history_lines
 from storage import layout
 from storage.store import StorageError, StorageOptions, Store, key_problem, shown
 from storage.tables import CATALOG, DIFFERENCE, GENERATIONS, SIMILARITY, table_kind
@@ -91,6 +92,8 @@ def pair_summary(store: Store, pair: dict, positions: list[int], top: int = TOP)
     gens = results.table(GENERATIONS)
     if gens is not None:
         lines += _generation_lines(gens)
+    lines += [f"  NO RESULT layer {layer} pos {pos}: {what}"
+              for (layer, pos), whats in results.no_results().items() for what in whats]
     lines += _analyses_lines(results, top)
     return lines
 
@@ -111,8 +114,9 @@ def _analyses_lines(results, top: int) -> list[str]:
     elif relevance is not None:
         lines.append("  token relevance (fraction relevant / probability-weighted / already frequent):")
         for m in relevance["metrics"]:
+            two = lambda v: "none labelled" if v is None else f"{v:.2f}"
             lines.append(f"    layer {m['layer']} pos {m['position']} {m['source']:10s} "
-                         f"{m['fraction_relevant']:.2f} / {m['weighted_fraction_relevant']:.2f} / "
+                         f"{two(m['fraction_relevant'])} / {two(m['weighted_fraction_relevant'])} / "
                          f"{m['fraction_frequent']:.2f}")
     sim = results.table(SIMILARITY)
     if sim is not None:
@@ -141,6 +145,8 @@ def _generation_lines(gens) -> list[str]:
     lines = ["  steered vs unsteered (finetuned model, first prompt, first sample):"]
     unsteered = gens[(gens.kind == "baseline") & (gens.model_role == "finetuned")]
     steered = gens[gens.kind == "steered"]
+    if steered.empty:
+        return ["  no steered samples"]
     first = steered.prompt_id.min()
     plain = unsteered[(unsteered.prompt_id == first) & (unsteered.sample_index == 0)].text
     lines.append(f"    prompt: {_clip(steered[steered.prompt_id == first].prompt.iloc[0])}")
@@ -201,6 +207,10 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
         lines.append(f"status: damaged, not shown: {one_line(e, typed=False)}")
     if status:
         lines += status_lines(status)
+    attempts = history(store, record["job"])
+    if attempts:
+        lines.append(f"run history ({len(attempts)} attempts, newest first; status above: the latest that did work):")
+        lines += history_lines(attempts)
     catalog = layout.run_catalog(record["job"])
     if store.exists(catalog):
         rows = store.read_table(catalog, CATALOG, ["pair"]).num_rows

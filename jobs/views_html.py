@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from common.errors import one_line
 from jobs.page import esc
 from jobs.pair_similarity import cluster_order, matrix, pair_similarity_rows
+from jobs.attempts import attempt_log, history, loads, units_done
 from storage import layout
 from storage.store import StorageError, Store
 from storage.tables import CAUSAL_EFFECT, PAIR_SIMILARITY
@@ -33,8 +34,31 @@ def progress_section(store: Store, record: dict) -> str:
             f"started {esc(status.get('started'))}, {float(status.get('seconds') or 0):.0f} s so far"
             + (f", finished {esc(status.get('finished'))}" if status.get("finished") else ""))
     error = f'<br><span class="state failed">job error: {esc(status["error"])}</span>' if status.get("error") else ""
-    return (f'<p class="progress" data-state="{esc(state)}">page written {esc(written)} · {line}'
-            f"{error}</p>")
+    attempt = f" · attempt {esc(status['attempt'])}" if status.get("attempt") else ""
+    return (f'<p class="progress" data-state="{esc(state)}">page written {esc(written)}{attempt} · {line}'
+            f"{error}</p>{history_section(store, record)}")
+
+
+def history_section(store: Store, record: dict) -> str:
+    """Every attempt of the job, newest first, with its log (jobs/attempts.py)."""
+    records = history(store, record["job"])
+    if not records:
+        return ""
+    rows = []
+    for r in reversed(records):
+        log = attempt_log(record["job"], str(r.get("attempt")))
+        rows.append(f'<tr data-attempt="{esc(r.get("attempt"))}"><td>{esc(r.get("attempt"))}</td>'
+                    f"<td>{esc(r.get('state'))}" + (f"<br><small>{esc(r['error'])}</small>" if r.get("error") else "")
+                    + f"</td><td>{esc(r.get('started'))}</td><td>{esc(r.get('finished') or '–')}</td>"
+                    f"<td>{float(r.get('seconds') or 0):.0f}</td><td>{units_done(r)}</td><td>{loads(r)}</td>"
+                    f"<td>{float(r.get('gpu_hours') or 0):.4f}</td>"
+                    f"<td>{'yes' if r.get('did_work', True) else 'nothing to do'}</td>"
+                    f'<td class="uri">{esc(store.uri(log))}</td></tr>')
+    return (f'<details class="history"><summary>run history: {len(records)} attempt'
+            f'{"s" if len(records) != 1 else ""} (the line above is the latest that did work)</summary>'
+            f"<table><tr><th>attempt</th><th>exit</th><th>started</th><th>ended</th><th>seconds</th>"
+            f"<th>units done</th><th>model loads</th><th>GPU-hours</th><th>work</th><th>log</th></tr>"
+            f"{''.join(rows)}</table></details>")
 
 
 def _colour(v: float) -> str:

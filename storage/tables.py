@@ -219,13 +219,15 @@ GENERATIONS = TableKind("generations", "generations.parquet", pa.schema([
 
 # One row per (layer, position, threshold prompt): that prompt's threshold, the (layer,
 # position)'s alpha (the mean over prompts), and every strength tried (with the seeds of
-# its samples).
+# its samples). strength_found false: no strength above search.low passed for any prompt
+# of that (layer, position); its alpha is null and it has no steered samples.
 STEERING = TableKind("steering", "steering.parquet", pa.schema([
     ("layer", pa.int16()), ("position", pa.int16()), ("prompt_id", pa.int32()),
     ("prompt", pa.string()), ("threshold", pa.float64()), ("alpha", pa.float64()),
+    ("strength_found", pa.bool_()),
     ("trials", pa.list_(pa.struct([("strength", pa.float64()), ("coherent_fraction", pa.float64()),
                                    ("graded", pa.int32()), ("seeds", pa.list_(pa.int64()))]))),
-]))
+]), version="2")
 
 # One row per (layer, position, variant, scale, rank). chosen: the grader's best scale of
 # that (layer, position, variant); coherent: in the grader's coherent subset there.
@@ -271,7 +273,8 @@ CAUSAL_EFFECT = TableKind("causal_effect", "causal_effect.parquet", pa.schema([
 # -- a job's views (metadata adl.job) -----------------------------------------------------
 # One row per pair x layer x analysed position across a job's finished pairs; alpha,
 # fraction_relevant, similarities and agent_grades (the pair's, on each of its rows) are
-# null where the pair has no such results.
+# null where the pair has no such results. strength_found: false where the steering
+# search found no coherent strength (alpha and steering_uplift null), null without steering.
 CATALOG = TableKind("catalog", "catalog.parquet", pa.schema([
     ("pair", pa.string()), ("pair_dir", pa.string()), ("base", pa.string()), ("finetuned", pa.string()),
     ("layer", pa.int16()), ("position", pa.int16()), ("num_documents", pa.int64()),
@@ -284,8 +287,8 @@ CATALOG = TableKind("catalog", "catalog.parquet", pa.schema([
                                          ("mean_grade", pa.float64()), ("runs", pa.int32()),
                                          ("graded", pa.int32())]))),
     ("delta_ratio", pa.float64()), ("trace_strength", pa.float64()), ("steering_uplift", pa.float64()),
-    ("best_grade", pa.float64()), ("control", pa.bool_()),
-]))
+    ("best_grade", pa.float64()), ("control", pa.bool_()), ("strength_found", pa.bool_()),
+]), version="2")
 
 # One row per two finished pairs of a job (pair_a first in job order; a pair with itself
 # included) and (layer, position) both have: the cosine of their deltas.

@@ -28,6 +28,7 @@ from test_graders import ChatServer, Reply
 from jobs.agent import FIRST_MESSAGE_TAIL, LAST_CALL, ChatEndpoint, parse_reply, run_agent
 from jobs.agent_stage import PairAgents, runs_of
 from jobs.agent_tools import ask_model_tool
+from jobs.attempts import history
 from jobs.hypothesis import RUBRICS, SYSTEM_PROMPT as GRADER_PROMPT, HypothesisGrader, parse_score
 from jobs.spec import SpecError, parse_spec
 from storage import layout
@@ -153,7 +154,7 @@ def agent_job(ray_cluster, make_spec, demo_pair, tmp_path_factory):
                         log=stderr.getvalue(), records=records, transcripts=transcripts,
                         table=store.read_table(f"{pair['dir']}/{AGENT.file}").to_pandas(),
                         rows=store.read_table(f"{pair['dir']}/{AGENT.file}").to_pylist(),
-                        status=status, rerun_status=store.read_json(layout.run_status(spec.name)))
+                        status=status, rerun_status=history(store, spec.name)[-1])
     return job
 
 

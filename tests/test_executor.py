@@ -287,3 +287,47 @@ def test_the_scheduler_benchmark_runs_the_drivers_units():
                          cwd=script.parent.parent, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "crowded: 40 pairs over 50 models" in run.stdout and "loads 101 for 101" in run.stdout, run.stdout
+
+
+
+def test_an_actors_warnings_reach_the_drivers_log(ray_cluster, caplog):
+    """Ray runs with log_to_driver=False: an actor's warnings come back through its
+    placement report, once each, in the driver's `adl` log (and so the attempt's)."""
+    import logging
+    import ray
+    from jobs.executor import _tracked_class
+    from jobs.status import ActorLedger
+
+    class Noisy:   # defined here: pickled by value, the workers cannot import tests
+        """A model actor's stand-in that warns while it loads and while it works, through
+        the loggers a model runtime uses."""
+
+        def __init__(self):
+            import logging
+            import warnings
+            logging.getLogger("transformers").propagate = False
+            logging.getLogger("transformers").warning("loading: some weights were not initialized")
+            warnings.warn("a deprecated argument", FutureWarning)
+            logging.getLogger("adl.workers").info("an INFO line stays on the node")
+
+        def work(self):
+            import logging
+            logging.getLogger("vllm").propagate = False
+            logging.getLogger("vllm").warning("max_model_len is larger than\nthe model's: clipped")
+            return 1
+
+    ledger = ActorLedger()
+    handle = ray.remote(_tracked_class(Noisy)).options(num_cpus=0).remote()
+    with caplog.at_level(logging.INFO, logger="adl"):
+        ledger.started(handle, "transformers", "noisy-model", 0.0)
+        assert ray.get(handle.work.remote()) == 1
+        ledger.snapshot()
+        ledger.ended(handle)
+        ledger.snapshot()
+    ray.kill(handle)
+    lines = [r.getMessage() for r in caplog.records if r.name == "adl.status" and r.levelno == logging.WARNING]
+    assert lines[0] == "actor noisy-model (transformers): warning: loading: some weights were not initialized"
+    assert lines[1].startswith("actor noisy-model (transformers): warning: ") and "a deprecated argument" in lines[1]
+    assert lines[2:] == ["actor noisy-model (transformers): warning: max_model_len is larger than"]
+    assert not any("INFO line" in r.getMessage() for r in caplog.records)
+    assert "warnings" not in ledger.entries[0]

@@ -194,3 +194,52 @@ def test_sigterm_while_ray_starts_is_an_interrupt(adl_run):
     status = Store(str(root)).read_json(layout.run_status("test"))
     assert status["state"] == "failed" and status["error"] == "interrupted", status
     wait_for(lambda: not ray_processes(), 20, f"Ray's processes to end: {ray_processes()}")
+
+
+def test_every_attempt_keeps_its_record_and_log(adl_run):
+    """A Ctrl-C'd `adl run`, the rerun that finishes the work and a rerun with nothing to
+    do: three records and three logs under runs/<job>/attempts/; status.json, `adl
+    inspect` and the report show the attempt that did the work first."""
+    from jobs.attempts import attempt_log, attempt_record, history
+    from jobs.report import build_report
+    from jobs.summary import inspect
+    proc, root, stderr, _ = adl_run()
+    wait_for(lambda: markers(root) >= 4 or proc.poll() is not None, 180, "extraction under way")
+    assert proc.poll() is None, stderr.read_text()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    store = Store(str(root))
+    spec = parse_spec(yaml.safe_load((root.parent / "job.yaml").read_text()))
+    interrupted_status = store.read_json(layout.run_status("test"))
+    work, noop = RunStats(), RunStats()
+    run_job(spec, work)
+    run_job(spec, noop)
+    assert work.shards_extracted > 0 and noop.model_loads == 0
+
+    records = history(store, "test")
+    assert len(records) == 3 and len({r["attempt"] for r in records}) == 3
+    cut, done, nothing = records
+    assert cut == interrupted_status and cut["error"] == "interrupted" and cut["finished"]
+    assert done["state"] == "done" and done["did_work"] and done["work"]["shards_extracted"] == work.shards_extracted
+    assert sum(u["state"] == "done" for u in done["units"]) > 0 and done["work"]["model_loads"] == work.model_loads >= 1
+    assert nothing["state"] == "done" and not nothing["did_work"] and nothing["units"] == []
+    assert nothing["work"]["model_loads"] == 0 and nothing["counts"]["skipped"] == 1
+    assert store.read_json(layout.run_status("test")) == done   # the no-op overwrote nothing
+    for r in records:
+        assert store.exists(attempt_record("test", r["attempt"]))
+    logs = [store.read_bytes(attempt_log("test", r["attempt"])).decode() for r in records]
+    assert "interrupted:" in logs[0] and "rerun the same spec to resume" in logs[0]
+    assert "pair demo: done" in logs[1] and "extracting" in logs[1] and "interrupted" not in logs[1]
+    assert "demo: results complete, skipped" in logs[2] and "extracting" not in logs[2]
+    assert all(log.startswith("[adl ") for log in logs)
+
+    page = build_report(store, layout.run_record("test"))
+    progress = page[page.index('class="progress"'):page.index("</details>")]
+    assert f"attempt {done['attempt']}" in progress.split("run history")[0]
+    assert [a for a in (r["attempt"] for r in records) if f'data-attempt="{a}"' in progress] == \
+        [r["attempt"] for r in records]
+    order = [progress.index(f'data-attempt="{r["attempt"]}"') for r in reversed(records)]
+    assert order == sorted(order)   # newest first
+    text = inspect(str(root / "runs" / "test" / "run.json"))
+    assert "run history (3 attempts" in text and "nothing to do" in text
+    assert text.index(nothing["attempt"]) < text.index(done["attempt"]) < text.index(cut["attempt"])

@@ -14,6 +14,7 @@ import torch
 import yaml
 from helpers import wait_for
 
+from jobs.attempts import attempt_log, attempts_dir, history
 from jobs.cli import demo_spec
 from jobs.driver import RunStats, run_job
 from jobs.spec import parse_spec
@@ -66,6 +67,10 @@ def test_s3_and_local_storage_give_identical_tables(ray_cluster, make_spec, s3_e
     assert shards and shards == [k for k in remote_store.list("activations") if k.endswith(".parquet")]
     for key in shards:
         assert local_store.read_table(key).equals(remote_store.read_table(key))
+    # the attempt's record and log are kept on S3 as locally (jobs/attempts.py)
+    [attempt] = history(remote_store, remote.name)
+    assert attempt["state"] == "done" and remote_store.read_json(layout.run_status(remote.name)) == attempt
+    assert "pair demo: done" in remote_store.read_bytes(attempt_log(remote.name, attempt["attempt"])).decode()
 
 
 def test_pairs_sharing_a_base_extract_it_once_and_lora_is_applied(ray_cluster, make_spec, demo_pair,
@@ -107,15 +112,17 @@ def test_rerun_does_no_model_work_and_changes_nothing(ray_cluster, make_spec, tm
     spec = parse_spec(make_spec(tmp_path))
     store = Store(str(tmp_path))
     run_job(spec)
-    status_key = layout.run_status(spec.name)
-    results = lambda: [f for f in store.listing() if f[0] != status_key]   # the status record is per run
+    attempts = attempts_dir(spec.name) + "/"
+    results = lambda: [f for f in store.listing() if not f[0].startswith(attempts)]   # each attempt adds its own
     before = results()
     stats = RunStats()
     run_job(spec, stats)
     assert stats.model_loads == 0 and stats.shards_extracted == 0 and stats.pairs_reduced == 0
-    assert results() == before
-    status = store.read_json(status_key)
-    assert status["state"] == "done" and status["counts"]["skipped"] == 1 and status["actors"] == []
+    assert results() == before   # status.json (the attempt that did the work) included
+    first, rerun = history(store, spec.name)
+    assert store.read_json(layout.run_status(spec.name)) == first and first["actors"] != []
+    assert rerun["state"] == "done" and rerun["counts"]["skipped"] == 1 and rerun["actors"] == []
+    assert not rerun["did_work"] and first["did_work"]
 
 
 def test_job_killed_during_extraction_resumes_to_the_same_result(ray_cluster, make_spec, tmp_path):

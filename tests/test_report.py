@@ -359,3 +359,37 @@ def test_demo_job_report_in_the_browser(ray_cluster, make_spec, demo_pair, brows
     body = browser.evaluate("document.body.innerText")
     assert "did not run: the job spec has no generation section" in body
     assert "did not run: no patchscope.parquet" in body
+
+
+def test_outputs_that_are_no_results_are_marked(tmp_path):
+    """Position 1's search found no strength (no alpha, no steered samples) and patchscope
+    chose no scale for position 0's delta: the pair's header lists both as "no result",
+    the index marks the layer, and the sections say why they are empty."""
+    store, record = write_run(tmp_path)
+    from jobs.report import build_report
+    pair_dir = "pairs/toy-0123456789abcdef"
+    steering = store.read_table(f"{pair_dir}/{STEERING.file}").to_pylist()
+    for row in steering:
+        row["strength_found"] = row["position"] == 0
+        row["alpha"] = row["alpha"] if row["position"] == 0 else None
+    store.write_table(f"{pair_dir}/{STEERING.file}", STEERING, STEERING.from_rows(steering))
+    gens = [r for r in store.read_table(f"{pair_dir}/{GENERATIONS.file}").to_pylist()
+            if not (r["kind"] == "steered" and r["position"] == 1)]
+    store.write_table(f"{pair_dir}/{GENERATIONS.file}", GENERATIONS, GENERATIONS.from_rows(gens))
+    scope = store.read_table(f"{pair_dir}/{PATCHSCOPE.file}").to_pylist()
+    for row in scope:
+        if row["position"] == 0 and row["variant"] == "delta":
+            row["chosen"] = row["coherent"] = False
+    store.write_table(f"{pair_dir}/{PATCHSCOPE.file}", PATCHSCOPE, PATCHSCOPE.from_rows(scope))
+    text = build_report(store, record)
+    page = Page(text).text
+    header = text[text.index('<ul class="no-result">'):]
+    header = Page(header[:header.index("</ul>")]).text
+    assert header == ("layer 1, position 0: no result: patchscope: no scale chosen for delta"
+                      "layer 1, position 1: no result: steering: no coherent strength found (tried 2.5, 5)")
+    index = Page(text[text.index('id="index"'):text.index('class="pair"')]).text
+    assert "2.5" in index and "no coherent strength at position 1" in index and "3.5" not in index
+    assert "alpha 2.500 (the mean" in page and "alpha 3.500" not in page
+    assert "no coherent strength found: no strength tried (2.5, 5) passed for any prompt" in page
+    assert "no steered samples: the steering search found no coherent strength here" in page
+    assert page.count("steered (alpha") == 1

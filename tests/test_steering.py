@@ -9,11 +9,13 @@ import time
 import numpy as np
 import pytest
 
+from jobs.attempts import attempts_dir
 from jobs.driver import RunStats, run_job
 from jobs.spec import Generation, ModelSource, parse_spec
 from jobs.steering import (SearchState, baseline_requests, baseline_rows, descend, search_rounds, steer,
                            steering_prompts, tree_strengths)
 from storage import layout
+from storage.store import Store
 from storage.tables import DIFFERENCE, GENERATIONS, STEERING
 
 
@@ -115,8 +117,8 @@ def test_steering_brings_out_the_planted_topic(generation_run):
 
 def test_rerun_with_generation_does_no_model_work(generation_run):
     spec, store, _, _ = generation_run
-    status_key = layout.run_status(spec.name)
-    results = lambda: [f for f in store.listing() if f[0] != status_key]   # the status record is per run
+    attempts = attempts_dir(spec.name) + "/"
+    results = lambda: [f for f in store.listing() if not f[0].startswith(attempts)]   # each attempt adds its own
     before = results()
     stats = RunStats()
     run_job(spec, stats)
@@ -317,3 +319,93 @@ def test_a_rerun_draws_the_same_samples(generation_run, ray_cluster):
         ray.kill(worker)
     assert [(r.text, len(r.token_ids), r.finish_reason) for r in again] == \
         [(r["text"], r["token_count"], r["finish_reason"]) for r in baseline + steered]
+
+
+class HalfGrader(FakeGrader):
+    """Coherent below strength 2.5 at position 0 and never at position 1 (a request's
+    position is its vector's direction: deltas[position])."""
+
+    def __init__(self, engine, deltas):
+        super().__init__(engine)
+        self.deltas = deltas
+
+    def _coherence(self, texts):
+        from workers.graders import Judgement
+        request = {f"seed {r.seed}": r for r in self.engine.batches[-1]}
+
+        def coherent(vector):
+            cosines = [abs(vector @ d) / np.linalg.norm(vector) / np.linalg.norm(d) for d in self.deltas]
+            return int(np.argmax(cosines)) == 0 and np.linalg.norm(vector) < 2.5
+        return [Judgement(value=bool(coherent(request[t].steering.vector)), ok=True, error=None, raw=None)
+                for t in texts]
+
+
+def test_a_vector_without_a_coherent_strength_gets_no_alpha_and_no_samples(ray_cluster, make_spec, tmp_path,
+                                                                           caplog):
+    import logging
+    import pandas as pd
+    spec = parse_spec(make_spec(tmp_path, method={"layers": [0], "positions": [0, 1]},
+                                generation={"samples": 2, "search": {"low": 0.0, "high": 8.0, "steps": 3,
+                                                                     "lookahead": 2, "samples": 3}}))
+    rng = np.random.default_rng(0)
+    deltas = [rng.standard_normal(8) for _ in range(2)]
+    difference = pd.DataFrame([{"layer": 0, "position": p, "delta": deltas[p], "finetuned_norm": 1.0}
+                               for p in range(2)])
+    engine = FakeEngine()
+    with caplog.at_level(logging.INFO, logger="adl"):
+        out = steer("demo", spec, difference, engine, HalfGrader(engine, deltas))
+    by_position = {p: [r for r in out.steering if r["position"] == p] for p in (0, 1)}
+    assert len(by_position[0]) == len(by_position[1]) == 3
+    assert all(r["strength_found"] and r["alpha"] == 2.0 for r in by_position[0])
+    assert all(not r["strength_found"] and r["alpha"] is None and r["threshold"] == 0.0 for r in by_position[1])
+    assert all([t["strength"] for t in r["trials"]] == [4.0, 2.0, 6.0, 1.0] for r in by_position[1])
+    # the final samples: position 0's only, at its alpha
+    assert {r["position"] for r in out.rows} == {0} and len(out.rows) == 20 * 2
+    assert len(engine.batches[-1]) == 20 * 2
+    assert all(np.linalg.norm(r.steering.vector) == pytest.approx(2.0) for r in engine.batches[-1])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "demo: steering layer 0 position 1: no coherent strength found" in warnings[0]
+    assert "1 (0.00), 2 (0.00), 4 (0.00), 6 (0.00)" in warnings[0]
+
+
+def test_a_job_whose_search_finds_no_coherent_strength_says_so(ray_cluster, make_spec, demo_pair, tmp_path, caplog):
+    """An offline grader no text can pass (perplexity <= 0.5): every vector's search finds
+    nothing. No steered samples, no uplift, the catalog's column, a WARNING per vector,
+    and the report's markers."""
+    import logging
+    from jobs.report import build_report
+    from storage.tables import CATALOG, SIMILARITY
+    from test_report import Page
+    spec = make_spec(tmp_path, method={"layers": [0.5], "positions": [1, 2]},
+                     generation={"samples": 1, "max_tokens": 16,
+                                 "search": {"high": 10.0, "steps": 2, "lookahead": 2, "samples": 2, "max_tokens": 16}},
+                     grader={"kind": "offline", "threshold": 0.5}, analyses={})
+    spec["pairs"][0].update(finetune_data=str(demo_pair.finetune_texts))
+    spec = parse_spec(spec)
+    store = Store(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="adl"):
+        key = run_job(spec, RunStats())
+    record = store.read_json(key)
+    pair = record["pairs"][0]
+    layer = pair["layers"][0]
+    steering = store.read_table(f"{pair['dir']}/{STEERING.file}").to_pandas()
+    assert len(steering) == 2 * 3 and not steering.strength_found.any() and steering.alpha.isna().all()
+    assert (steering.trials.map(len) == 3).all()   # two levels in one round: 5, 2.5 and 7.5
+    gens = store.read_table(f"{pair['dir']}/{GENERATIONS.file}").to_pandas()
+    assert (gens.kind == "baseline").sum() == 2 * 20 and not (gens.kind == "steered").any()
+    similarity = store.read_table(f"{pair['dir']}/{SIMILARITY.file}").to_pandas()
+    assert not (similarity.set_a == "steered").any() and not (similarity.set_b == "steered").any()
+    catalog = store.read_table(layout.run_catalog(spec.name), CATALOG).to_pandas()
+    assert len(catalog) == 2 and (catalog.strength_found == False).all()   # noqa: E712
+    assert catalog.alpha.isna().all() and catalog.steering_uplift.isna().all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for position in (1, 2):
+        assert sum(f"demo: steering layer {layer} position {position}: no coherent strength found" in w
+                   for w in warnings) == 1
+    page = Page(build_report(store, key)).text
+    for position in (1, 2):
+        assert f"layer {layer}, position {position}: no result: steering: no coherent strength found (tried 2.5, 5, 7.5)" \
+            in page
+    assert f"no coherent strength at positions 1, 2" in page   # the index's marker
+    assert "no steered samples: the steering search found no coherent strength here" in page
+    assert "steered (alpha" not in page
