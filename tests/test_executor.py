@@ -11,6 +11,9 @@ from storage.store import StorageOptions
 
 from jobs.scheduler import ModelKey, NodeResources, Request, Scheduler, SchedulingError, Unit
 from jobs.simulation import SimulatedBackend
+from workers.demo_pair import DEMO_VERSION
+
+DEMO = f"demo-{DEMO_VERSION}-seed0"   # the demo pair's folder, which labels its models
 
 
 class Watched(SimulatedBackend):
@@ -209,11 +212,11 @@ def test_the_simulation_runs_the_schedulers_decisions_on_a_real_ray(ray_cluster,
 
     creates = lambda decisions: [d for d in decisions if d[0] == "create"]
     assert creates(stats.decisions) == creates(sim.decisions) == [
-        ("create", "demo-3-seed0/base (transformers)", "extract demo-3-seed0/base"),
-        ("create", "demo-3-seed0/finetuned (transformers)", "extract demo-3-seed0/finetuned")]
+        ("create", f"{DEMO}/base (transformers)", f"extract {DEMO}/base"),
+        ("create", f"{DEMO}/finetuned (transformers)", f"extract {DEMO}/finetuned")]
     adapters = lambda decisions: [d for d in decisions if d[0] == "adapter"]
     assert adapters(stats.decisions) == adapters(sim.decisions) == [
-        ("adapter", "demo-3-seed0/base (transformers)", str(lora_adapter), f"extract {lora_adapter.parent.name}/adapter")]
+        ("adapter", f"{DEMO}/base (transformers)", str(lora_adapter), f"extract {lora_adapter.parent.name}/adapter")]
     assert stats.max_alive == sim.max_alive == 2
     started = lambda decisions: sorted(d[1] for d in decisions if d[0] == "start")
     assert started(stats.decisions) == started(sim.decisions)

@@ -13,6 +13,9 @@ from jobs.spec import parse_spec
 from storage import layout
 from storage.store import Store
 from storage.tables import DIFFERENCE, GENERATIONS, LOGIT_LENS, PATCHSCOPE, SIMILARITY, STEERING
+from workers.demo_pair import DEMO_VERSION
+
+DEMO = f"demo-{DEMO_VERSION}-seed0"   # the demo pair's folder, which labels its models
 
 PAIR_TABLES = (DIFFERENCE.file, LOGIT_LENS.file, GENERATIONS.file, STEERING.file, PATCHSCOPE.file,
                SIMILARITY.file)
@@ -99,6 +102,6 @@ def test_eight_pairs_over_nine_models_on_four_slots(ray_cluster, make_spec, demo
     run_job(parse_spec(spec_with_twins(cheap_spec(make_spec, demo_pair, root), twins, 0.5)), stats)
     check_job(alone_store, alone["pairs"][0], stats, root, ["demo"] + [f"twin{i}" for i in range(7)])
     assert stats.max_alive <= 4
-    base = {key.runtime: n for key, n in stats.loads.items() if key.label == "demo-3-seed0/base"}
+    base = {key.runtime: n for key, n in stats.loads.items() if key.label == f"{DEMO}/base"}
     assert base == {"transformers": 1, "vllm": 1}
     assert stats.reloads == []
