@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 from common.logs import DATE_FORMAT, FORMAT
 from storage import layout
+from storage.layout import attempt_log, attempt_record, attempts_dir   # keys have one home
 from storage.store import Store
 
 logger = logging.getLogger("adl.attempts")
@@ -26,18 +27,6 @@ logger = logging.getLogger("adl.attempts")
 def new_attempt() -> str:
     """An attempt's name: its start (UTC, sorting in time order) and a random suffix."""
     return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
-
-
-def attempts_dir(job_name: str) -> str:
-    return f"{layout.run_status(job_name).rpartition('/')[0]}/attempts"
-
-
-def attempt_record(job_name: str, attempt: str) -> str:
-    return f"{attempts_dir(job_name)}/{attempt}.json"
-
-
-def attempt_log(job_name: str, attempt: str) -> str:
-    return f"{attempts_dir(job_name)}/{attempt}.log"
 
 
 def write_attempt(store: Store, job_name: str, record: dict) -> None:

@@ -120,6 +120,19 @@ def run_status(job_name: str) -> str:
     return f"{run_dir(job_name)}/status.json"
 
 
+def attempts_dir(job_name: str) -> str:
+    """Where each attempt of a job (a run, a rerun, a resubmit) keeps its record and log."""
+    return f"{run_status(job_name).rpartition('/')[0]}/attempts"
+
+
+def attempt_record(job_name: str, attempt: str) -> str:
+    return f"{attempts_dir(job_name)}/{attempt}.json"
+
+
+def attempt_log(job_name: str, attempt: str) -> str:
+    return f"{attempts_dir(job_name)}/{attempt}.log"
+
+
 def run_trace(job_name: str, unit: str, attempt: int = 1) -> str:
     """The full trace of a unit of work that failed (the log has its one line)."""
     return f"runs/{slug(job_name)}/traces/{slug(unit)}-{attempt}.txt"

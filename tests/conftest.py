@@ -47,32 +47,10 @@ def family_model(request, demo_pair):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's S3 server on loopback, in its own process: its Flask app must not live in the
-    test process, where vLLM's kernel registry walks every loaded module and trips over
-    Flask's context-bound globals."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the moto S3 server did not start")
-            time.sleep(0.2)
-    yield url
-    server.terminate()
-    server.wait()
+    """moto's S3 server on loopback (tests/helpers.moto_server)."""
+    from helpers import moto_server
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

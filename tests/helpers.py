@@ -2,6 +2,7 @@
 server on loopback (the S3 fault proxy, the OpenAI-compatible chat server)."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -53,3 +54,40 @@ def unloadable_copy(source, dest):
     tensors["model.norm.weight"] = torch.zeros(3)
     save_file(tensors, path, metadata={"format": "pt"})
     return Path(dest)
+
+
+@contextlib.contextmanager
+def moto_server(log=None):
+    """moto's S3 server on loopback, in its own process (its Flask app must not live in the
+    test process, where vLLM's kernel registry walks every loaded module and trips over
+    Flask's context-bound globals); yields its URL. log: a file for its request lines."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = open(log, "w") if log else subprocess.DEVNULL
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        if log:
+            out.close()
+    url = f"http://127.0.0.1:{port}"
+
+    def answers():
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return True
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError("the moto S3 server did not start")
+            return False
+    try:
+        wait_for(answers, 60, "the moto S3 server to start", poll=0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
