@@ -1,6 +1,5 @@
 import functools
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from workers.demo_pair import (
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    cache = os.environ.get("ADL_CACHE") or tmp_path_factory.mktemp("adl-cache")
-    return build_demo_pair(cache, seed=0)
+def pair(demo_pair):
+    """The session's pair (tests/conftest.py): a pinned build takes minutes of one core."""
+    return demo_pair
 
 
 @pytest.fixture(scope="module")
