@@ -228,7 +228,7 @@ def test_agent_table_and_transcripts_hold_exactly_what_happened(agent_job):
 
 
 def test_ask_model_generated_with_the_pairs_models(agent_job, demo_pair):
-    """The answers differ between the models, and each answer is the more probable under
+    """Most answers differ between the models, and each answer is the more probable under
     the model said to have written it: summed over answers, log p_ft(answer | prompt) -
     log p_base(answer | prompt) is positive for the finetuned model's answers and negative
     for the base model's (in expectation the two KL divergences), computed here with the
@@ -245,7 +245,11 @@ def test_ask_model_generated_with_the_pairs_models(agent_job, demo_pair):
                 assert len(data["base"]) == len(data["finetuned"]) == len(prompts)
                 answers += list(zip(prompts, data["base"], data["finetuned"]))
     assert len(answers) == 2 * (2 + 2)
-    assert all(b != f for _, b, f in answers)
+    # Both models sample with the same seed (jobs/agent_tools.py), so where they agree on a
+    # prompt they may write the same answer: seen on the demo pair, 1 or 2 of the 8. An
+    # identical answer adds the same ratio to both sums below, so it cannot make them pass.
+    differ = sum(b != f for _, b, f in answers)
+    assert differ >= len(answers) // 2, answers
     tokenizer = AutoTokenizer.from_pretrained(demo_pair.base_dir)
     models = {role: AutoModelForCausalLM.from_pretrained(getattr(demo_pair, f"{role}_dir")).eval()
               for role in ("base", "finetuned")}
