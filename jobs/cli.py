@@ -293,8 +293,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 def _is_path(job: str) -> bool:
     """`adl status` names a local run (or a storage URI) rather than a Ray job id: Ray's ids
-    hold no "/" and no ".json"."""
-    return "/" in job or job.endswith(".json") or job in (".", "..") or os.path.isdir(job)
+    hold no "/" and no ".json" (a bare name: a local folder holding runs/)."""
+    return "/" in job or job.endswith(".json") or job in (".", "..") or os.path.isdir(os.path.join(job, "runs"))
 
 
 def _validate(path: str) -> int:
