@@ -258,7 +258,10 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             if args.print_spec:
                 import yaml
-                spec = demo_spec(args.root, args.num_documents, args.model)
+                # A local root as an absolute path: a spec file's relative paths are read
+                # relative to its own folder, `adl demo`'s --root relative to the current one.
+                root = args.root if "://" in args.root else os.path.abspath(args.root)
+                spec = demo_spec(root, args.num_documents, args.model)
                 parse_spec(spec)   # what is printed is what `adl demo` would run
                 print(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), end="")
                 return 0

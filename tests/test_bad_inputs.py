@@ -939,6 +939,8 @@ def test_demo_print_spec_is_the_demos_spec_and_validates(tmp_path, demo_pair, ca
     assert main(["validate", "demo.yaml"]) == 0
     assert capsys.readouterr().out.startswith("demo.yaml: valid: job 'demo', 1 pair, ")
     assert tree(tmp_path) == ["demo.yaml"]
+    assert main(["demo", "--print-spec"]) == 0   # the default root, ./adl-output, as an absolute path
+    assert yaml.safe_load(capsys.readouterr().out)["storage"] == {"root": str(tmp_path / "adl-output")}
     assert fails(["demo", "--print-spec", "--num-documents", "0"], capsys) == "--num-documents: must be >= 1, got 0"
 
 
@@ -972,6 +974,9 @@ def test_status_of_a_local_run(tmp_path, capsys, monkeypatch):
     for where, expected in (("runs/x/status.json", x), ("runs/y/run.json", y), (".", x + y), (str(root), x + y)):
         assert main(["status", where]) == 0, where
         assert capsys.readouterr().out.splitlines() == expected, where
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "root"]) == 0   # a bare name: a local folder holding runs/
+    assert capsys.readouterr().out.splitlines() == x + y
     monkeypatch.chdir(root / "runs/y")
     assert main(["status", "status.json"]) == 0
     assert capsys.readouterr().out.splitlines() == y
