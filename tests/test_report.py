@@ -209,6 +209,80 @@ def test_report_command(tmp_path, capsys):
     assert not list((tmp_path / "root").glob("runs/*/report.html"))
 
 
+def write_difference(store: Store, pair_dir: str = "pairs/toy-0123456789abcdef") -> None:
+    """write_run's pair made complete for `adl inspect`: a difference table at layer 1."""
+    import numpy as np
+    from storage.tables import DIFFERENCE, difference_table
+    rng = np.random.default_rng(0)
+    store.write_table(f"{pair_dir}/{DIFFERENCE.file}", DIFFERENCE, difference_table(
+        [1], np.full((1, 2), 7), *(rng.normal(size=(1, 2, 8)) for _ in range(3)), np.ones(1)))
+
+
+def test_inspect_takes_relative_paths_from_any_folder(tmp_path, capsys, monkeypatch):
+    """A pair folder, a run record and a table named relative to the current folder read
+    as their absolute paths do (a relative pairs/<dir> once read as pairs/pairs/<dir>,
+    incomplete)."""
+    root = tmp_path / "root"
+    store, _ = write_run(root)
+    write_difference(store)
+    pair = root / "pairs/toy-0123456789abcdef"
+    assert main(["inspect", str(pair)]) == 0
+    expected = capsys.readouterr().out
+    assert expected.startswith(f"pair toy  ({pair})\n  layer 1: 7 documents, ") and "incomplete" not in expected
+    for cwd, path in ((root, "pairs/toy-0123456789abcdef"), (root, "./pairs/toy-0123456789abcdef/"),
+                      (root / "pairs", "toy-0123456789abcdef"), (pair, "."), (root / "runs", "../pairs/toy-0123456789abcdef")):
+        monkeypatch.chdir(cwd)
+        assert main(["inspect", path]) == 0, (cwd, path)
+        assert capsys.readouterr().out == expected, (cwd, path)
+    monkeypatch.chdir(root / "runs/toy")
+    assert main(["inspect", "run.json"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"job toy  ({root}/runs/toy/run.json)\n") and expected in out
+    shutil.copytree(pair, tmp_path / "loose")   # a pair folder outside any root's pairs/
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "loose"]) == 2
+    assert capsys.readouterr().err == f"adl: error: {tmp_path}/loose: a pair's results live at <root>/pairs/<pair folder>\n"
+
+
+def test_inspect_table_rows_columns_and_json(tmp_path, capsys, monkeypatch):
+    """--rows N (0: all), --columns a,b and --json (JSON Lines) on a table, checked against
+    the table read with pyarrow; the text dump fits the terminal's width."""
+    import pyarrow.parquet as pq
+    store, _ = write_run(tmp_path)
+    monkeypatch.chdir(tmp_path / "pairs")
+    path = "toy-0123456789abcdef/generations.parquet"
+    table = pq.read_table(tmp_path / "pairs" / path)
+    rows = table.to_pylist()
+
+    assert main(["inspect", path, "--json", "--rows", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == rows and len(rows) == 24
+    assert main(["inspect", path, "--json", "--rows", "3", "--columns", "kind, text,alpha"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert got == [{"kind": r["kind"], "text": r["text"], "alpha": r["alpha"]} for r in rows[:3]]
+
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["inspect", path, "--rows", "2", "--columns", "model_role,text"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: generations table, 24 rows"
+    assert out[1:3] == ["model_role: string", "text: string"]
+    assert out[-1] == "(22 more rows; --rows N, or --rows 0 for all)"
+    assert "0  finetuned  unsteered finetuned 0.0" in out[-3] and "1  finetuned  unsteered finetuned 0.1" in out[-2]
+    assert main(["inspect", path]) == 0   # every column, 5 rows, within 100 characters a line
+    out = capsys.readouterr().out.splitlines()
+    assert max(map(len, out)) <= 100 and out[-1] == "(19 more rows; --rows N, or --rows 0 for all)"
+
+    for argv, message in ((["--columns", "kind,colour"], f"--columns: {path} has no column 'colour' (it has "),
+                          (["--json"], f"{tmp_path}/runs/toy: --json, --rows and --columns dump a table")):
+        target = path if argv[0] == "--columns" else str(tmp_path / "runs/toy")
+        assert main(["inspect", target, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"adl: error: {message}") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", path, "--rows", "-1"])
+    assert e.value.code == 2 and "--rows: must be >= 0, got -1" in capsys.readouterr().err
+
+
 def copy_to_s3(local: Store, root: str, endpoint: str) -> Store:
     """Every file of a local root, copied to the S3 root (moto on loopback)."""
     remote = Store.from_uri(root, StorageOptions(endpoint, "us-east-1"))
