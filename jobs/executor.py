@@ -24,7 +24,7 @@ import time
 
 from common.errors import one_line
 from jobs import autoscale
-from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, placement
+from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, job_workload, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines
@@ -126,9 +126,11 @@ class ActorRequests:
 
     def __init__(self, plan: Plan):
         self.spec = plan.spec
-        self.parameters = {a.source: a.parameters for a in plan.sets}
+        self.work = job_workload(plan.spec)
+        # Each model's shape from its config (its parameter count where the plan has no shape).
+        self.shapes = {a.source: a.shape or a.parameters for a in plan.sets}
         for a in plan.sets:   # an adapter's reference for grading is its base model
-            self.parameters.setdefault(type(a.source)(a.source.model, a.source.revision), a.parameters)
+            self.shapes.setdefault(type(a.source)(a.source.model, a.source.revision), a.shape or a.parameters)
 
     def placed(self, key: ModelKey):
         compute = self.spec.compute
@@ -138,7 +140,7 @@ class ActorRequests:
             return Placement(0.0, 1, 0.0)
         engine = key.runtime == "vllm"
         tp = self.spec.generation.tensor_parallel_size if engine else 1
-        return placement(compute, self.parameters.get(key.source) or 0, self.spec.dtype, engine, tp)
+        return placement(compute, self.shapes.get(key.source) or 0, self.spec.dtype, engine, tp, self.work)
 
     def __call__(self, key: ModelKey) -> Request:
         return Request(cpus=self.spec.compute.cpus_per_worker, gpus=self.placed(key).num_gpus)
