@@ -23,8 +23,9 @@ import threading
 import time
 
 from common.errors import one_line
+from common.types import OfflineGrading
 from jobs import autoscale
-from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, job_workload, placement
+from jobs.placement import Placement, Workload, engine_memory_utilization, gpuless_refusal, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines
@@ -119,6 +120,25 @@ class _WarningsKept(logging.Handler):
         with self._guard:
             kept, self.kept = self.kept, {}
         return [line + (f" (x{n})" if n > 1 else "") for line, n in kept.items()]
+
+
+def job_workload(spec) -> Workload:
+    """The placement's workload (jobs/placement.Workload): a job's batch sizes and its
+    engines' length. max_model_len is the spec's, or the job's need with prompts counted in
+    characters (no tokenizer here: at least their tokens), rounded up as the engine rounds it."""
+    from workers.causal import LOGIT_ELEMENTS
+    from workers.engine_settings import MAX_BATCHED_TOKENS, needed_length
+    from workers.patchscope import ROWS_PER_FORWARD
+    grading, causal = spec.grader or OfflineGrading(), spec.causal_effect
+    return Workload(
+        extraction_tokens=spec.batch_size * spec.method.tokens_per_document,
+        extraction_layers=len(spec.method.layers), patchscope_rows=ROWS_PER_FORWARD,
+        causal=causal.enabled, causal_batch=causal.batch_size, causal_tokens=causal.max_tokens,
+        causal_logit_elements=LOGIT_ELEMENTS, grader=offline_grader(spec),
+        grader_batch=getattr(grading, "batch_size", 8), grader_tokens=getattr(grading, "max_length", 1024),
+        grader_dtype=getattr(grading, "dtype", None),
+        max_model_len=spec.generation.max_model_len or needed_length(engine_need(spec).tokens(len), None),
+        engine_step_tokens=MAX_BATCHED_TOKENS)
 
 
 class ActorRequests:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.types import OfflineGrading
-
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_SHARING = 8           # at most this many models per GPU (CPU-side limits, contention)
 CUDA_CONTEXT_GB = 0.5     # a process's CUDA context and kernels, outside torch's allocator
@@ -138,27 +136,6 @@ class Workload:
     max_model_len: int = ENGINE_MAX_MODEL_LEN
     engine_sequences: int = ENGINE_SEQUENCES
     engine_step_tokens: int = 8192       # workers/engine_settings.MAX_BATCHED_TOKENS
-
-
-def job_workload(spec) -> Workload:
-    """A job's (jobs.spec.JobSpec) batch sizes and engine length. The engine's
-    max_model_len is the spec's, or the job's need with prompts counted in characters (no
-    tokenizer here: at least their tokens) and rounded up as the engine rounds it."""
-    from jobs.stages import offline_grader
-    from jobs.steering import engine_need
-    from workers.causal import LOGIT_ELEMENTS
-    from workers.engine_settings import MAX_BATCHED_TOKENS, needed_length
-    from workers.patchscope import ROWS_PER_FORWARD
-    grading, causal = spec.grader or OfflineGrading(), spec.causal_effect
-    return Workload(
-        extraction_tokens=spec.batch_size * spec.method.tokens_per_document,
-        extraction_layers=len(spec.method.layers), patchscope_rows=ROWS_PER_FORWARD,
-        causal=causal.enabled, causal_batch=causal.batch_size, causal_tokens=causal.max_tokens,
-        causal_logit_elements=LOGIT_ELEMENTS, grader=offline_grader(spec),
-        grader_batch=getattr(grading, "batch_size", 8), grader_tokens=getattr(grading, "max_length", 1024),
-        grader_dtype=getattr(grading, "dtype", None),
-        max_model_len=spec.generation.max_model_len or needed_length(engine_need(spec).tokens(len), None),
-        engine_step_tokens=MAX_BATCHED_TOKENS)
 
 
 def _activations(shape: ModelShape, tokens: int, width: int) -> float:
