@@ -108,3 +108,30 @@ def test_placement_packs_by_the_largest_stage():
     short, long = (placement(compute, shape, "bfloat16", engine=True, work=Workload(max_model_len=n)).memory_gb
                    for n in (1024, 16384))
     assert long - short == pytest.approx(2 * 32 * 8 * 128 * 2 * (16384 - 1024) * 32 / GB, rel=1e-6)
+
+
+def test_a_jobs_actors_are_placed_by_their_models_shape_and_the_jobs_batches(make_spec, demo_pair, tmp_path):
+    """The plan carries each model's shape; the executor's requests estimate with the
+    job's own batch sizes, grader and engine length."""
+    from jobs.executor import ActorRequests, job_workload
+    from jobs.plan import make_plan
+    from jobs.scheduler import ModelKey
+    from jobs.spec import parse_spec
+    raw = make_spec(tmp_path, compute={"gpu_memory_gb": 1.0}, batch_size=64,
+                    causal_effect={"batch_size": 4, "max_tokens": 512},
+                    generation={"enabled": True, "max_tokens": 100, "max_model_len": 2048})
+    spec = parse_spec(raw)
+    plan = make_plan(spec)
+    base = plan.pairs[0].base
+    config = json.loads((Path(demo_pair.base_dir) / "config.json").read_text())
+    assert base.shape == ModelShape.of_config(config)
+    work = job_workload(spec)
+    assert (work.extraction_tokens, work.causal, work.causal_batch, work.causal_tokens, work.max_model_len) == \
+        (64 * spec.method.tokens_per_document, True, 4, 512, 2048)
+    requests = ActorRequests(plan)
+    assert requests.placed(ModelKey("transformers", base.source)).memory_gb == \
+        pytest.approx(model_memory_gb(base.shape, "float32", work=work))
+    engine = requests.placed(ModelKey("vllm", base.source)).memory_gb
+    assert engine == pytest.approx(model_memory_gb(base.shape, "float32", engine=True, work=work))
+    longer = model_memory_gb(base.shape, "float32", engine=True, work=Workload(max_model_len=4096))
+    assert engine < longer
