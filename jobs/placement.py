@@ -67,7 +67,8 @@ def vision_parameter_count(vision: dict | None, text_hidden: int) -> int:
     model's width; 0 without a vision_config."""
     if not isinstance(vision, dict):
         return 0
-    hidden, inter, layers = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["num_hidden_layers"])
+    hidden, inter = int(vision["hidden_size"]), int(vision["intermediate_size"])
+    layers = int(vision["num_hidden_layers"])
     patch, image = int(vision.get("patch_size", 14)), int(vision.get("image_size", 224))
     per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden * inter + inter + hidden + 4 * hidden
     embeddings = 3 * patch * patch * hidden + hidden + (image // patch) ** 2 * hidden
@@ -170,14 +171,14 @@ def stage_peaks(model: ModelShape | int, dtype: str, engine: bool = False,
         "patchscope": _activations(shape, work.patchscope_rows * work.patchscope_tokens, width)
         + logits(work.patchscope_rows, width),
     }
-    if work.causal:
-        transient["causal"] = (_activations(shape, causal_rows, width)
-        + causal_rows * shape.hidden * (width + 3 * 8)          # last hidden states; the hook's float64 x, c, new
-            + logits(min(causal_rows, max(1, work.causal_logit_elements // shape.vocab)), width))
+    chunk = lambda rows: min(rows, max(1, work.causal_logit_elements // shape.vocab))   # rows of logits at once
+    if work.causal:   # + the last hidden states and the hook's float64 x, x.v and patched x
+        transient["causal"] = _activations(shape, causal_rows, width) \
+            + causal_rows * shape.hidden * (width + 3 * 8) + logits(chunk(causal_rows), width)
     if work.grader:   # perplexities through workers/causal.next_token_nll: the same chunk bound
         grader_width, grader_rows = DTYPE_BYTES[work.grader_dtype or dtype], work.grader_batch * work.grader_tokens
-        transient["grader"] = _activations(shape, grader_rows, grader_width) + grader_rows * shape.hidden * grader_width \
-            + logits(min(grader_rows, max(1, work.causal_logit_elements // shape.vocab)), grader_width)
+        transient["grader"] = _activations(shape, grader_rows, grader_width) \
+            + grader_rows * shape.hidden * grader_width + logits(chunk(grader_rows), grader_width)
     return {stage: CUDA_CONTEXT_GB + (held + ALLOCATOR_SLACK * t) / 1e9 for stage, t in transient.items()}
 
 
