@@ -2,8 +2,9 @@
 code on randomly initialised bf16 models of the paper's families, built on the GPU from
 the configs in benchmarks/configs/ (Llama-3.2-1B, Llama-3.1-8B, Gemma-3-4B as the
 multimodal wrapper, Qwen3-8B). Per model and stage it prints the measured peak memory
-(torch's allocator peak plus one CUDA context) against the placement estimate
-(jobs/placement.py: what the scheduler gives the model's actor), and extraction's time
+(torch's allocator peak plus one CUDA context) against the placement estimate of that
+stage (jobs/placement.stage_peaks at this check's batch sizes; the most of them is what
+the scheduler gives the model's actor), and extraction's time
 against a bare forward; it exits 1 when a peak exceeds its estimate.
 
 Needs torch, transformers, numpy and pyarrow only (no vLLM, no Ray, no network): the
@@ -26,7 +27,7 @@ import harness  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
 
-from jobs.placement import model_memory_gb, parameter_count
+from jobs.placement import ModelShape, Workload, stage_peaks
 from workers.models import text_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -94,8 +95,14 @@ class Meter:
         self.peak_gb = torch.cuda.max_memory_allocated() / 1e9 + CUDA_CONTEXT_GB if self.cuda else float("nan")
 
 
-def check_model(name: str, config: dict, device: str, scale: dict, estimate: float) -> list[dict]:
-    """The five stages on a model built from `config`; `estimate` is the placement's GB."""
+def workload(scale: dict) -> Workload:
+    """The placement's workload at this check's batch sizes."""
+    return Workload(extraction_tokens=scale["batch"] * scale["tokens"], extraction_layers=1, lens_rows=4,
+                    causal_tokens=scale["tokens"])
+
+
+def check_model(name: str, config: dict, device: str, scale: dict, estimate: dict) -> list[dict]:
+    """The five stages on a model built from `config`; `estimate`: the placement's GB by stage."""
     from common.types import OfflineGrading
     from workers.causal import batches, losses
     from workers.extraction import block_outputs
@@ -110,7 +117,7 @@ def check_model(name: str, config: dict, device: str, scale: dict, estimate: flo
     rows = []
 
     def row(stage, meter, **more):
-        rows.append({"model": name, "stage": stage, "peak_gb": meter.peak_gb, "estimate_gb": estimate,
+        rows.append({"model": name, "stage": stage, "peak_gb": meter.peak_gb, "estimate_gb": estimate[stage],
                      "seconds": meter.seconds, **more})
 
     ids = torch.randint(3, min(vocab, 1000), (scale["batch"], scale["tokens"]), generator=torch.Generator().manual_seed(0))
@@ -161,7 +168,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         config = json.loads((CONFIGS / name / "config.json").read_text())
         # The estimate is always the real model's (what the scheduler would give it).
-        estimate = model_memory_gb(parameter_count(config.get("text_config", config)), "bfloat16")
+        estimate = stage_peaks(ModelShape.of_config(config), "bfloat16", work=workload(scale))
         rows += check_model(name, tiny(config) if args.tiny else config, args.device, scale, estimate)
     print(f"{'model':<14} {'stage':<11} {'peak GB':>8} {'estimate GB':>11} {'seconds':>8}  note")
     over = []

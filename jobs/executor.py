@@ -23,8 +23,9 @@ import threading
 import time
 
 from common.errors import one_line
+from common.types import OfflineGrading
 from jobs import autoscale
-from jobs.placement import Placement, engine_memory_utilization, gpuless_refusal, placement
+from jobs.placement import Placement, Workload, engine_memory_utilization, gpuless_refusal, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines
@@ -122,14 +123,35 @@ class _WarningsKept(logging.Handler):
         return [line + (f" (x{n})" if n > 1 else "") for line, n in kept.items()]
 
 
+def job_workload(spec) -> Workload:
+    """The placement's workload (jobs/placement.Workload): a job's batch sizes and its
+    engines' length. max_model_len is the spec's, or the job's need with prompts counted in
+    characters (no tokenizer here: at least their tokens), rounded up as the engine rounds it."""
+    from workers.causal import LOGIT_ELEMENTS
+    from workers.engine_settings import MAX_BATCHED_TOKENS, needed_length
+    from workers.patchscope import ROWS_PER_FORWARD
+    grading, causal = spec.grader or OfflineGrading(), spec.causal_effect
+    return Workload(
+        extraction_tokens=spec.batch_size * spec.method.tokens_per_document,
+        extraction_layers=len(spec.method.layers), patchscope_rows=ROWS_PER_FORWARD,
+        causal=causal.enabled, causal_batch=causal.batch_size, causal_tokens=causal.max_tokens,
+        causal_logit_elements=LOGIT_ELEMENTS, grader=offline_grader(spec),
+        grader_batch=getattr(grading, "batch_size", 8), grader_tokens=getattr(grading, "max_length", 1024),
+        grader_dtype=getattr(grading, "dtype", None),
+        max_model_len=spec.generation.max_model_len or needed_length(engine_need(spec).tokens(len), None),
+        engine_step_tokens=MAX_BATCHED_TOKENS)
+
+
 class ActorRequests:
     """Each model actor's resources: GPUs by placement (jobs/placement.py), CPUs from the spec."""
 
     def __init__(self, plan: Plan):
         self.spec = plan.spec
-        self.parameters = {a.source: a.parameters for a in plan.sets}
+        self.work = job_workload(plan.spec)
+        # Each model's shape from its config (its parameter count where the plan has no shape).
+        self.shapes = {a.source: a.shape or a.parameters for a in plan.sets}
         for a in plan.sets:   # an adapter's reference for grading is its base model
-            self.parameters.setdefault(type(a.source)(a.source.model, a.source.revision), a.parameters)
+            self.shapes.setdefault(type(a.source)(a.source.model, a.source.revision), a.shape or a.parameters)
 
     def placed(self, key: ModelKey):
         compute = self.spec.compute
@@ -139,7 +161,7 @@ class ActorRequests:
             return Placement(0.0, 1, 0.0)
         engine = key.runtime == "vllm"
         tp = self.spec.generation.tensor_parallel_size if engine else 1
-        return placement(compute, self.parameters.get(key.source) or 0, self.spec.dtype, engine, tp)
+        return placement(compute, self.shapes.get(key.source) or 0, self.spec.dtype, engine, tp, self.work)
 
     def __call__(self, key: ModelKey) -> Request:
         return Request(cpus=self.spec.compute.cpus_per_worker, gpus=self.placed(key).num_gpus)

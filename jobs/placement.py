@@ -4,9 +4,17 @@ One home for the placement rules: jobs/executor.py turns them into each model ac
 resource request, which the scheduler (jobs/scheduler.py) packs onto nodes and GPUs, in
 a real job and in the scheduler simulation alike.
 
-- A model's memory is estimated from its config: parameters x bytes of the job's dtype,
-  times HEADROOM for activations, the CUDA context and allocator slack. A vLLM engine
-  also needs room for its KV cache: ENGINE_KV_FACTOR x the weights.
+- A model's memory is what its actor holds at its peak, stage by stage (stage_peaks, the
+  one home of the estimate): per process a CUDA context; the weights; on a transformers
+  actor the lens's float32 copy of the final norm and unembedding and the offline
+  grader's copy of the model in its own dtype (both kept by the actor once made, so
+  counted in every stage), plus each stage's own transient tensors: extraction's batch,
+  patchscope's rows of logits, the causal-effect stage's batch with its float64 hook
+  copies and one bounded chunk of logits (workers/causal.LOGIT_ELEMENTS, whatever the
+  vocabulary), and the grader's batch with the same bounded chunk (it scores through
+  workers/causal.next_token_nll).
+  A vLLM engine holds its weights, the KV cache of ENGINE_SEQUENCES sequences of the
+  job's max_model_len, and the activations of one step of MAX_BATCHED_TOKENS tokens.
 - With `compute.gpu_memory_gb` set, a model that fits one GPU gets the fraction 1/k of a
   GPU, k = how many such models fit in one (so small models share a GPU, and fractions
   always pack exactly); a larger one gets the next power of two of whole GPUs (tensor
@@ -20,9 +28,11 @@ import math
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-HEADROOM = 1.2            # activations of a batch, CUDA context, allocator slack
-ENGINE_KV_FACTOR = 1.0    # a vLLM engine's KV cache: at least as much again as its weights
 MAX_SHARING = 8           # at most this many models per GPU (CPU-side limits, contention)
+CUDA_CONTEXT_GB = 0.5     # a process's CUDA context and kernels, outside torch's allocator
+ALLOCATOR_SLACK = 1.1     # torch's caching allocator: fragmentation over the live tensors
+ENGINE_SEQUENCES = 32     # sequences an engine holds KV for at once, each of max_model_len
+ENGINE_MAX_MODEL_LEN = 4096   # an engine's max_model_len when the caller knows none
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,129 @@ def parameter_count(config: dict) -> int:
     return layers * per_layer + embeddings + hidden
 
 
-def model_memory_gb(parameters: int, dtype: str, engine: bool = False) -> float:
-    weights = parameters * DTYPE_BYTES[dtype] / 1e9
-    return weights * HEADROOM + (weights * ENGINE_KV_FACTOR if engine else 0.0)
+def vision_parameter_count(vision: dict | None, text_hidden: int) -> int:
+    """A ViT vision tower (SigLIP's: plain MLP, biases) and a linear projector to the text
+    model's width; 0 without a vision_config."""
+    if not isinstance(vision, dict):
+        return 0
+    hidden, inter = int(vision["hidden_size"]), int(vision["intermediate_size"])
+    layers = int(vision["num_hidden_layers"])
+    patch, image = int(vision.get("patch_size", 14)), int(vision.get("image_size", 224))
+    per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden * inter + inter + hidden + 4 * hidden
+    embeddings = 3 * patch * patch * hidden + hidden + (image // patch) ** 2 * hidden
+    return layers * per_layer + embeddings + 2 * hidden + hidden * text_hidden
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate reads from a model's config."""
+    parameters: int
+    hidden: int
+    layers: int
+    vocab: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vision_parameters: int = 0   # a multimodal wrapper's vision tower and projector (transformers loads them)
+
+    @classmethod
+    def of_config(cls, config: dict) -> "ModelShape":
+        """From a config.json (a multimodal wrapper's text_config)."""
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        hidden = int(text.get("hidden_size") or text.get("n_embd") or text.get("d_model"))
+        heads = int(text.get("num_attention_heads") or text.get("n_head") or 1)
+        return cls(parameter_count(text), hidden,
+                   int(text.get("num_hidden_layers") or text.get("n_layer") or text.get("num_layers")),
+                   int(text.get("vocab_size", 32000)), int(text.get("num_key_value_heads") or heads),
+                   int(text.get("head_dim") or hidden // heads),
+                   int(text.get("intermediate_size") or text.get("n_inner") or 4 * hidden),
+                   vision_parameter_count(config.get("vision_config"), hidden))
+
+    @classmethod
+    def nominal(cls, parameters: int) -> "ModelShape":
+        """A model known by its parameter count alone, in Llama 3's proportions (128,256
+        tokens, heads of 128, 8 KV heads, blocks = hidden / 128, MLP 3.5 x hidden,
+        untied head): the smallest hidden size whose count reaches `parameters`."""
+        def shape(hidden: int) -> "ModelShape":
+            layers, inter = max(1, hidden // 128), 7 * hidden // 2
+            config = {"hidden_size": hidden, "num_hidden_layers": layers, "vocab_size": 128256,
+                      "num_attention_heads": max(1, hidden // 128), "num_key_value_heads": 8, "head_dim": 128,
+                      "intermediate_size": inter, "hidden_act": "silu"}
+            return cls(parameters, hidden, layers, 128256, 8, 128, inter) if parameter_count(config) >= parameters \
+                else None
+        hidden = 128
+        while shape(hidden) is None:
+            hidden += 128
+        return shape(hidden)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The batch sizes of a job's stages (jobs/spec.py defaults) and its engines' length."""
+    extraction_tokens: int = 256 * 10    # batch_size documents x tokens_per_document
+    extraction_layers: int = 4           # block outputs captured per forward
+    lens_rows: int = 64                  # vectors through the lens at once
+    patchscope_rows: int = 256           # workers/patchscope.ROWS_PER_FORWARD
+    patchscope_tokens: int = 32          # a patchscope prompt's length
+    causal: bool = True                  # the causal-effect stage runs
+    causal_batch: int = 8                # causal_effect.batch_size
+    causal_tokens: int = 1024            # causal_effect.max_tokens
+    causal_logit_elements: int = 2 ** 24   # workers/causal.LOGIT_ELEMENTS: the chunk bound
+    grader: bool = True                  # the offline grader runs on this actor's model
+    grader_batch: int = 8                # OfflineGrading.batch_size
+    grader_tokens: int = 1024            # OfflineGrading.max_length
+    grader_dtype: str | None = None      # None: the actor's own (no copy)
+    max_model_len: int = ENGINE_MAX_MODEL_LEN
+    engine_sequences: int = ENGINE_SEQUENCES
+    engine_step_tokens: int = 8192       # workers/engine_settings.MAX_BATCHED_TOKENS
+
+
+def _activations(shape: ModelShape, tokens: int, width: int) -> float:
+    """Bytes one block's forward holds at once for `tokens` tokens: the residual stream, its
+    normed copy, queries, keys and values, and the MLP's gate, up and product."""
+    qkv = (shape.hidden // max(shape.head_dim, 1) + 2 * shape.kv_heads) * shape.head_dim
+    return tokens * (3 * shape.hidden + qkv + 3 * shape.intermediate) * width
+
+
+def stage_peaks(model: ModelShape | int, dtype: str, engine: bool = False,
+                work: Workload = Workload()) -> dict[str, float]:
+    """GB each stage of a model's actor holds at its peak (the one home of the estimate):
+    for a transformers actor extraction, lens, patchscope, causal and grader; for a vLLM
+    engine the engine alone."""
+    shape = model if isinstance(model, ModelShape) else ModelShape.nominal(int(model))
+    width = DTYPE_BYTES[dtype]
+    weights = shape.parameters * width
+    if engine:   # the language model only (workers/engine_settings: vLLM's language_model_only)
+        kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * width * work.max_model_len * work.engine_sequences
+        step = _activations(shape, work.engine_step_tokens, width) + work.engine_sequences * shape.vocab * 4
+        return {"engine": CUDA_CONTEXT_GB + (weights + kv + ALLOCATOR_SLACK * step) / 1e9}
+    lens_copy = (shape.vocab + 1) * shape.hidden * 4
+    grader_copy = shape.parameters * DTYPE_BYTES[work.grader_dtype] \
+        if work.grader and work.grader_dtype and work.grader_dtype != dtype else 0
+    held = weights + shape.vision_parameters * width + lens_copy + grader_copy
+    logits = lambda rows, model_width: rows * shape.vocab * (model_width + 4 + 4)   # dtype, float32, softmax
+    causal_rows = work.causal_batch * work.causal_tokens
+    transient = {
+        "extraction": _activations(shape, work.extraction_tokens, width)
+        + 2 * work.extraction_layers * work.extraction_tokens * shape.hidden * width,   # captured, stacked
+        "lens": logits(work.lens_rows, 4),
+        "patchscope": _activations(shape, work.patchscope_rows * work.patchscope_tokens, width)
+        + logits(work.patchscope_rows, width),
+    }
+    chunk = lambda rows: min(rows, max(1, work.causal_logit_elements // shape.vocab))   # rows of logits at once
+    if work.causal:   # + the last hidden states and the hook's float64 x, x.v and patched x
+        transient["causal"] = _activations(shape, causal_rows, width) \
+            + causal_rows * shape.hidden * (width + 3 * 8) + logits(chunk(causal_rows), width)
+    if work.grader:   # perplexities through workers/causal.next_token_nll: the same chunk bound
+        grader_width, grader_rows = DTYPE_BYTES[work.grader_dtype or dtype], work.grader_batch * work.grader_tokens
+        transient["grader"] = _activations(shape, grader_rows, grader_width) \
+            + grader_rows * shape.hidden * grader_width + logits(chunk(grader_rows), grader_width)
+    return {stage: CUDA_CONTEXT_GB + (held + ALLOCATOR_SLACK * t) / 1e9 for stage, t in transient.items()}
+
+
+def model_memory_gb(model: ModelShape | int, dtype: str, engine: bool = False, work: Workload = Workload()) -> float:
+    """The most any stage of the model's actor holds (stage_peaks)."""
+    return max(stage_peaks(model, dtype, engine, work).values())
 
 
 def place(memory_gb: float, gpu_memory_gb: float) -> Placement:
@@ -66,11 +196,12 @@ def place(memory_gb: float, gpu_memory_gb: float) -> Placement:
     return Placement(float(devices), devices, memory_gb)
 
 
-def placement(compute, parameters: int, dtype: str, engine: bool = False,
-              tensor_parallel_size: int = 1) -> Placement:
-    """A model actor's GPUs under a job's compute section (jobs.spec.Compute)."""
+def placement(compute, parameters: ModelShape | int, dtype: str, engine: bool = False,
+              tensor_parallel_size: int = 1, work: Workload = Workload()) -> Placement:
+    """A model actor's GPUs under a job's compute section (jobs.spec.Compute); parameters:
+    the model's shape, or its parameter count alone (ModelShape.nominal)."""
     if compute.gpu_memory_gb:
-        placed = place(model_memory_gb(parameters, dtype, engine), compute.gpu_memory_gb)
+        placed = place(model_memory_gb(parameters, dtype, engine, work), compute.gpu_memory_gb)
         if tensor_parallel_size > placed.devices:   # the spec asked for more
             return Placement(float(tensor_parallel_size), tensor_parallel_size, placed.memory_gb)
         return placed

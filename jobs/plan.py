@@ -13,7 +13,7 @@ import numpy as np
 from common.errors import one_line
 from jobs.cluster_check import check_ray_address
 from jobs.corpus import corpus_identity, file_identity, iter_documents, kept_documents
-from jobs.placement import parameter_count
+from jobs.placement import ModelShape
 from jobs.seeds import SEEDING_VERSION
 from jobs.spec import JobSpec, ModelSource, Pair, as_plain, grader_identity
 from storage import layout
@@ -60,6 +60,7 @@ class ActivationSet:
     documents: Documents = field(repr=False)
     name: str = ""
     parameters: int = 0       # estimated from the config, for placement by memory
+    shape: ModelShape | None = None   # what the memory estimate reads from the config
 
 
 @dataclass(frozen=True)
@@ -197,12 +198,13 @@ def make_plan(spec: JobSpec) -> Plan:
         where = f"pairs[{i}]"
         idents, configs, blocks = check_pair_models(spec, pair, where, storage)
         try:
-            parameters = {role: parameter_count(config) for role, config in configs.items()}
+            shapes = {role: ModelShape.of_config(config) for role, config in configs.items()}
+            parameters = {role: shape.parameters for role, shape in shapes.items()}
         except (TypeError, ValueError, ZeroDivisionError):
             if spec.compute.gpu_memory_gb:
                 raise PlanError(f"{where}: cannot estimate the model's memory from its config "
                                 f"(compute.gpu_memory_gb needs hidden_size, layers and heads)") from None
-            parameters = {"base": 0, "finetuned": 0}
+            parameters, shapes = {"base": 0, "finetuned": 0}, {"base": None, "finetuned": None}
         layers = _resolve_layers(spec, blocks["base"], f"{where}.base")
 
         # The base model's tokenizer serves both models of the pair. Which documents
@@ -230,7 +232,7 @@ def make_plan(spec: JobSpec) -> Plan:
             name = model_label(source)
             prefix = layout.activation_set(name, identity)
             return sets.setdefault(prefix, ActivationSet(prefix, source, layers, identity, docs, name,
-                                                         parameters[role]))
+                                                         parameters[role], shapes[role]))
 
         base, finetuned = activation_set("base"), activation_set("finetuned")
         pair_identity = {"base": base.prefix, "finetuned": finetuned.prefix,

@@ -45,7 +45,7 @@ def test_the_loss_holds_a_bounded_chunk_of_logits_and_equals_the_plain_log_softm
     mask[1, 50:] = 0
     with torch.inference_mode():
         with LargestTensor() as seen:
-            got = causal._nll(model, ids, mask)
+            got = causal.next_token_nll(model, ids, mask)
         logits = model(input_ids=ids, attention_mask=mask).logits
     plain = -torch.log_softmax(logits.double(), -1)[:, :-1].gather(2, ids[:, 1:, None]).squeeze(-1)
     np.testing.assert_allclose(got.numpy(), plain.numpy(), rtol=1e-5, atol=1e-4)

@@ -502,6 +502,41 @@ def test_offline_coherence(offline, tiny_lm):
     assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(alone, ppl) if a is not None)
 
 
+def test_offline_perplexity_holds_a_bounded_chunk_of_logits(offline, tiny_lm, monkeypatch):
+    """The grader scores through the causal stage's chunked loss (what placement counts):
+    equal to a plain forward's cross-entropy, with no tensor of a whole batch's logits."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    import workers.causal as causal
+    from test_causal_memory import LargestTensor
+    grader = offline.perplexity
+    vocab = grader.model.config.vocab_size
+    texts = [tiny_lm[1], " ".join(random.Random(2).sample(tiny_lm[1].split(), 20))]
+    monkeypatch.setattr(causal, "LOGIT_ELEMENTS", 4 * vocab)
+
+    class LargestLogits(LargestTensor):   # tensors over the vocabulary only (the model is tiny)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == vocab:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    with LargestLogits() as seen:
+        got = grader.perplexities(texts)
+    want = []
+    for text in texts:
+        ids = torch.tensor([grader._encode(text)[0]])
+        with torch.inference_mode():
+            logits = grader.model(input_ids=ids).logits[0, :-1].double()
+        want.append(math.exp(float(F.cross_entropy(logits, ids[0, 1:]))))
+    assert got == pytest.approx(want, rel=1e-4) and want[1] > 2 * want[0]   # the comparison can fail
+    whole = 2 * (len(grader._encode(texts[0])[0]) - 1) * vocab    # one batch of two texts, whole
+    assert 0 < seen.largest <= 5 * vocab < whole / 3
+
+
 def test_offline_best_scale_prefers_mutually_similar_tokens(offline):
     import torch
     model, tokenizer = offline.perplexity.model, offline.perplexity.tokenizer

@@ -73,14 +73,15 @@ def coefficients(model, groups, layer: int, directions: np.ndarray) -> list[np.n
     return [(_acts(model, ids, mask, layer) @ v.T).numpy() for ids, mask in groups]
 
 
-# Logits held at once in the loss: rows x vocabulary floats at most (a chunk of positions
+# Logits held at once in the loss (and in the offline grader's perplexities, which use
+# next_token_nll too): rows x vocabulary floats at most (a chunk of positions
 # through the unembedding, in float32, and its log-sum-exp), whatever the vocabulary.
 # Whole, a batch of 8 x 1024 tokens is 8 x 1024 x vocabulary, three times over (the
 # model's dtype, float32, the log-softmax): about 10 GB for Llama 3, 21 GB for Gemma 3.
 LOGIT_ELEMENTS = 2 ** 24   # 64 MB of float32
 
 
-def _nll(model, ids, mask):
+def next_token_nll(model, ids, mask):
     """(batch, seq - 1) float64 on the CPU: the next-token NLL of each position, from the
     body's last hidden states through the unembedding a chunk of positions at a time
     (workers.models.head_logits: the final-logit soft cap where the model has one)."""
@@ -122,7 +123,7 @@ def losses(model, groups, layer: int, directions: np.ndarray, mode: str, targets
 
     def sums(ids, mask):
         with torch.inference_mode():
-            nll = _nll(model, ids, mask)
+            nll = next_token_nll(model, ids, mask)
         valid = mask[:, 1:].bool()
         after = valid & (torch.arange(nll.shape[1])[None, :] > after_k)
         return np.array([float(nll[valid].sum()), int(valid.sum()), float(nll[after].sum()), int(after.sum())])

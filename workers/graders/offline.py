@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from common.types import OfflineGrading
+from workers.causal import next_token_nll
 from workers.graders.base import OFFLINE_RELEVANCE, GraderError, Judgement, candidates, failed, scale_label
 from workers.models import text_config
 
@@ -21,8 +22,9 @@ class PerplexityCoherenceGrader:
 
     Perplexity is exp(mean next-token NLL) over the text's tokens as the tokenizer encodes
     them with special tokens (so with a BOS, the first token is scored too), truncated to
-    `max_length` tokens. A batch holds batch_size x length x vocabulary float32 logits
-    (8 x 128 x 128k: 0.5 GB).
+    `max_length` tokens. The logits of a batch are computed a bounded chunk of positions at
+    a time (workers/causal.next_token_nll): whole, 8 x 1024 x 128k in the model's dtype,
+    float32 and log-softmax would be 10 GB.
 
     How the defaults were chosen. Fluent English sits at a per-token perplexity of roughly
     10-40 under small base models (GPT-2 small about 30-40 on WikiText/PTB, 1B-class
@@ -79,13 +81,10 @@ class PerplexityCoherenceGrader:
             for r, i in enumerate(rows):
                 ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
                 mask[r, :len(encoded[i])] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), ids[:, 1:], reduction="none")
-                scored = mask[:, 1:].float()
-                mean_nll = (nll * scored).sum(1) / scored.sum(1)
+            with torch.inference_mode():   # logits a bounded chunk of positions at a time
+                nll = next_token_nll(self.model, ids, mask)
+            scored = mask[:, 1:].double()
+            mean_nll = (nll * scored).sum(1) / scored.sum(1)
             for r, i in enumerate(rows):
                 out[i] = math.exp(float(mean_nll[r]))
         return out
