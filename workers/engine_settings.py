@@ -28,6 +28,7 @@ pin it (tests/test_engine_settings.py keeps the three in step).
 from __future__ import annotations
 
 import json
+import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,17 @@ def engine_environment(device: str) -> dict[str, str]:
     requests share its batch, and a resumed run batches differently. Set
     VLLM_BATCH_INVARIANT=0 to trade that for speed."""
     return {"VLLM_BATCH_INVARIANT": "1"} if device == "cuda" else {}
+
+
+def guard_scalar_cpu_compile(device: str) -> None:
+    """With ATEN_CPU_CAPABILITY=default on a CPU, torch 2.13's inductor writes vectorised
+    C++ for a scalar target that does not compile ("'at::vec' has not been declared"), and
+    vLLM compiles a helper of its prompt-logprobs path (batched_count_greater_than) even
+    in eager mode: compiling is turned off in this process there, so the helper runs as
+    plain torch."""
+    if device == "cpu" and os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default":
+        import torch._dynamo
+        torch._dynamo.config.disable = True
 
 
 def check_vllm_version(version: str) -> None:

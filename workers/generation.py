@@ -53,7 +53,8 @@ from functools import partial
 import numpy as np
 
 from storage.store import StorageOptions
-from workers.engine_settings import EngineNeed, check_vllm_version, engine_environment, engine_settings
+from workers.engine_settings import (EngineNeed, check_vllm_version, engine_environment, engine_settings,
+                                     guard_scalar_cpu_compile)
 
 # Where the steering of a request travels inside vLLM's SamplingParams.extra_args.
 STEERING_KEY = "adl_steering"
@@ -120,6 +121,7 @@ class GenerationEngine:
         from workers.lora import adapts_logits, engine_lora_settings
 
         check_vllm_version(vllm.__version__)
+        guard_scalar_cpu_compile(device)
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process
         # (and binds its threads); close() gives the rest of the process both back.
         self._torch_threads = (torch.set_num_threads, torch.get_num_threads())
