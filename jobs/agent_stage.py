@@ -13,8 +13,8 @@ graded, as `agent.parquet` with one transcript per run beside it (README, "Table
   serve at all (connection, timeouts, 5xx and 429 after the client's retries,
   authentication) or whose model engine died is *incomplete*: its transcript is written
   for inspection, the table is not, and the stage fails naming why; a rerun redoes only
-  the incomplete runs (complete transcripts are reused: the folder is content-keyed, so
-  they were made with the same settings).
+  the incomplete runs (complete transcripts are reused when they record the stage's
+  content key: they were made with the same settings and evidence).
 - Spend: the agent and grader calls and tokens of this run of the stage go to the status
   record (jobs/status.py llm_spend) and to each row.
 """
@@ -189,12 +189,14 @@ def agent_stage(ctx) -> None:
     keys = runs_of(s)
     path = lambda key: ctx.path(layout.agent_transcript(*key))
 
+    stage_key = (ctx.keys or {}).get("agent")   # a transcript of other settings is not reused
+
     def reuse(key):
         record = store.read_json_or_none(path(key))
-        return record if _reusable(record) else None
+        return record if _reusable(record) and record.get("stage_key") == stage_key else None
 
     def save(key, record):
-        store.write_json(path(key), record)
+        store.write_json(path(key), {**record, "stage_key": stage_key})
 
     logger.info(f"{pair.pair.name}: agent, {len(keys)} runs ({', '.join(a for a in AGENTS)}) on {s.model}")
     for where, name in (("agent.api_key_env", s.api_key_env), ("agent.grader.api_key_env", s.grader.api_key_env)):

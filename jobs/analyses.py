@@ -4,9 +4,9 @@ patchscope, token relevance and the embedding evaluation, when the spec has an
 
 Each stage decides what to compute and writes one table; the models (the pair's
 transformers actors, the embedder) and the grader are actors that the executor hands it
-in a StageRun (jobs/stages.py declares the stages). A stage whose output already exists
-(and verifies against its marker) is not run again: the pair's folder is content-keyed, so
-what is there was computed with these settings.
+in a StageRun (jobs/stages.py declares the stages). A stage whose marker records its
+content key for this spec, and whose output verifies against it, is not run again: what is
+there was computed with these settings and inputs.
 
 A stage whose work failed raises (GradingFailed): it writes nothing and its pair fails.
 Patchscope fails when the grader chose a best scale for no (layer, position, variant);

@@ -43,6 +43,7 @@ def pair_rows(store: Store, pair: dict, positions: list[int], control: bool = Fa
     relevant = results.relevance_metrics("logit_lens") or {}
     agent_grades = results.agent_groups()
     triage = pair_triage(results)
+    earlier = results.earlier_stages()   # reused from an earlier run (settings: the pair's manifest)
     rows = []
     for r in diff:
         key = (r["layer"], r["position"])
@@ -60,7 +61,7 @@ def pair_rows(store: Store, pair: dict, positions: list[int], control: bool = Fa
                      "trace_strength": t.get("trace_strength"),
                      "steering_uplift": t.get("steering_uplift", {}).get(int(r["position"])),
                      "best_grade": t.get("best_grade"), "control": control,
-                     "strength_found": found.get(key)})
+                     "strength_found": found.get(key), "earlier_stages": earlier})
     return rows
 
 

@@ -32,7 +32,8 @@ from jobs.placement import gpuless_refusal
 from jobs.plan import Plan, PairPlan, make_plan, model_label
 from jobs.scheduler import ModelKey, Scheduler, Unit
 from jobs.spec import JobSpec, SpecError
-from jobs.stages import LocalActor, baseline_sources, enabled_stages, offline_grader, transformers, vllm
+from jobs.stages import (LocalActor, baseline_sources, enabled_stages, offline_grader, stage_keys,
+                         transformers, vllm)
 from jobs.status import JobStatus
 from jobs.submit import ClusterError
 from jobs.views import Publisher, publish
@@ -258,13 +259,14 @@ def job_units(spec: JobSpec, pending: list[PairPlan], store: Store, leases: Leas
             outcome["blocked"].append(pair)
             outcome["waiting"].append(pair.out_dir)
             continue
-        if leases is not None and check_pair(store, pair, stages) is None:
+        keys = stage_keys(spec, pair)
+        if leases is not None and check_pair(store, pair, stages, keys) is None:
             release(pair.out_dir)   # finished by another run since this run looked
             outcome["finished"].append(pair)
             continue
         complete[name], todo = [], []
         for stage in stages:
-            files, why = check_stage(store, pair, stage)
+            files, why = check_stage(store, pair, stage, keys[stage.name]["key"])
             if files is not None:
                 complete[name].append(stage.name)
                 continue
@@ -334,11 +336,11 @@ def pending_pairs(plan: Plan, store: Store) -> list[PairPlan]:
     stages = enabled_stages(plan.spec)
     pending = []
     for pair in plan.pairs:
-        why = check_pair(store, pair, stages)
+        why = check_pair(store, pair, stages, stage_keys(plan.spec, pair))
         if why is None:
             continue
         if why:
-            logger.info(f"{pair.pair.name}: {why}; redoing what does not verify")
+            logger.info(f"{pair.pair.name}: {why}; redoing what changed or does not verify")
         pending.append(pair)
     return pending
 
@@ -472,7 +474,8 @@ def _llm_grader(spec: JobSpec):
 
 
 def _pair_done(store: Store, pair: PairPlan, status: JobStatus, stats: RunStats, spec: JobSpec) -> None:
-    pair_manifest(store, pair, enabled_stages(spec))
+    stages = status.record["pairs"][pair.pair.name]["stages"]
+    pair_manifest(store, pair, spec, earlier=[name for name, entry in stages.items() if entry.get("skipped")])
     stats.add("pairs_reduced")
     status.pair_state(pair.pair.name, "done")
 

@@ -28,7 +28,8 @@ from jobs import autoscale
 from jobs.placement import Placement, Workload, engine_memory_utilization, gpuless_refusal, placement
 from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
-from jobs.stages import PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines
+from jobs.stages import (PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines,
+                         stage_keys)
 from jobs.status import JobStatus
 from jobs.steering import engine_need
 from jobs.submit import ClusterError
@@ -342,15 +343,23 @@ class RayBackend:
         """A pair's stage, then its marker: the digests of every file it wrote in the
         pair's folder (what makes it complete; jobs/integrity.py check_stage)."""
         stage, pair = self._stages[unit.kind], self._pairs[unit.pair]
+        keys = stage_keys(self.spec, pair)
+        # A stage run again in place (its settings or inputs changed, or its files did not
+        # verify): its old marker, and the pair's manifest, no longer describe the folder.
+        for stale in (layout.manifest(pair.out_dir), layout.stage_marker(pair.out_dir, stage.name)):
+            if self.store.exists(stale):
+                self.store.delete(stale)
         store = self.store.session(record=True)
         stage.run(StageRun(pair, self.spec, store, actors, self.grader, self.baselines,
-                           spend=lambda usage: self.status.llm_spend(unit.pair, unit.kind, usage)))
+                           spend=lambda usage: self.status.llm_spend(unit.pair, unit.kind, usage),
+                           keys={name: entry["key"] for name, entry in keys.items()}))
         folder = pair.out_dir.strip("/") + "/"
         files = {key[len(folder):]: d for key, d in store.written.items() if key.startswith(folder)}
         missing = [name for name in stage.writes if name not in files]
         if missing:
             raise RuntimeError(f"{stage.name}: the stage wrote no {', '.join(missing)}")
-        store.write_json(layout.stage_marker(pair.out_dir, stage.name), {"stage": stage.name, "files": files})
+        store.write_json(layout.stage_marker(pair.out_dir, stage.name),
+                         {"stage": stage.name, **keys[stage.name], "files": files})
         self.stats.add("stages_run")
 
     def _extract(self, unit: Unit, actors: dict) -> None:
@@ -372,12 +381,15 @@ class RayBackend:
         self.status.set_state(aset.prefix, "done")
 
 
-def pair_manifest(store: Store, pair, stages) -> None:
+def pair_manifest(store: Store, pair, spec, earlier=()) -> None:
     """Written last: marks the pair's results complete, listing every file its stages
-    wrote with its digest (from the stage markers, complete and verified by now)."""
-    files = {}
-    for stage in stages:
-        files.update(store.read_json(layout.stage_marker(pair.out_dir, stage.name))["files"])
+    wrote with its digest (from the stage markers, complete and verified by now), and
+    each stage's content key and settings; earlier: the stages whose results an earlier
+    run wrote (this one found them complete)."""
+    files, stages = {}, {}
+    for name, entry in stage_keys(spec, pair).items():
+        files.update(store.read_json(layout.stage_marker(pair.out_dir, name))["files"])
+        stages[name] = {**entry, "earlier_run": name in earlier}
     store.write_json(layout.manifest(pair.out_dir), {
         "pair": pair.pair.name, "layers": list(pair.layers),
-        "base": pair.base.prefix, "finetuned": pair.finetuned.prefix, "files": files})
+        "base": pair.base.prefix, "finetuned": pair.finetuned.prefix, "stages": stages, "files": files})

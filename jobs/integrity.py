@@ -9,10 +9,13 @@ lists exists and matches the digest recorded when it was written (storage/store.
   another shard is extracted again; a manifest that is missing or does not parse while
   every shard verifies is written again from the markers, with no model work.
 - A pair's stage is complete when its marker (`<stage>.done.json`, written by the
-  executor after the stage's run function returned) parses, lists every table the stage
-  declares, and every file it lists matches.
-- A pair is complete when its manifest parses and lists, with digests that match, every
-  file of the spec's stages (written last, from the stage markers).
+  executor after the stage's run function returned) parses, records the stage's content
+  key for this spec (jobs/stages.py stage_keys: else its settings or inputs changed, and
+  it runs again in place), lists every table the stage declares, and every file it
+  lists matches.
+- A pair is complete when its manifest parses, records exactly the spec's stages with
+  their keys, and lists, with digests that match, every file of those stages (written
+  last, from the stage markers).
 
 Each check returns why not (a short phrase for the log), or None where nothing was there
 to check (not done yet: nothing to say).
@@ -147,26 +150,35 @@ def check_files(store: Store, folder: str, files: dict, required=()) -> str | No
     return None
 
 
-def check_stage(store: Store, pair, stage) -> tuple[dict | None, str | None]:
-    """(the files of a complete stage, None), or (None, why not; None: not run yet)."""
-    key = layout.stage_marker(pair.out_dir, stage.name)
-    if not store.exists(key):
+def check_stage(store: Store, pair, stage, key: str) -> tuple[dict | None, str | None]:
+    """(the files of a complete stage, None), or (None, why not; None: not run yet).
+    key: the stage's content key for this spec."""
+    marker_key = layout.stage_marker(pair.out_dir, stage.name)
+    if not store.exists(marker_key):
         return None, None
-    marker, why = read_record(store, key)
+    marker, why = read_record(store, marker_key)
+    if why is None and marker.get("key") != key:
+        return None, "its results were computed with other settings or inputs"
     if why is None:
         why = check_files(store, pair.out_dir, marker.get("files"), stage.writes)
     if why is not None:
-        return None, f"its marker {key.rpartition('/')[2]}: {why}"
+        return None, f"its marker {marker_key.rpartition('/')[2]}: {why}"
     return marker["files"], None
 
 
-def check_pair(store: Store, pair, stages) -> str | None:
+def check_pair(store: Store, pair, stages, keys: dict) -> str | None:
     """Why the pair's results are not complete (None: they are; "" when it has no
-    manifest yet). stages: the spec's stages (their tables must all be listed)."""
+    manifest yet). stages: the spec's stages (their tables must all be listed); keys:
+    their content keys ({stage: {"key", ...}}, jobs/stages.py stage_keys)."""
     key = layout.manifest(pair.out_dir)
     if not store.exists(key):
         return ""
     manifest, why = read_record(store, key)
     if why is None:
+        recorded = manifest.get("stages")
+        recorded = {name: entry.get("key") for name, entry in recorded.items() if isinstance(entry, dict)} \
+            if isinstance(recorded, dict) else {}
+        if recorded != {s.name: keys[s.name]["key"] for s in stages}:
+            return "its manifest: its stages or their settings differ from this job's"
         why = check_files(store, pair.out_dir, manifest.get("files"), [w for s in stages for w in s.writes])
     return None if why is None else f"its manifest: {why}"

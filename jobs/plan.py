@@ -69,7 +69,11 @@ class PairPlan:
     layers: tuple[int, ...]
     base: ActivationSet
     finetuned: ActivationSet
-    out_dir: str              # storage key prefix of the pair's results
+    out_dir: str              # storage key prefix of the pair's results (keyed by its two sets)
+    # What the pair's stages may depend on besides the sets, by part: the method's
+    # settings, and each enabled section's settings with the files they read. Each stage
+    # picks its parts (jobs/stages.py Stage.settings) for its own content key.
+    settings: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -149,15 +153,22 @@ def check_token_ids(docs: Documents, configs: dict, where: str) -> None:
 
 
 def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
-    """What the analyses of a pair read besides its difference: their settings, the
-    domain description, and the contents of the finetuning and generic chat files (a
-    missing file is an input error found here)."""
+    """What each analysis stage reads besides its inputs, by stage: patchscope its
+    settings; token relevance its settings, the domain description and the finetuning
+    file's contents; the embedding similarity its settings and the contents of the
+    finetuning and generic chat files (a missing file is an input error found here)."""
     from workers.demo_pair import DEMO_VERSION
+    a = as_plain(spec.analyses)
     files = {name: file_identity(getattr(pair, name), f"{where}.{name}")
              for name in ("finetune_data", "generic_chat") if getattr(pair, name)}
     if not pair.generic_chat:   # the packaged control set
         files["generic_chat"] = {"packaged": DEMO_VERSION}
-    return {**as_plain(spec.analyses), "description": pair.description, "files": files}
+    pick = lambda prefix: {k: v for k, v in a.items() if k.startswith(prefix)}
+    return {"patchscope": pick("patchscope_"),
+            "token_relevance": {**{k: a[k] for k in ("relevance_top_k", "frequent_tokens", "min_generic_ratio")},
+                                "description": pair.description,
+                                "files": {k: v for k, v in files.items() if k == "finetune_data"}},
+            "similarity": {**pick("embedding_"), "files": files}}
 
 
 # What does not change an agent run's outcome stays out of the pair's key: how many
@@ -235,18 +246,23 @@ def make_plan(spec: JobSpec) -> Plan:
                                                          parameters[role], shapes[role]))
 
         base, finetuned = activation_set("base"), activation_set("finetuned")
-        pair_identity = {"base": base.prefix, "finetuned": finetuned.prefix,
-                         "norm_skip_positions": spec.method.norm_skip_positions,
-                         "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
+        settings = {"norm_skip_positions": spec.method.norm_skip_positions,
+                    "positions": list(spec.method.positions), "lens_top_k": spec.method.lens_top_k}
+        if spec.generation.enabled or spec.analyses.enabled:
+            settings["grader"] = grader_identity(spec.grader)
         if spec.generation.enabled:
-            pair_identity.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION, grader=grader_identity(spec.grader))
+            settings.update(generation=as_plain(spec.generation), seeding=SEEDING_VERSION)
         if spec.analyses.enabled:
-            pair_identity.update(analyses=analyses_identity(spec, pair, where), grader=grader_identity(spec.grader))
-        if spec.agent.enabled:   # only then: pairs of jobs without the section keep their keys
-            pair_identity.update(agent=agent_identity(spec, pair))
-        if spec.causal_effect.enabled:   # likewise
+            settings.update(analyses_identity(spec, pair, where))
+        if spec.agent.enabled:
+            settings["agent"] = agent_identity(spec, pair)
+        if spec.causal_effect.enabled:
             files = ({"finetune_data": file_identity(pair.finetune_data, f"{where}.finetune_data")}
                      if pair.finetune_data else {})
-            pair_identity.update(causal_effect={**as_plain(spec.causal_effect), "files": files})
-        pairs.append(PairPlan(pair, layers, base, finetuned, layout.pair_dir(pair.name, pair_identity)))
+            settings["causal_effect"] = {**as_plain(spec.causal_effect), "files": files}
+        # The folder is the pair's two sets; what each stage computed from them is keyed
+        # by its own settings and inputs (jobs/stages.py stage_keys), so a changed
+        # setting reruns only the stages that depend on it, in place.
+        out_dir = layout.pair_dir(pair.name, {"base": base.prefix, "finetuned": finetuned.prefix})
+        pairs.append(PairPlan(pair, layers, base, finetuned, out_dir, settings))
     return Plan(spec, tuple(sets.values()), tuple(pairs))

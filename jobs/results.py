@@ -25,10 +25,20 @@ NORM_COLUMNS = ["layer", "position", "num_documents", "delta_norm", "finetuned_n
 
 
 class PairResults:
-    def __init__(self, store: Store, pair_dir: str, recorded_only: bool = False):
-        self.store, self.dir, self.recorded_only = store, pair_dir, recorded_only
+    def __init__(self, store: Store, pair_dir: str, recorded_only: bool = False,
+                 stage_keys: dict[str, str] | None = None):
+        """stage_keys (a stage's reader): {stage: content key}; a marker of another stage,
+        or of a stage under another key (other settings), records nothing here."""
+        self.store, self.dir, self.recorded_only, self.stage_keys = store, pair_dir, recorded_only, stage_keys
         manifest = store.read_json_or_none(layout.manifest(pair_dir)) if not recorded_only else None
         self.complete = manifest is not None
+        stages = manifest.get("stages") if isinstance(manifest, dict) else None
+        # stage -> {"key", "settings", "reads", "earlier_run"} (a complete pair's manifest)
+        self.stages: dict = stages if isinstance(stages, dict) else {}
+        # A manifest that records its stages (layout 3) is the whole of the folder: a file
+        # it does not list is another configuration's (a stage this job did not run). A
+        # layout-2 folder held one configuration only.
+        self._listed_only = bool(self.stages)
         files = manifest.get("files") if isinstance(manifest, dict) else None
         # file name -> digest; None until asked, for a running pair or a stage (the
         # markers are read then: a stage redone under an old manifest is not that manifest's)
@@ -49,6 +59,9 @@ class PairResults:
             for key in self.store.list(self.dir):
                 if layout.is_stage_marker(self.dir, key):
                     marker, _ = read_record(self.store, key)
+                    if marker is not None and self.stage_keys is not None \
+                            and self.stage_keys.get(marker.get("stage")) != marker.get("key"):
+                        continue
                     files = marker.get("files") if marker is not None else None
                     if isinstance(files, dict):
                         self._digests.update(files)
@@ -65,7 +78,7 @@ class PairResults:
             raise IntegrityError(f"{self.store.uri(self.key(kind.file))}: no stage marker of the pair "
                                  f"records it")
         table = (self.store.read_table(self.key(kind.file), kind, columns, digest)
-                 if digest is not None or self.has(kind.file) else None)
+                 if digest is not None or (not self._listed_only and self.has(kind.file)) else None)
         if not self.recorded_only:
             self._cache[cache] = table
         return table
@@ -76,8 +89,13 @@ class PairResults:
 
     def json(self, name: str):
         digest = self.digest(name)
-        return self.store.read_json(self.key(name), digest=digest) if digest is not None or self.has(name) \
-            else None
+        return self.store.read_json(self.key(name), digest=digest) \
+            if digest is not None or (not self._listed_only and self.has(name)) else None
+
+    def earlier_stages(self) -> list[str]:
+        """The stages whose results an earlier run wrote (the manifest records under which
+        settings), in the order the stages ran."""
+        return [name for name, entry in self.stages.items() if isinstance(entry, dict) and entry.get("earlier_run")]
 
     # -- the filtered views its readers share ------------------------------------------
     def norms(self) -> pd.DataFrame | None:

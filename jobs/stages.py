@@ -118,6 +118,7 @@ class StageRun:
     grader: Any = None                   # an LLM grader in the driver (LocalActor); None: offline
     baselines: dict = field(default_factory=dict)   # ModelSource -> baseline GenerationResults
     spend: Callable[[dict], None] | None = None     # a stage's LLM calls and tokens -> the status record
+    keys: dict[str, str] | None = None              # this spec's stages' content keys (stage_keys)
     _results: PairResults | None = field(default=None, repr=False)
 
     def model(self, runtime: str, source: ModelSource):
@@ -133,10 +134,11 @@ class StageRun:
 
     @property
     def results(self) -> PairResults:
-        """The pair's folder as earlier stages left it: only what their markers record,
-        checked against those digests (storage.store.IntegrityError if it differs)."""
+        """The pair's folder as earlier stages of this spec left it: only what their
+        markers record (under this spec's keys: not a stage's results under other
+        settings), checked against those digests (storage.store.IntegrityError if it differs)."""
         if self._results is None:
-            self._results = PairResults(self.store, self.pair.out_dir, recorded_only=True)
+            self._results = PairResults(self.store, self.pair.out_dir, recorded_only=True, stage_keys=self.keys)
         return self._results
 
     def read_table(self, kind: TableKind, columns: list[str] | None = None):
@@ -170,6 +172,8 @@ class Stage:
     after: tuple[str, ...]                           # stages of the same pair it reads
     needs: Callable[[JobSpec, PairPlan], tuple[ModelKey, ...]]
     run: Callable[[StageRun], None]
+    settings: tuple[str, ...] = ()                   # the parts of PairPlan.settings it depends on;
+                                                     # with `after`'s keys, its content key
 
 
 # -- reduce --------------------------------------------------------------------------------
@@ -344,27 +348,44 @@ def _ft(runtime):
     return lambda spec, pair: (_key(runtime, pair.pair.finetuned),)
 
 
-PAIR_STAGES: tuple[Stage, ...] = (
+PAIR_STAGES: tuple[Stage, ...] = (   # in an order where a stage comes after what it reads
     Stage("reduce", (DIFFERENCE.file, layout.DIFFERENCE_SAFETENSORS), lambda spec: True, (),
-          lambda spec, pair: (), reduce_pair),
+          lambda spec, pair: (), reduce_pair, settings=("norm_skip_positions",)),
     Stage("logit_lens", (LOGIT_LENS.file,), lambda spec: True, ("reduce",),
-          _ft("transformers"), logit_lens),
+          _ft("transformers"), logit_lens, settings=("positions", "lens_top_k")),
     Stage("generate", (GENERATIONS.file, STEERING.file), lambda spec: spec.generation.enabled, ("reduce",),
-          _ft("vllm"), generate),
+          _ft("vllm"), generate, settings=("positions", "generation", "seeding", "grader")),
     Stage("patchscope", (PATCHSCOPE.file,), lambda spec: spec.analyses.enabled, ("reduce",),
           lambda spec, pair: (transformers(pair.pair.finetuned), transformers(pair.pair.base))
-          + _grader_needs(spec, pair), analyses.patchscope),
+          + _grader_needs(spec, pair), analyses.patchscope, settings=("positions", "patchscope", "grader")),
     Stage("token_relevance", (layout.TOKEN_RELEVANCE_JSON,), lambda spec: spec.analyses.enabled,
-          ("logit_lens", "patchscope"), lambda spec, pair: (), analyses.token_relevance),
+          ("logit_lens", "patchscope"), lambda spec, pair: (), analyses.token_relevance,
+          settings=("token_relevance", "grader")),
     Stage("similarity", (SIMILARITY.file,),
           lambda spec: spec.analyses.enabled and spec.generation.enabled, ("generate",),
-          lambda spec, pair: (embedder(spec),), analyses.similarity),
+          lambda spec, pair: (embedder(spec),), analyses.similarity, settings=("similarity",)),
     Stage("agent", (AGENT.file,), lambda spec: spec.agent.enabled, ("logit_lens", "patchscope", "generate"),
-          lambda spec, pair: (vllm(pair.pair.base), vllm(pair.pair.finetuned)), agent_stage),
+          lambda spec, pair: (vllm(pair.pair.base), vllm(pair.pair.finetuned)), agent_stage,
+          settings=("agent",)),
     Stage("causal_effect", (CAUSAL_EFFECT.file,), lambda spec: spec.causal_effect.enabled, ("reduce",),
           lambda spec, pair: (transformers(pair.pair.finetuned),)
-          + ((transformers(pair.pair.base),) if needs_base(spec) else ()), causal_effect),
+          + ((transformers(pair.pair.base),) if needs_base(spec) else ()), causal_effect,
+          settings=("positions", "causal_effect")),
 )
+
+
+def stage_keys(spec: JobSpec, pair: PairPlan) -> dict[str, dict]:
+    """Each enabled stage's content key and what it is a hash of: the pair's two sets,
+    the stage's own settings, and the keys of the enabled stages it reads (so a stage's
+    key changes with anything upstream of it). {stage: {"key", "settings", "reads"}}."""
+    out: dict[str, dict] = {}
+    for stage in enabled_stages(spec):
+        settings = {part: pair.settings[part] for part in stage.settings if part in pair.settings}
+        reads = {name: out[name]["key"] for name in stage.after if name in out}
+        key = layout.content_key({"stage": stage.name, "base": pair.base.prefix,
+                                  "finetuned": pair.finetuned.prefix, "settings": settings, "reads": reads})
+        out[stage.name] = {"key": key, "settings": settings, "reads": reads}
+    return out
 
 
 def enabled_stages(spec: JobSpec) -> tuple[Stage, ...]:

@@ -15,8 +15,10 @@
     pairs/<pair>/agent/<agent>-b<budget>-r<run>.json   one interpretability-agent run's transcript
     pairs/<pair>/agent.parquet                 every agent run's description and grades
     pairs/<pair>/causal_effect.parquet         cross-entropy with delta_hat patched or projected out
-    pairs/<pair>/<stage>.done.json             a stage's marker: the digests of what it wrote (last)
-    pairs/<pair>/manifest.json                 the pair's results are complete: every file's digest
+    pairs/<pair>/<stage>.done.json             a stage's marker: the digests of what it wrote, its
+                                               content key and settings (last)
+    pairs/<pair>/manifest.json                 the pair's results are complete: every file's digest,
+                                               each stage's key and settings
     leases/activations/<set>/<n>.json          who is extracting the set now (jobs/leases.py)
     leases/pairs/<pair>/<n>.json               who is running the pair now
     runs/<job>/run.json                        what a job ran and where its results are
@@ -28,8 +30,10 @@
 
 The tables' file names are declared with their kinds (storage/tables.py: `LOGIT_LENS.file`).
 <set> and <pair> are readable names followed by a content key, a hash of everything
-that determines the result: the same work under another job finds its results already
-there. A marker or manifest is written only after the data it describes, so whatever
+that determines the result (a pair's: its two sets): the same work under another job
+finds its results already there. A pair's stage is keyed by its own settings and the
+keys of the stages it reads (jobs/stages.py stage_keys), recorded in its marker: a
+stage whose key changed runs again in place, and so do the stages that read it. A marker or manifest is written only after the data it describes, so whatever
 a crash leaves behind is either complete or invisible to a rerun; and it records each
 file's digest (size and CRC-32, storage/store.py), so a file changed since is found out.
 """
@@ -42,12 +46,16 @@ import re
 from storage.tables import CATALOG, PAIR_SIMILARITY
 
 # 2: markers and manifests carry digests; stage markers; leases.
-LAYOUT_VERSION = 2
+# 3: a pair's folder is keyed by its two activation sets alone; each stage's marker
+#    records its own content key (its settings and the keys of the stages it reads).
+#    Activation sets are as in layout 2 and keep their keys (SET_LAYOUT_VERSION).
+LAYOUT_VERSION = 3
+SET_LAYOUT_VERSION = 2
 MARKER = ".done.json"   # a shard's or a stage's marker: <shard or stage>.done.json
 
 
-def content_key(identity: dict) -> str:
-    canonical = json.dumps({"layout": LAYOUT_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
+def content_key(identity: dict, version: int = LAYOUT_VERSION) -> str:
+    canonical = json.dumps({"layout": version, **identity}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -56,7 +64,7 @@ def slug(name: str) -> str:
 
 
 def activation_set(name: str, identity: dict) -> str:
-    return f"activations/{slug(name)}-{content_key(identity)}"
+    return f"activations/{slug(name)}-{content_key(identity, SET_LAYOUT_VERSION)}"
 
 
 def shard(set_prefix: str, index: int) -> str:

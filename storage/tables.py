@@ -288,7 +288,8 @@ CATALOG = TableKind("catalog", "catalog.parquet", pa.schema([
                                          ("graded", pa.int32())]))),
     ("delta_ratio", pa.float64()), ("trace_strength", pa.float64()), ("steering_uplift", pa.float64()),
     ("best_grade", pa.float64()), ("control", pa.bool_()), ("strength_found", pa.bool_()),
-]), version="2")
+    ("earlier_stages", pa.list_(pa.string())),
+]), version="3")
 
 # One row per two finished pairs of a job (pair_a first in job order; a pair with itself
 # included) and (layer, position) both have: the cosine of their deltas.

@@ -131,6 +131,8 @@ def agent_job(ray_cluster, make_spec, demo_pair, tmp_path_factory):
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr):
+                # The job finished without the agent first: adding the section runs the agent alone.
+                run_job(parse_spec({k: v for k, v in raw.items() if k != "agent"}), RunStats())
                 record_key = run_job(spec, stats)
                 seen_first = len(state.seen)
                 status = Store(str(root)).read_json(layout.run_status(spec.name))
@@ -378,6 +380,23 @@ def test_grades_catalog_status_and_report(agent_job):
     assert "4.00 ± 0.00" in page
 
 
+def test_adding_the_agent_to_a_finished_job_runs_it_alone(agent_job):
+    """The job ran without the agent section first: with it, only the agent stage ran, on
+    the two engines it asks (no transformers actor, no embedder, no extraction); the pair's
+    manifest and the catalog say the other stages came from the earlier run."""
+    job = agent_job
+    stages = job.status["pairs"][PAIR]["stages"]
+    assert {name for name, s in stages.items() if not s.get("skipped")} == {"agent"}
+    assert job.stats.model_loads == 2 and job.status["work"]["model_loads"] == 2
+    assert {a["kind"] for a in job.status["actors"]} == {"vllm"}
+    manifest = job.store.read_json(layout.manifest(job.pair["dir"]))
+    earlier = [name for name, e in manifest["stages"].items() if e["earlier_run"]]
+    assert earlier == [s for s in stages if s != "agent"] and not manifest["stages"]["agent"]["earlier_run"]
+    assert manifest["stages"]["agent"]["settings"]["agent"]["model"] == "scripted-agent"
+    catalog = job.store.read_table(layout.run_catalog(job.spec.name)).to_pylist()
+    assert all(row["earlier_stages"] == earlier for row in catalog)
+
+
 def test_a_rerun_asks_nothing(agent_job):
     assert agent_job.seen_after_rerun == 0
     assert agent_job.rerun_status["pairs"][PAIR]["state"] == "done" and "llm" not in agent_job.rerun_status
@@ -523,17 +542,25 @@ def test_agent_spec_errors_name_the_field():
         parse_spec({**base, "pairs": [{"name": "p", "base": "b", "finetuned": "f", "organism_type": "cat"}]})
 
 
-def test_agent_settings_key_the_pair_only_when_present(demo_pair, make_spec, tmp_path):
+def test_agent_settings_key_the_agent_stage_alone(demo_pair, make_spec, tmp_path):
+    """The agent section keys its own stage, not the pair's folder or its other stages;
+    how requests are sent keys nothing."""
     from jobs.plan import make_plan
+    from jobs.stages import stage_keys
+
+    def keys(raw):
+        [pair] = make_plan(parse_spec(raw)).pairs
+        return pair.out_dir, {name: entry["key"] for name, entry in stage_keys(parse_spec(raw), pair).items()}
     raw = make_spec(tmp_path, generation={"samples": 1}, analyses={})
-    plain = make_plan(parse_spec(raw)).pairs[0].out_dir
     with_agent = {**raw, "agent": {"base_url": "http://h/v1", "model": "m"}}
-    keyed = make_plan(parse_spec(with_agent)).pairs[0].out_dir
-    faster = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "concurrency": 64,
-                                                           "api_key_env": "OTHER"}})).pairs[0].out_dir
-    other = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "runs": 2}})).pairs[0].out_dir
-    off = make_plan(parse_spec({**with_agent, "agent": {**with_agent["agent"], "enabled": False}})).pairs[0].out_dir
-    assert plain == off and keyed != plain and faster == keyed and other != keyed
+    (d_plain, plain), (d_keyed, keyed) = keys(raw), keys(with_agent)
+    faster = keys({**with_agent, "agent": {**with_agent["agent"], "concurrency": 64, "api_key_env": "OTHER"}})[1]
+    other = keys({**with_agent, "agent": {**with_agent["agent"], "runs": 2}})[1]
+    off = keys({**with_agent, "agent": {**with_agent["agent"], "enabled": False}})[1]
+    assert d_plain == d_keyed and "agent" not in plain and off == plain
+    assert {k: v for k, v in keyed.items() if k != "agent"} == plain
+    assert faster == keyed and other["agent"] != keyed["agent"]
+    assert {k: v for k, v in other.items() if k != "agent"} == plain
     from jobs.driver import pair_stages
     assert "agent" not in pair_stages(parse_spec(raw)) and pair_stages(parse_spec(with_agent))[-1] == "agent"
 

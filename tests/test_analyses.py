@@ -292,17 +292,100 @@ def test_finished_stages_are_skipped(generation_run):
         "reduce", "logit_lens", "generate", "patchscope", "token_relevance", "similarity"]
 
 
-def test_the_pair_key_covers_the_analyses_settings(make_spec, demo_pair, tmp_path):
-    def out_dir(**overrides):
-        raw = make_spec(tmp_path, **overrides)
+def test_a_changed_setting_reruns_its_stage_and_its_readers_alone(generation_run, make_spec, demo_pair, tmp_path):
+    """On a copy of the finished generation job: each change of one stage's setting runs
+    that stage and the stages that read it, counted from the attempt's status record;
+    every other stage's files keep their bytes, inode and mtime; the pair's manifest and
+    the catalog say which stages came from an earlier run, and under which settings."""
+    import shutil
+    from conftest import generation_spec
+    from jobs.attempts import history
+    from jobs.driver import RunStats, run_job
+    _, done_store, pair, _ = generation_run
+    root = tmp_path / "root"
+    shutil.copytree(done_store.root, root)
+    store = Store(str(root))
+    folder = root / pair["dir"]
+
+    def files():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+                for p in folder.iterdir() if p.is_file() and p.name != "manifest.json"}
+
+    raw = generation_spec(make_spec, demo_pair, root)
+    last_ran: set[str] = set()
+
+    def rerun(change) -> set[str]:   # the changes add up, as a user's edits of one spec do
+        change(raw)
+        before = files()
+        stats = RunStats()
+        run_job(parse_spec(raw), stats)
+        attempt = history(store, raw["name"])[-1]
+        entry = attempt["pairs"]["demo"]
+        assert all(s["state"] == "done" for s in entry["stages"].values())
+        ran = set() if entry["skipped"] else {name for name, s in entry["stages"].items() if not s.get("skipped")}
+        after = files()
+        written = {name for name in after if after[name] != before.get(name)}
+        expected_files = {w for stage in ran for w in STAGE_FILES[stage]}
+        assert written <= expected_files and {f"{stage}.done.json" for stage in ran} <= written, (written, ran)
+        manifest = store.read_json(layout.manifest(pair["dir"]))
+        # which stages the run that completed the pair wrote itself (a no-op rerun rewrites nothing)
+        assert {n for n, e in manifest["stages"].items() if not e["earlier_run"]} == (ran or last_ran)
+        catalog = store.read_table(layout.run_catalog(raw["name"])).to_pylist()
+        assert catalog and all(set(row["earlier_stages"]) == set(manifest["stages"]) - (ran or last_ran)
+                               for row in catalog)
+        if ran:
+            last_ran.clear()
+            last_ran.update(ran)
+        assert stats.model_loads <= 3   # the stage's own actors, never the engines
+        return ran, manifest
+
+    ran, _ = rerun(lambda raw: raw["method"].update(lens_top_k=5))
+    assert ran == {"logit_lens", "token_relevance"}
+    ran, manifest = rerun(lambda raw: raw["analyses"].update(patchscope_top_k=7))
+    assert ran == {"patchscope", "token_relevance"}
+    assert manifest["stages"]["patchscope"]["settings"]["patchscope"]["patchscope_top_k"] == 7
+    assert manifest["stages"]["logit_lens"]["settings"]["lens_top_k"] == 5   # kept from the run before
+    assert store.read_table(f"{pair['dir']}/{PATCHSCOPE.file}").to_pandas()["rank"].max() == 6
+    ran, _ = rerun(lambda raw: raw["analyses"].update(embedding_texts=10))
+    assert ran == {"similarity"}
+    ran, _ = rerun(lambda raw: None)   # nothing changed: nothing to do
+    assert ran == set()
+
+
+STAGE_FILES = {"reduce": (DIFFERENCE.file, layout.DIFFERENCE_SAFETENSORS, "reduce.done.json"),
+               "logit_lens": (LOGIT_LENS.file, "logit_lens.done.json"),
+               "generate": (GENERATIONS.file, "steering.parquet", "generate.done.json"),
+               "patchscope": (PATCHSCOPE.file, "patchscope.done.json"),
+               "token_relevance": (TOKEN_RELEVANCE.file, layout.TOKEN_RELEVANCE_JSON, "token_relevance.done.json"),
+               "similarity": (SIMILARITY.file, "similarity.done.json")}
+
+
+def test_each_analysis_stage_is_keyed_by_its_own_settings(make_spec, demo_pair, tmp_path):
+    """An analyses setting changes the key of the stage that reads it and of the stages
+    that read that stage, and no other; the finetuning data's contents count."""
+    from jobs.stages import stage_keys
+
+    def keys(**overrides):
+        raw = make_spec(tmp_path, **{"generation": {"samples": 1}, **overrides})
         raw["pairs"][0]["finetune_data"] = str(tmp_path / "ft.txt")
-        return make_plan(parse_spec(raw)).pairs[0].out_dir
+        spec = parse_spec(raw)
+        [pair] = make_plan(spec).pairs
+        return {name: entry["key"] for name, entry in stage_keys(spec, pair).items()}
+
+    def changed(a, b):
+        return {name for name in a if a[name] != b.get(name)}
     (tmp_path / "ft.txt").write_text("lava\n")
-    plain, default = out_dir(), out_dir(analyses={})
-    assert len({plain, default, out_dir(analyses={"patchscope_top_k": 10}),
-                out_dir(analyses={"embedding_model": "other"})}) == 4
+    plain, default = keys(), keys(analyses={})
+    assert set(default) - set(plain) == {"patchscope", "token_relevance", "similarity"}
+    assert changed(plain, default) == set()
+    assert changed(default, keys(analyses={"patchscope_scales": [1.0, 2.0]})) == {"patchscope", "token_relevance"}
+    assert changed(default, keys(analyses={"relevance_top_k": 5})) == {"token_relevance"}
+    assert changed(default, keys(analyses={"embedding_model": "other"})) == {"similarity"}
+    assert changed(default, keys(analyses={}, generation={"samples": 2})) == {"generate", "similarity"}
+    assert changed(default, keys(analyses={}, method={"lens_top_k": 5})) == {"logit_lens", "token_relevance"}
     (tmp_path / "ft.txt").write_text("magma\n")   # the finetuning data's contents count
-    assert out_dir(analyses={}) != default and out_dir() == plain
+    assert changed(default, keys(analyses={})) == {"token_relevance", "similarity"}
+    assert keys() == plain
 
 
 def test_the_run_summary_shows_the_analyses(generation_run):

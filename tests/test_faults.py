@@ -119,7 +119,7 @@ DAMAGE = {
     "edited set manifest field": (lambda r: edit_set_manifest(r, lambda m: m.update(documents_read=1)), True,
                                   r"manifest .*manifest.json: does not match its own digest", 0, 1),
     "garbage pair manifest": (lambda r: pair_path(r, "manifest.json").write_text("{not json"), False,
-                              r"demo: its manifest: not valid JSON .*; redoing what does not verify", 0, 0),
+                              r"demo: its manifest: not valid JSON .*; redoing what changed or does not verify", 0, 0),
     "flipped pair table": (lambda r: flip(pair_path(r, DIFFERENCE.file)), False,
                            r"demo: stage reduce: its marker reduce.done.json: difference.parquet: crc32 "
                            r"[0-9a-f]{8}, [0-9a-f]{8} recorded \(corrupted or replaced\); running it again", 0, 0),
