@@ -300,6 +300,13 @@ def test_cluster_commands_fail_in_one_line(cluster, tmp_path):
     assert "cannot reach a Ray cluster" in unreachable.stderr
 
 
+def test_the_two_loopback_nodes_are_this_machine(cluster):
+    from jobs.submit import check_storage_reach, node_ips, this_machine
+    ips = node_ips(cluster.address)
+    assert len(ips) == 2 and set(ips) <= this_machine(), ips   # both nodes run here: one disk
+    check_storage_reach("adl-output", ips, this_machine())   # before the node is killed
+
+
 def test_killing_a_node_mid_job_gives_identical_results(cluster, finished_job, make_spec, demo_pair,
                                                         variants, tmp_path):
     """The demo pair again, each model actor on two GPUs (a whole node): the base and the
@@ -432,8 +439,3 @@ def test_a_local_storage_root_is_refused_when_the_nodes_are_other_machines():
     check_storage_reach("adl-output", ["127.0.0.1", "127.0.0.1"], {"127.0.0.1"})      # one machine: one disk
 
 
-def test_the_two_loopback_nodes_are_this_machine(cluster):
-    from jobs.submit import check_storage_reach, node_ips, this_machine
-    ips = node_ips(cluster.address)
-    assert len(ips) == 2 and set(ips) <= this_machine(), ips   # both nodes run here: one disk
-    check_storage_reach("adl-output", ips, this_machine())

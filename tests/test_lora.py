@@ -50,9 +50,12 @@ def test_adapter_pair_generates_with_the_default_search(ray_cluster, make_spec, 
     scores them by prompt logprobs on the same engine (the offline grader). That failed
     in vLLM's LoRA logits processor (`einsum(): subscript b has size 90 ... 18`) while the
     engine wrapped lm_head; it now wraps only the modules the adapter adapts."""
+    # A grader that finds every sample coherent: the search then chooses a strength, and
+    # the final steered samples run through the adapter too (a random adapter's steered
+    # text loops, which the default rules judge incoherent: no steered rows at all).
     spec = make_spec(tmp_path, method={"layers": [0.5], "positions": [0]},
                      generation={"samples": 1, "max_tokens": 16},
-                     grader={"kind": "offline", "threshold": 5000})
+                     grader={"kind": "offline", "threshold": 1e9, "min_tokens": 1, "min_distinct_ratio": 0.0})
     spec["pairs"] = [{"name": "lora", "base": str(demo_pair.base_dir), "finetuned": {"adapter": str(adapters[0])}}]
     parsed = parse_spec(spec)
     assert parsed.generation.search == type(parsed.generation.search)()   # the defaults
@@ -72,6 +75,7 @@ def test_adapter_pair_generates_with_the_default_search(ray_cluster, make_spec, 
     for row in steering:
         assert len(row["trials"]) == trials
         assert sum(t["graded"] for t in row["trials"]) == trials * search.samples
+    assert all(row["strength_found"] for row in steering)
     assert {r["kind"] for r in generations} == {"baseline", "steered"}
 
 
@@ -178,7 +182,9 @@ def test_six_adapters_ride_on_one_base_and_equal_their_merged_models(ray_cluster
             got = store.read_table(layout.shard(ours["finetuned_activations"], shard)).to_pydict()
             want = plain_store.read_table(layout.shard(theirs["finetuned_activations"], shard)).to_pydict()
             assert got["doc_id"] == want["doc_id"]
-            np.testing.assert_allclose(np.asarray(got["act"]), np.asarray(want["act"]), rtol=1e-4, atol=1e-4)
+            # float32 LoRA on the side and merged weights round differently: activations of
+            # magnitude ~30 differ by up to ~2e-4 after a few blocks (a wrong adapter: by ~1)
+            np.testing.assert_allclose(np.asarray(got["act"]), np.asarray(want["act"]), rtol=1e-4, atol=1e-3)
         ours_r, theirs_r = PairResults(store, ours["dir"]), PairResults(plain_store, theirs["dir"])
         for kind, keys in ((LOGIT_LENS, ["layer", "position", "variant", "rank", "token_id"]),
                            (PATCHSCOPE, ["layer", "position", "variant", "scale", "rank", "token_id"])):
