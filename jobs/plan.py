@@ -171,7 +171,7 @@ def analyses_identity(spec: JobSpec, pair: Pair, where: str) -> dict:
             "similarity": {**pick("embedding_"), "files": files}}
 
 
-# What does not change an agent run's outcome stays out of the pair's key: how many
+# What does not change an agent run's outcome stays out of the agent stage's key: how many
 # requests go at once, how fast, how long to wait, and where the key lives.
 AGENT_TRANSPORT = ("concurrency", "requests_per_second", "max_retries", "timeout_s", "api_key_env")
 
