@@ -86,7 +86,10 @@ class TwoNodeCluster:
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                              f"--temp-dir={self.temp}"])
         wait_for(lambda: self._jobs_api_up(), 120, "the head's Jobs API", poll=0.5)
-        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}"])
+        # A folder of its own, as a real node has its own disk: two nodes sharing one
+        # unpack and collect the job's working_dir package in the same place, and a job
+        # then found a packaged file missing.
+        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.temp}/worker-node"])
         wait_for(lambda: len(self.alive_nodes()) == 2, 120, "two alive nodes", poll=0.5)
         return self
 
