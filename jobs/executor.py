@@ -30,7 +30,7 @@ from jobs.plan import Plan
 from jobs.scheduler import ModelKey, NodeResources, Request, Slot, Unit
 from jobs.stages import (PAIR_STAGES, StageRun, actor_source, extract, model_actor, offline_grader, run_baselines,
                          stage_keys)
-from jobs.status import JobStatus
+from jobs.status import JobStatus, log_actor_warnings
 from jobs.steering import engine_need
 from jobs.submit import ClusterError
 from storage import layout
@@ -268,8 +268,7 @@ class RayBackend:
             warnings = ray.get(handle.adl_warnings.remote(), timeout=timeout)
         except Exception:   # busy, or gone: its error, if any, is the unit's
             return
-        for line in warnings:
-            logger.info(f"{key}: {line}")
+        log_actor_warnings(key.label or str(key.source), key.runtime, warnings)
 
     def kill_all(self) -> None:
         """Ends every live actor at once (an interrupted job): no last placement report."""

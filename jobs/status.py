@@ -111,11 +111,16 @@ class ActorLedger:
             return [dict(e) for e in self.entries], gpu_seconds / 3600
 
 
+def log_actor_warnings(model: str, kind: str, lines) -> None:
+    """Warnings an actor logged (jobs/executor.py _WarningsKept), into the driver's log
+    and so the attempt's: the one place they are written, however they were collected."""
+    for line in lines or []:
+        logger.warning(f"actor {model} ({kind}): {line}")
+
+
 def _log_warnings(entry: dict, placed: dict) -> None:
-    """The warnings an actor logged since it last reported (jobs/executor.py
-    _WarningsKept), into the driver's log and so the attempt's."""
-    for line in placed.pop("warnings", None) or []:
-        logger.warning(f"actor {entry['model']} ({entry['kind']}): {line}")
+    """The warnings an actor logged since it last reported its placement."""
+    log_actor_warnings(entry["model"], entry["kind"], placed.pop("warnings", None))
 
 
 class JobStatus:
