@@ -93,6 +93,15 @@ class StorageFault(RuntimeError):
     failure is recorded in the status record where the root still takes it."""
 
 
+def _storage_failed(store: Store, e: BaseException, status: JobStatus | None = None) -> StorageFault:
+    """The one-line error for a root that failed mid-run; with status, the failure is
+    first recorded where the root still takes it."""
+    if status is not None:
+        _recording(store, lambda: status.finish(error=one_line(e)))
+        _recording(store, status.close)
+    return StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}")
+
+
 def _recording(store: Store, write) -> None:
     """A record of the job's end, written if the root still takes it: a failing root must
     not turn one error into two."""
@@ -376,10 +385,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
         key = write_run_record(plan, store)   # first: `adl report` reads a running job through it
     except (StorageError, OSError) as e:   # the root checked writable, and then was not
         log.detach()
-        if status is not None:
-            _recording(store, lambda: status.finish(error=one_line(e)))
-            _recording(store, status.close)
-        raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
+        raise _storage_failed(store, e, status) from None
     except BaseException:
         log.detach()
         raise
@@ -446,7 +452,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             _stop_private_ray()
         _recording(store, status.close)
         if isinstance(e, (StorageError, OSError)):
-            raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
+            raise _storage_failed(store, e) from None   # recorded above
         raise
     try:
         publisher.close()
@@ -456,9 +462,7 @@ def run_job(spec: JobSpec, stats: RunStats | None = None) -> str:
             # The page says the job has ended; a rerun that had nothing to do leaves it as it was.
             publish(store, key, views=("report",))
     except (StorageError, OSError) as e:
-        _recording(store, lambda: status.finish(error=one_line(e)))
-        _recording(store, status.close)
-        raise StorageFault(f"storage {store.uri()}: {one_line(e, typed=False)}") from None
+        raise _storage_failed(store, e, status) from None
     if store.retries:
         logger.info(f"storage: {store.retries} retries in this run")
     status.close()
