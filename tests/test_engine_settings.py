@@ -128,13 +128,17 @@ def write_adapter(folder: Path, rank: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]}))
-    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    import torch
+    from safetensors.torch import save_file
+    save_file({f"base_model.model.model.layers.0.self_attn.{m}.lora_{ab}.weight": torch.zeros(rank, rank)
+               for m in ("q_proj", "v_proj") for ab in "AB"}, str(folder / "adapter_model.safetensors"))
     return folder
 
 
 def test_lora_rank_sizes_max_lora_rank(tmp_path):
     pytest.importorskip("vllm")
-    settings = engine_settings("cuda", config("llama-3.1-8b"), lora_rank=adapter_rank(str(write_adapter(tmp_path, 40))))
+    from workers.lora import engine_lora_settings
+    settings = engine_lora_settings([str(write_adapter(tmp_path, 40))])
     assert settings["max_lora_rank"] == 64 and settings["enable_lora"] is True
     assert vllm_lora_rank(16) == 16 and vllm_lora_rank(1) >= 1
     with pytest.raises(ValueError, match="above vLLM's largest"):

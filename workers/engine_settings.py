@@ -99,11 +99,11 @@ def needed_length(tokens: int, context: int | None) -> int:
 
 
 def engine_settings(device: str, config: dict, *, max_model_len: int | None = None,
-                    need: EngineNeed | None = None, count: Callable[[str], int] = len,
-                    lora_rank: int | None = None) -> dict:
+                    need: EngineNeed | None = None, count: Callable[[str], int] = len) -> dict:
     """The keyword arguments of vllm.LLM / EngineArgs that depend on the device, the
     model's config.json (a dict) and the job; device is "cuda" or "cpu". `count` gives a
-    prompt's length in tokens as the engine will send it."""
+    prompt's length in tokens as the engine will send it. LoRA's arguments come from the
+    adapters the engine serves (workers/lora.engine_lora_settings)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     if max_model_len is None and need is not None:
@@ -116,8 +116,6 @@ def engine_settings(device: str, config: dict, *, max_model_len: int | None = No
         settings["enable_chunked_prefill"] = False
     if is_multimodal(config):
         settings["language_model_only"] = True   # every modality limited to 0 items per prompt
-    if lora_rank is not None:
-        settings.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
     return settings
 
 
